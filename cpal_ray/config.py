@@ -1,0 +1,403 @@
+"""Run configuration: frozen dataclasses, one per concern, validated on construction.
+
+Defaults are the paper's (CPAL, CVPR 2024, Sec. 4.1). A config is loaded from YAML with
+dotted overrides (``cpal.tau=0.2``) and saved as YAML beside every checkpoint and output.
+Every invalid value raises ``ConfigError`` naming the field and what is allowed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+BACKBONES = ("resnet50", "efficientnet_lite0", "tiny")
+DATASETS = ("voc", "coco", "synthetic")
+METRICS = ("dot", "l1", "l2", "cosine")
+CAM_SOURCES = ("cam", "pacam")
+PSEUDO_MODES = ("irn", "crf_argmax")
+# Named (conf_fg, conf_bg) presets for IRN-style pseudo-labels.
+PSEUDO_PRESETS = {"irn": (0.30, 0.05), "amn": (0.45, 0.15)}
+# The data shipped inside the package (real photos, see cpal_ray/assets/voc_mini/PROVENANCE.md).
+BUNDLED_VOC_MINI = "bundled:voc-mini"
+
+
+class ConfigError(ValueError):
+    """A config value is invalid; the message names the field (and file, when loaded)."""
+
+
+def _check(cond: bool, name: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{name}: {msg}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    # Which reader: PASCAL VOC 2012 layout, COCO 2014 (WSSS layout) or procedural shapes.
+    dataset: str = "voc"
+    # Dataset root (VOCdevkit/VOC2012 or the COCO WSSS folder); "bundled:voc-mini" = shipped photos.
+    root: str = BUNDLED_VOC_MINI
+    # Id list used for training / evaluation (a name like "train_aug" or a path to a .txt).
+    train_split: str = "train"
+    val_split: str = "val"
+    # Image-level labels (np.save'd dict id -> multi-hot); "" = <root>/cls_labels.npy.
+    cls_labels: str = ""
+    # Folder of ground-truth masks under root ("SegmentationClassAug" for train_aug).
+    mask_dir: str = "SegmentationClass"
+    # Synthetic set only: classes, images per split, image side, seed.
+    synthetic_classes: int = 4
+    synthetic_images: int = 32
+    synthetic_size: int = 96
+    seed: int = 0
+    # Training augmentation (Sec. 4.1): random long side, flip, crop (padding label 255).
+    resize_long: tuple[int, int] = (320, 640)
+    crop_size: int = 512
+    hflip: bool = True
+    # torch DataLoader workers per training process.
+    loader_workers: int = 0
+    # What to do with a bad sample (unreadable image, no positive label): "error" or "skip".
+    on_bad_sample: str = "error"
+
+    def __post_init__(self):
+        _check(self.dataset in DATASETS, "data.dataset", f"must be one of {DATASETS}, got {self.dataset!r}")
+        _check(len(self.resize_long) == 2 and 0 < self.resize_long[0] <= self.resize_long[1],
+               "data.resize_long", f"must be (min, max) with 0 < min <= max, got {self.resize_long}")
+        _check(self.crop_size > 0, "data.crop_size", f"must be > 0, got {self.crop_size}")
+        _check(self.synthetic_classes >= 1, "data.synthetic_classes", "must be >= 1")
+        _check(self.synthetic_images >= 1, "data.synthetic_images", "must be >= 1")
+        _check(self.synthetic_size >= 32, "data.synthetic_size", "must be >= 32")
+        _check(self.loader_workers >= 0, "data.loader_workers", "must be >= 0")
+        _check(self.on_bad_sample in ("error", "skip"), "data.on_bad_sample", "must be 'error' or 'skip'")
+
+    @property
+    def num_classes(self) -> int:
+        """Foreground classes N (background excluded)."""
+        return {"voc": 20, "coco": 80}.get(self.dataset, self.synthetic_classes)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    # Backbone name from the registry (cpal_ray.models.list_backbones()).
+    backbone: str = "resnet50"
+    # Load ImageNet weights: the shipped ones for efficientnet_lite0, `weights` for resnet50.
+    pretrained: bool = True
+    # Local weights file (torch.load(weights_only=True)); required for pretrained resnet50.
+    weights: str = ""
+    # Projection head v(.) output dim D (Eq. 4); 0 = identity, PACAM in feature space (NOTES 2).
+    proj_dim: int = 128
+    # Freeze BatchNorm statistics and affine parameters of the backbone (as SIPE does).
+    freeze_bn: bool = True
+    # Channels of the tiny test backbone.
+    tiny_width: int = 32
+
+    def __post_init__(self):
+        _check(self.backbone in BACKBONES, "model.backbone", f"unknown backbone {self.backbone!r}; choose from {BACKBONES}")
+        _check(self.proj_dim >= 0, "model.proj_dim", f"must be >= 0, got {self.proj_dim}")
+        _check(self.tiny_width >= 4, "model.tiny_width", "must be >= 4")
+
+
+@dataclass(frozen=True)
+class CPALConfig:
+    # False = plain CAM baseline (BCE only, no bank): Table 1 row I.
+    enabled: bool = True
+    # tau of Eq. 4: pixels with M_n > tau form the instance prototype.
+    tau: float = 0.1
+    # Per-class FIFO support bank length (Sec. 4.1: 1000).
+    bank_size: int = 1000
+    # N_p: k-means clusters (context prototypes) per class (Eq. 5).
+    num_clusters: int = 50
+    # K of Eq. 6: soft positive neighbours kept per anchor.
+    top_k: int = 20
+    # Positiveness similarity of Eq. 7 (Table 3): dot, l1, l2, cosine.
+    metric: str = "dot"
+    # gamma of Eq. 7, used as a softmax temperature (NOTES 4); 1 = literal paper.
+    gamma: float = 1.0
+    # lambda_BCE and lambda_Self of Eq. 1.
+    lambda_bce: float = 1.0
+    lambda_self: float = 1.0
+    # Ablation switches (Tables 1 and 2).
+    neighbour_selection: bool = True   # top-K of Eq. 6; False = all N_p prototypes
+    positiveness: bool = True          # weights of Eq. 7; False = uniform 1/K (literal Eq. 13)
+    alignment: bool = True             # shift delta_n of Eq. 12
+    self_loss: bool = True             # L_self of Eq. 14; False = BCE only, PACAM at inference
+    # L2-normalise prototypes before storing (spherical k-means, NOTES 9).
+    normalize_bank: bool = True
+    # k-means iterations and seed (faiss).
+    kmeans_iters: int = 20
+    kmeans_seed: int = 1234
+    # Cold start (NOTES 8): steps of epoch 0 after which a first clustering runs; 0 = paper
+    # reading (cluster only at the start of each epoch, so epoch 0 is BCE only).
+    warmup_cluster_steps: int = 0
+
+    def __post_init__(self):
+        _check(0.0 < self.tau < 1.0, "cpal.tau", f"must be in (0, 1), got {self.tau}")
+        _check(self.bank_size >= 1, "cpal.bank_size", f"must be >= 1, got {self.bank_size}")
+        _check(1 <= self.num_clusters <= self.bank_size, "cpal.num_clusters",
+               f"must be in [1, bank_size={self.bank_size}], got {self.num_clusters}")
+        _check(1 <= self.top_k <= self.num_clusters, "cpal.top_k",
+               f"must be in [1, num_clusters={self.num_clusters}], got {self.top_k}")
+        _check(self.metric in METRICS, "cpal.metric", f"unknown metric {self.metric!r}; choose from {METRICS}")
+        _check(self.gamma > 0, "cpal.gamma", f"must be > 0, got {self.gamma}")
+        _check(self.lambda_bce >= 0, "cpal.lambda_bce", "must be >= 0")
+        _check(self.lambda_self >= 0, "cpal.lambda_self", "must be >= 0")
+        _check(self.kmeans_iters >= 1, "cpal.kmeans_iters", "must be >= 1")
+        _check(self.warmup_cluster_steps >= 0, "cpal.warmup_cluster_steps", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    # Backbone learning rate; new layers (classifier, projection) get lr * new_layer_lr_mult.
+    lr: float = 0.1
+    new_layer_lr_mult: float = 10.0
+    # The paper's 0.9; SIPE/IRN's public optimiser wrapper effectively used 1e-4.
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    # Poly schedule lr * (1 - step / total) ** power, stepped per global batch.
+    poly_power: float = 0.9
+    # Clip the global gradient norm to this value; 0 = no clipping.
+    grad_clip: float = 0.0
+
+    def __post_init__(self):
+        _check(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
+        _check(self.new_layer_lr_mult > 0, "optim.new_layer_lr_mult", "must be > 0")
+        _check(0.0 <= self.momentum < 1.0, "optim.momentum", f"must be in [0, 1), got {self.momentum}")
+        _check(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+        _check(self.poly_power >= 0, "optim.poly_power", "must be >= 0")
+        _check(self.grad_clip >= 0, "optim.grad_clip", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 5
+    # Global batch (all workers together); per-worker batch = batch_size / dist.num_workers.
+    batch_size: int = 16
+    seed: int = 0
+    # Stop an epoch after this many steps (smoke runs); 0 = the whole epoch.
+    max_steps_per_epoch: int = 0
+    log_every: int = 10
+    # Where runs are written (local path or URI) and the run's name (resume = same name).
+    storage_path: str = "results"
+    name: str = "cpal"
+
+    def __post_init__(self):
+        _check(self.epochs >= 1, "train.epochs", f"must be >= 1, got {self.epochs}")
+        _check(self.batch_size >= 1, "train.batch_size", f"must be >= 1, got {self.batch_size}")
+        _check(self.max_steps_per_epoch >= 0, "train.max_steps_per_epoch", "must be >= 0")
+        _check(self.log_every >= 1, "train.log_every", "must be >= 1")
+        _check(bool(self.name) and "/" not in self.name, "train.name", "must be a non-empty name without '/'")
+
+
+@dataclass(frozen=True)
+class DistConfig:
+    # Ray Train workers (data parallel) and their resources.
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    # Bank actor resources: CPU share (0 by default) and GPU share for faiss k-means.
+    bank_cpus: float = 0.0
+    bank_gpus: float = 0.0
+    # Bounded number of fire-and-forget bank pushes in flight per worker.
+    max_pushes_in_flight: int = 4
+    # Ray Train FailureConfig(max_failures); -1 = retry forever.
+    max_failures: int = 0
+    # Fault injection for tests: crash rank `crash_rank` once at global step `crash_step` (-1 = off).
+    crash_rank: int = -1
+    crash_step: int = -1
+
+    def __post_init__(self):
+        _check(self.num_workers >= 1, "dist.num_workers", f"must be >= 1, got {self.num_workers}")
+        _check(self.cpus_per_worker > 0, "dist.cpus_per_worker", "must be > 0")
+        _check(self.bank_cpus >= 0 and self.bank_gpus >= 0, "dist.bank_cpus/bank_gpus", "must be >= 0")
+        _check(self.max_pushes_in_flight >= 1, "dist.max_pushes_in_flight", "must be >= 1")
+        _check(self.max_failures >= -1, "dist.max_failures", "must be >= -1")
+
+
+@dataclass(frozen=True)
+class InferenceConfig:
+    # Multi-scale inference (SIPE/IRN): scales, each with its horizontal flip.
+    scales: tuple[float, ...] = (1.0, 0.5, 1.5, 2.0)
+    flip: bool = True
+    # Which map gives the seeds: the classifier CAM or the prototype-aware CAM (Eq. 13).
+    cam_source: str = "cam"
+    # Background threshold sweep for seed mIoU; fixed_threshold >= 0 evaluates just that one.
+    threshold_start: float = 0.0
+    threshold_stop: float = 0.60
+    threshold_step: float = 0.01
+    fixed_threshold: float = -1.0
+    # dtype of the CAMs saved in .npz files.
+    save_dtype: str = "float16"
+
+    def __post_init__(self):
+        _check(len(self.scales) >= 1 and all(s > 0 for s in self.scales), "inference.scales",
+               f"must be a non-empty list of positive numbers, got {self.scales}")
+        _check(self.cam_source in CAM_SOURCES, "inference.cam_source", f"must be one of {CAM_SOURCES}")
+        _check(0 <= self.threshold_start <= self.threshold_stop <= 1, "inference.threshold_start/stop",
+               "must satisfy 0 <= start <= stop <= 1")
+        _check(self.threshold_step > 0, "inference.threshold_step", "must be > 0")
+        _check(self.fixed_threshold < 0 or self.fixed_threshold <= 1, "inference.fixed_threshold", "must be <= 1 (or < 0 = sweep)")
+        _check(self.save_dtype in ("float16", "float32"), "inference.save_dtype", "must be float16 or float32")
+
+
+@dataclass(frozen=True)
+class PseudoLabelConfig:
+    # "irn": confident fg/bg each refined by DenseCRF, disagreement -> 255; "crf_argmax": CRF-refined seeds.
+    mode: str = "irn"
+    # Named thresholds ("irn" 0.30/0.05, "amn" 0.45/0.15) or "custom" to use conf_fg/conf_bg.
+    preset: str = "irn"
+    conf_fg: float = 0.30
+    conf_bg: float = 0.05
+    # Background threshold for crf_argmax mode.
+    bg_threshold: float = 0.15
+    # DenseCRF parameters (IRN).
+    gt_prob: float = 0.7
+    gauss_sxy: float = 3.0
+    gauss_compat: float = 3.0
+    bilateral_sxy: float = 50.0
+    bilateral_srgb: float = 5.0
+    bilateral_compat: float = 10.0
+    crf_iters: int = 10
+    # Ray Data: CPU share per CRF task.
+    cpus_per_task: float = 0.5
+
+    def __post_init__(self):
+        _check(self.mode in PSEUDO_MODES, "pseudo.mode", f"must be one of {PSEUDO_MODES}")
+        _check(self.preset in (*PSEUDO_PRESETS, "custom"), "pseudo.preset", f"must be one of {(*PSEUDO_PRESETS, 'custom')}")
+        _check(0 <= self.conf_bg < self.conf_fg <= 1, "pseudo.conf_fg/conf_bg", "must satisfy 0 <= conf_bg < conf_fg <= 1")
+        _check(0 < self.gt_prob < 1, "pseudo.gt_prob", "must be in (0, 1)")
+        _check(self.crf_iters >= 1, "pseudo.crf_iters", "must be >= 1")
+        _check(self.cpus_per_task > 0, "pseudo.cpus_per_task", "must be > 0")
+
+    @property
+    def thresholds(self) -> tuple[float, float]:
+        """(conf_fg, conf_bg) after applying the preset."""
+        return PSEUDO_PRESETS.get(self.preset, (self.conf_fg, self.conf_bg))
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cpal: CPALConfig = field(default_factory=CPALConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
+    pseudo: PseudoLabelConfig = field(default_factory=PseudoLabelConfig)
+
+    def __post_init__(self):
+        _check(self.train.batch_size % self.dist.num_workers == 0, "train.batch_size",
+               f"global batch {self.train.batch_size} must be divisible by dist.num_workers={self.dist.num_workers}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(dataclasses.asdict(self))
+
+    def replace(self, **dotted: Any) -> "Config":
+        """A copy with dotted keys changed, e.g. ``cfg.replace(**{"cpal.tau": 0.2})``."""
+        return from_dict(_apply_overrides(self.to_dict(), dotted))
+
+
+def _to_plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_to_plain(v) for v in obj]
+    return obj
+
+
+def _coerce(value: Any, typ: Any, name: str) -> Any:
+    """Convert a YAML value to the field's declared type, or raise naming the field."""
+    origin = typing.get_origin(typ)
+    if origin is tuple:
+        args = typing.get_args(typ)
+        _check(isinstance(value, (list, tuple)), name, f"must be a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], name) for v in value)
+        _check(len(value) == len(args), name, f"must have {len(args)} items, got {value!r}")
+        return tuple(_coerce(v, a, name) for v, a in zip(value, args))
+    if typ is bool:
+        _check(isinstance(value, bool), name, f"must be true or false, got {value!r}")
+        return value
+    if typ is int:
+        _check(isinstance(value, int) and not isinstance(value, bool), name, f"must be an integer, got {value!r}")
+        return value
+    if typ is float:
+        _check(isinstance(value, (int, float)) and not isinstance(value, bool), name, f"must be a number, got {value!r}")
+        return float(value)
+    if typ is str:
+        _check(isinstance(value, str), name, f"must be a string, got {value!r}")
+        return value
+    return value
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
+    _check(isinstance(values, dict), prefix or "config", f"must be a mapping, got {type(values).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    _check(not unknown, f"{prefix}{unknown[0]}" if unknown else prefix, f"unknown field; known: {sorted(known)}")
+    kwargs = {}
+    for name, value in values.items():
+        typ = hints[name]
+        full = f"{prefix}{name}"
+        if dataclasses.is_dataclass(typ):
+            kwargs[name] = _build(typ, value, full + ".")
+        else:
+            kwargs[name] = _coerce(value, typ, full)
+    return cls(**kwargs)
+
+
+def from_dict(values: dict[str, Any]) -> Config:
+    """Build a validated Config from a nested dict (missing fields take defaults)."""
+    return _build(Config, values or {}, "")
+
+
+def _apply_overrides(values: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    out = _to_plain(values)
+    for key, value in overrides.items():
+        parts = key.split(".")
+        _check(len(parts) == 2, key, "overrides take the form section.field=value")
+        out.setdefault(parts[0], {})
+        _check(isinstance(out[parts[0]], dict), parts[0], "must be a mapping")
+        out[parts[0]][parts[1]] = value
+    return out
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["cpal.tau=0.2", "model.backbone=tiny"]`` -> {"cpal.tau": 0.2, ...} (values parsed as YAML)."""
+    parsed = {}
+    for item in items:
+        _check("=" in item, item, "an override must look like section.field=value")
+        key, raw = item.split("=", 1)
+        parsed[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+    return parsed
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | dict[str, Any] | None = None) -> Config:
+    """Load YAML (or defaults when ``path`` is None), apply dotted overrides, validate."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{p}: config file not found")
+        try:
+            values = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML: {e}") from e
+    if isinstance(overrides, list):
+        overrides = parse_overrides(overrides)
+    try:
+        return from_dict(_apply_overrides(values, overrides or {}))
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}" if path is not None else str(e)) from None
+
+
+def save_config(cfg: Config, path: str | os.PathLike) -> Path:
+    """Write the resolved config as YAML (creating parent folders)."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    return p
