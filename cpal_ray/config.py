@@ -124,8 +124,11 @@ class CPALConfig:
     positiveness: bool = True          # weights of Eq. 7; False = uniform 1/K (literal Eq. 13)
     alignment: bool = True             # shift delta_n of Eq. 12
     self_loss: bool = True             # L_self of Eq. 14; False = BCE only, PACAM at inference
-    # L2-normalise prototypes before storing (spherical k-means, NOTES 9).
+    # L2-normalise instance prototypes (anchors and bank entries) and run spherical k-means
+    # (NOTES 9): the whole prototype pipeline then lives on the unit sphere, like the cosines.
     normalize_bank: bool = True
+    # Divide each PACAM map by its max (as Eq. 3 does for the CAM); False = literal Eq. 13.
+    pacam_normalize: bool = False
     # k-means iterations and seed (faiss).
     kmeans_iters: int = 20
     kmeans_seed: int = 1234

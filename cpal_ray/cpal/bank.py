@@ -1,0 +1,183 @@
+"""The categorical support bank (Sec. 3.2): a per-class FIFO of instance prototypes.
+
+``PrototypeBank`` is plain Python/numpy (no Ray): the Ray actor in ``cpal_ray.distributed`` only
+wraps it. Pushes are keyed — (epoch, step, rank) in training — and a key already stored is
+ignored, so a retried step never stores twice. ``cluster(tag)`` turns the bank into context
+prototypes (Eq. 5) once per tag and bumps ``version``; calling it again with the same tag returns
+the same prototypes, which is how N workers trigger a single clustering.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Hashable, Iterable
+
+import numpy as np
+import torch
+
+from cpal_ray.cpal.kmeans import kmeans
+
+log = logging.getLogger(__name__)
+
+
+def _key_str(key: Hashable) -> str:
+    return "-".join(str(k) for k in key) if isinstance(key, tuple) else str(key)
+
+
+class PrototypeBank:
+    """Per-class FIFO of D-dim prototypes, ``capacity`` entries per class.
+
+    Args:
+        num_classes: N foreground classes.
+        dim: D, the prototype dimension.
+        capacity: entries kept per class (paper: 1000); the oldest go first.
+        num_clusters: N_p context prototypes per class (paper: 50).
+        spherical: run spherical k-means (for L2-normalised entries).
+        kmeans_iters, seed: faiss k-means settings.
+        prefer_gpu: let faiss use a GPU when it sees one.
+    """
+
+    def __init__(self, num_classes: int, dim: int, capacity: int = 1000, num_clusters: int = 50,
+                 spherical: bool = True, kmeans_iters: int = 20, seed: int = 1234, prefer_gpu: bool = True):
+        if num_classes < 1 or dim < 1 or capacity < 1 or not 1 <= num_clusters <= capacity:
+            raise ValueError(f"bad bank shape: classes={num_classes} dim={dim} capacity={capacity} clusters={num_clusters}")
+        self.num_classes, self.dim, self.capacity, self.num_clusters = num_classes, dim, capacity, num_clusters
+        self.spherical, self.kmeans_iters, self.seed, self.prefer_gpu = spherical, kmeans_iters, seed, prefer_gpu
+        self._data = np.zeros((num_classes, capacity, dim), dtype=np.float32)
+        self._size = np.zeros(num_classes, dtype=np.int64)   # entries held per class
+        self._head = np.zeros(num_classes, dtype=np.int64)   # next slot to write per class
+        self._pushed = np.zeros(num_classes, dtype=np.int64)  # entries ever pushed per class
+        self._keys: set[str] = set()
+        self.version = 0
+        self.cluster_tag: str | None = None
+        self.context = np.zeros((num_classes, num_clusters, dim), dtype=np.float32)
+        self.context_counts = np.zeros(num_classes, dtype=np.int64)
+        self.last_cluster_seconds = 0.0
+        self.last_cluster_device = "none"
+
+    # ------------------------------------------------------------------ pushes
+    def push(self, key: Hashable, class_ids: Iterable[int], protos) -> bool:
+        """Store prototypes (M, D) of classes class_ids (M,) under ``key``; False if the key was seen."""
+        k = _key_str(key)
+        if k in self._keys:
+            return False
+        cls = np.asarray(class_ids, dtype=np.int64).reshape(-1)
+        vec = protos.detach().cpu().numpy() if isinstance(protos, torch.Tensor) else np.asarray(protos)
+        vec = vec.astype(np.float32, copy=False).reshape(len(cls), -1) if len(cls) else vec.reshape(0, self.dim)
+        if vec.shape[1] != self.dim:
+            raise ValueError(f"push {k}: prototypes have dim {vec.shape[1]}, bank has {self.dim}")
+        if len(cls) and (cls.min() < 0 or cls.max() >= self.num_classes):
+            raise ValueError(f"push {k}: class ids {cls.tolist()} outside [0, {self.num_classes})")
+        if not np.isfinite(vec).all():
+            raise ValueError(f"push {k}: non-finite prototype values")
+        for c, v in zip(cls, vec):
+            self._data[c, self._head[c]] = v
+            self._head[c] = (self._head[c] + 1) % self.capacity
+            self._size[c] = min(self._size[c] + 1, self.capacity)
+            self._pushed[c] += 1
+        self._keys.add(k)
+        return True
+
+    def push_many(self, items: Iterable[tuple[Hashable, Iterable[int], object]]) -> int:
+        """Push several (key, class_ids, protos) at once; returns how many keys were new."""
+        return sum(self.push(k, c, p) for k, c, p in items)
+
+    def has_key(self, key: Hashable) -> bool:
+        return _key_str(key) in self._keys
+
+    @property
+    def keys(self) -> set[str]:
+        return set(self._keys)
+
+    def counts(self) -> np.ndarray:
+        """Entries held per class, (N,)."""
+        return self._size.copy()
+
+    def pushed(self) -> np.ndarray:
+        """Entries ever pushed per class (including those since evicted), (N,)."""
+        return self._pushed.copy()
+
+    def entries(self, c: int) -> np.ndarray:
+        """Class c's entries, oldest first, (size, D)."""
+        size, head = int(self._size[c]), int(self._head[c])
+        if size < self.capacity:
+            return self._data[c, :size].copy()
+        return np.concatenate([self._data[c, head:], self._data[c, :head]], axis=0)
+
+    # -------------------------------------------------------------- clustering
+    def cluster(self, tag: str | None = None) -> tuple[np.ndarray, np.ndarray, int]:
+        """Eq. (5) for every class: context prototypes (N, N_p, D), counts (N,), version.
+
+        With a ``tag`` equal to the last clustering's tag nothing runs and the same result comes
+        back (so several workers can ask and only one clustering happens). A class with fewer
+        entries than N_p keeps its entries; a class with none has count 0.
+        """
+        if tag is not None and tag == self.cluster_tag:
+            return self.context.copy(), self.context_counts.copy(), self.version
+        t0 = time.perf_counter()
+        context = np.zeros_like(self.context)
+        counts = np.zeros(self.num_classes, dtype=np.int64)
+        devices = set()
+        for c in range(self.num_classes):
+            x = self.entries(c)
+            if len(x) == 0:
+                continue
+            cents, dev = kmeans(x, self.num_clusters, niter=self.kmeans_iters, seed=self.seed + c,
+                                spherical=self.spherical, prefer_gpu=self.prefer_gpu)
+            context[c, : len(cents)] = cents
+            counts[c] = len(cents)
+            devices.add(dev)
+        self.context, self.context_counts = context, counts
+        self.version += 1
+        self.cluster_tag = tag
+        self.last_cluster_seconds = time.perf_counter() - t0
+        self.last_cluster_device = "gpu" if "gpu" in devices else ("cpu" if "cpu" in devices else "none")
+        log.info("bank clustering v%d (tag=%s): %d classes with prototypes, %.3fs on %s", self.version, tag,
+                 int((counts > 0).sum()), self.last_cluster_seconds, self.last_cluster_device)
+        return context.copy(), counts.copy(), self.version
+
+    def context_tensors(self) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Current context prototypes as tensors (N, N_p, D), counts (N,), and version."""
+        return torch.from_numpy(self.context.copy()), torch.from_numpy(self.context_counts.copy()), self.version
+
+    def stats(self) -> dict:
+        return {"bank_fill": self._size.tolist(), "bank_pushed": self._pushed.tolist(), "bank_keys": len(self._keys),
+                "context_version": self.version, "cluster_seconds": self.last_cluster_seconds,
+                "cluster_device": self.last_cluster_device}
+
+    # ------------------------------------------------------------------- state
+    def state_dict(self) -> dict:
+        """Everything needed to rebuild the bank exactly (tensors and plain types only, so the
+        dict loads with ``torch.load(weights_only=True)``)."""
+        return {
+            "shape": [self.num_classes, self.dim, self.capacity, self.num_clusters],
+            "data": torch.from_numpy(self._data.copy()),
+            "size": torch.from_numpy(self._size.copy()),
+            "head": torch.from_numpy(self._head.copy()),
+            "pushed": torch.from_numpy(self._pushed.copy()),
+            "keys": sorted(self._keys),
+            "version": self.version,
+            "cluster_tag": self.cluster_tag,
+            "context": torch.from_numpy(self.context.copy()),
+            "context_counts": torch.from_numpy(self.context_counts.copy()),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        shape = [self.num_classes, self.dim, self.capacity, self.num_clusters]
+        if list(state["shape"]) != shape:
+            raise ValueError(f"bank state has shape {list(state['shape'])} (classes, dim, capacity, clusters); this bank is {shape}")
+        self._data = state["data"].numpy().astype(np.float32).copy()
+        self._size = state["size"].numpy().astype(np.int64).copy()
+        self._head = state["head"].numpy().astype(np.int64).copy()
+        self._pushed = state["pushed"].numpy().astype(np.int64).copy()
+        self._keys = set(state["keys"])
+        self.version = int(state["version"])
+        self.cluster_tag = state["cluster_tag"]
+        self.context = state["context"].numpy().astype(np.float32).copy()
+        self.context_counts = state["context_counts"].numpy().astype(np.int64).copy()
+
+    @classmethod
+    def from_config(cls, cpal_cfg, num_classes: int, dim: int, prefer_gpu: bool = True) -> "PrototypeBank":
+        return cls(num_classes, dim, capacity=cpal_cfg.bank_size, num_clusters=cpal_cfg.num_clusters,
+                   spherical=cpal_cfg.normalize_bank, kmeans_iters=cpal_cfg.kmeans_iters,
+                   seed=cpal_cfg.kmeans_seed, prefer_gpu=prefer_gpu)

@@ -1,0 +1,71 @@
+"""CAMs and instance prototypes: Eqs. (2), (3), (4) of CPAL and the background map.
+
+Letters: B batch, N foreground classes, D projection dim, h x w feature map.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+# SIPE's epsilon in the max normalisation (NOTES 10): an all-zero map stays zero.
+CAM_EPS = 1e-5
+
+
+def classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Eq. (2): multi-label BCE on the GAP logits (the paper drops the minus sign; NOTES 10).
+
+    logits: (B, N); labels: (B, N) in {0, 1} -> scalar, mean over B and N.
+    """
+    return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
+
+
+def normalized_cams(cams_raw: torch.Tensor, labels: torch.Tensor | None = None, eps: float = CAM_EPS) -> torch.Tensor:
+    """Eq. (3): M_n = ReLU(w_n^T f) / max ReLU(w_n^T f).
+
+    cams_raw: (B, N, h, w) raw classifier maps; labels: (B, N) multi-hot or None.
+    Returns (B, N, h, w) in [0, 1]; classes absent from the image are zeroed when labels are
+    given (NOTES 6: absent classes are zero in both M and PACAM).
+    """
+    m = F.relu(cams_raw)
+    peak = m.flatten(2).amax(dim=2)[..., None, None]  # (B, N, 1, 1)
+    m = m / (peak + eps)
+    if labels is not None:
+        m = m * labels.to(m.dtype)[..., None, None]
+    return m
+
+
+def background_map(fg: torch.Tensor) -> torch.Tensor:
+    """M_b = 1 - max_n M_n (Sec. 3.1, following SEAM).
+
+    fg: (B, N, h, w) foreground maps in [0, 1] -> (B, 1, h, w).
+    """
+    return 1.0 - fg.amax(dim=1, keepdim=True)
+
+
+def with_background(fg: torch.Tensor) -> torch.Tensor:
+    """M = M_b ∪ M_f with the background as channel 0 (VOC label order).
+
+    fg: (B, N, h, w) -> (B, N + 1, h, w).
+    """
+    return torch.cat([background_map(fg), fg], dim=1)
+
+
+def instance_prototypes(z: torch.Tensor, cams: torch.Tensor, labels: torch.Tensor, tau: float,
+                        normalize: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eq. (4): P^I_n = sum_j 1[M_n(j) > tau] z(j) / sum_j 1[M_n(j) > tau] (masked average pooling).
+
+    The denominator is the mask area of class n (NOTES 1: the paper's Σ P must be Σ P_n).
+    z: (B, D, h, w) projected features; cams: (B, N, h, w) normalised CAMs M_n;
+    labels: (B, N) multi-hot.
+    Returns prototypes (B, N, D) and valid (B, N) bool: a class that is absent from the image or
+    whose mask is empty gives no prototype (its row is zero and invalid, never pushed).
+    With ``normalize`` the valid prototypes are L2-normalised (NOTES 9).
+    """
+    mask = (cams > tau).to(z.dtype) * labels.to(z.dtype)[..., None, None]  # (B, N, h, w)
+    area = mask.sum(dim=(2, 3))  # (B, N)
+    summed = torch.einsum("bnhw,bdhw->bnd", mask, z)  # (B, N, D)
+    protos = summed / area.clamp(min=1.0)[..., None]
+    valid = area > 0
+    if normalize:
+        protos = F.normalize(protos, dim=-1) * valid[..., None].to(z.dtype)
+    return protos, valid

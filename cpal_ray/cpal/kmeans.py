@@ -1,0 +1,50 @@
+"""Eq. (5): context prototypes p_i = mean of the bank entries in k-means cluster G_i, via faiss.
+
+faiss runs on the GPU when ``faiss.get_num_gpus() > 0`` (the ``gpu`` extra installs
+faiss-gpu-cu12), on the CPU otherwise. The device that actually ran is returned and logged:
+faiss-gpu imports without a GPU and then silently runs on the CPU, so never assume.
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+def faiss_device(prefer_gpu: bool = True) -> str:
+    """'gpu' when faiss sees a GPU (and it is wanted), else 'cpu'."""
+    import faiss
+
+    n = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+    return "gpu" if prefer_gpu and n > 0 else "cpu"
+
+
+def kmeans(x: np.ndarray, k: int, niter: int = 20, seed: int = 1234, spherical: bool = False,
+           prefer_gpu: bool = True) -> tuple[np.ndarray, str]:
+    """Cluster rows of x into k groups and return the centroids (Eq. 5) and the device used.
+
+    x: (M, D) float32. When M <= k the entries are returned as they are (NOTES 8: a class with
+    fewer bank entries than N_p uses its entries). ``spherical`` re-normalises centroids to the
+    unit sphere after each iteration (for L2-normalised bank entries).
+    Returns (centroids (min(M, k), D) float32, "gpu" | "cpu" | "none").
+    """
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.ndim != 2:
+        raise ValueError(f"kmeans expects (M, D), got shape {x.shape}")
+    if x.shape[0] <= k:
+        return x.copy(), "none"
+    import faiss
+
+    device = faiss_device(prefer_gpu)
+    km = faiss.Kmeans(x.shape[1], k, niter=niter, seed=seed, spherical=spherical, gpu=device == "gpu",
+                      min_points_per_centroid=1, max_points_per_centroid=1_000_000, verbose=False)
+    km.train(x)
+    return np.asarray(km.centroids, dtype=np.float32).reshape(k, x.shape[1]), device
+
+
+def kmeans_inertia(x: np.ndarray, centroids: np.ndarray) -> float:
+    """Sum of squared distances from each row of x to its nearest centroid (for checks/benchmarks)."""
+    d = ((x[:, None, :] - centroids[None, :, :]) ** 2).sum(-1)
+    return float(d.min(1).sum())

@@ -1,0 +1,112 @@
+"""The CPAL objective: Eq. (14) L_self and Eq. (1) the total loss, with every ablation switch.
+
+``cpal_step`` is what a training step calls: from the network outputs and the current context
+prototypes it returns the named loss terms and the instance prototypes for the bank.
+
+Cold start (NOTES 8): clustering runs at the start of each epoch, so before the first one the
+bank has no context prototypes: ``context is None`` (or every count is 0) and the step is BCE
+only, while instance prototypes are still produced and pushed. With
+``cpal.warmup_cluster_steps = s > 0`` a first clustering runs after step s of epoch 0.
+A positive class without context prototypes (never seen) excludes its image from L_self.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from cpal_ray.cpal.aware import (feature_alignment, neighbour_weights, positiveness_logits,
+                                 prototype_aware_cam, select_neighbours)
+from cpal_ray.cpal.cams import classification_loss, instance_prototypes, normalized_cams, with_background
+
+
+def self_loss(cam: torch.Tensor, pacam: torch.Tensor, include: torch.Tensor | None = None) -> torch.Tensor:
+    """Eq. (14): L_self = ||M - M~||_1 / (N + 1), averaged over pixels and images.
+
+    cam, pacam: (B, N + 1, h, w) with background; include: (B,) bool, the images that take part
+    (default all). Returns a scalar; 0 (with gradient graph) when no image takes part.
+    """
+    per_image = (cam - pacam).abs().mean(dim=(1, 2, 3))  # sum over N+1 channels / (N+1), mean over pixels
+    if include is None:
+        return per_image.mean()
+    w = include.to(per_image.dtype)
+    return (per_image * w).sum() / w.sum().clamp(min=1.0)
+
+
+def total_loss(bce: torch.Tensor, lself: torch.Tensor, lambda_bce: float, lambda_self: float) -> torch.Tensor:
+    """Eq. (1): L = lambda_BCE L_BCE + lambda_Self L_Self."""
+    return lambda_bce * bce + lambda_self * lself
+
+
+@dataclass
+class PacamResult:
+    pacam: torch.Tensor      # (B, N, h, w) prototype-aware CAM of the foreground classes
+    usable: torch.Tensor     # (B,) bool: every positive class had context prototypes (and an anchor when needed)
+    weights: torch.Tensor    # (B, N, P) normalised positiveness over the selected neighbours
+
+
+def pacam_from_prototypes(z: torch.Tensor, cams: torch.Tensor, labels: torch.Tensor, anchors: torch.Tensor,
+                          anchor_valid: torch.Tensor, context: torch.Tensor, counts: torch.Tensor, cfg) -> PacamResult:
+    """Eqs. (12) -> (7) -> (6) -> (13) for one batch, following the config's ablation switches.
+
+    z: (B, D, h, w); cams: (B, N, h, w) normalised; labels: (B, N); anchors: (B, N, D) instance
+    prototypes (detached); anchor_valid: (B, N); context: (N, P, D); counts: (N,).
+    """
+    anchors = anchors.detach()
+    if cfg.alignment:
+        anchors = anchors + feature_alignment(anchors, anchor_valid, context, counts)[None]
+    selected = select_neighbours(anchors, context, counts, cfg.top_k, enabled=cfg.neighbour_selection)
+    logits = positiveness_logits(anchors, context, cfg.metric, cfg.gamma)
+    weights = neighbour_weights(logits, selected, positiveness=cfg.positiveness)
+    pacam = prototype_aware_cam(z, weights, context, labels, normalize=cfg.pacam_normalize)
+    pos = labels > 0
+    needs_anchor = cfg.neighbour_selection or cfg.positiveness or cfg.alignment
+    ok = (counts[None, :] > 0) & (anchor_valid | (not needs_anchor))  # (B, N)
+    usable = (ok | ~pos).all(dim=1)
+    return PacamResult(pacam=pacam, usable=usable, weights=weights)
+
+
+def prototype_aware_cam_from_outputs(z: torch.Tensor, cams_raw: torch.Tensor, labels: torch.Tensor,
+                                     context: torch.Tensor, counts: torch.Tensor, cfg) -> torch.Tensor:
+    """PACAM straight from network outputs (inference): anchors from the image's own CAM.
+
+    z: (B, D, h, w); cams_raw: (B, N, h, w); labels: (B, N); context (N, P, D); counts (N,)
+    -> (B, N, h, w), ReLU'd, zero for absent classes and for classes without context prototypes.
+    """
+    cams = normalized_cams(cams_raw, labels)
+    anchors, valid = instance_prototypes(z, cams, labels, cfg.tau, normalize=cfg.normalize_bank)
+    res = pacam_from_prototypes(z, cams, labels, anchors, valid, context.to(z.dtype), counts.to(z.device), cfg)
+    return res.pacam * (counts.to(z.device) > 0).to(z.dtype)[None, :, None, None]
+
+
+def cpal_step(out: dict, labels: torch.Tensor, cfg, context: torch.Tensor | None = None,
+              counts: torch.Tensor | None = None) -> dict:
+    """All loss terms of one training step.
+
+    out: the model's dict (``cams`` raw (B, N, h, w), ``logits`` (B, N), ``z`` (B, D, h, w));
+    labels: (B, N); cfg: CPALConfig; context/counts: current context prototypes or None.
+    Returns {"loss", "bce", "self" (scalars), "protos" (B, N, D) detached, "proto_valid" (B, N),
+    "self_images" (int, images in L_self)}. With ``cfg.enabled`` False this is the plain CAM
+    baseline (BCE only, no prototypes).
+    """
+    bce = classification_loss(out["logits"], labels)
+    zero = bce.new_zeros(())
+    result = {"bce": bce, "self": zero, "self_images": 0, "protos": None, "proto_valid": None}
+    if not cfg.enabled:
+        result["loss"] = cfg.lambda_bce * bce
+        return result
+    cams = normalized_cams(out["cams"], labels)
+    z = out["z"]
+    with torch.no_grad():
+        protos, valid = instance_prototypes(z.detach(), cams.detach(), labels, cfg.tau, normalize=cfg.normalize_bank)
+    result["protos"], result["proto_valid"] = protos, valid
+    lself = zero
+    has_context = context is not None and counts is not None and bool((counts > 0).any())
+    if cfg.self_loss and has_context:
+        res = pacam_from_prototypes(z, cams, labels, protos, valid, context.to(z.dtype), counts.to(z.device), cfg)
+        if bool(res.usable.any()):
+            lself = self_loss(with_background(cams), with_background(res.pacam), res.usable)
+            result["self_images"] = int(res.usable.sum())
+    result["self"] = lself
+    result["loss"] = total_loss(bce, lself, cfg.lambda_bce, cfg.lambda_self)
+    return result

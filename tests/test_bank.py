@@ -1,0 +1,101 @@
+"""PrototypeBank: FIFO order and capacity, idempotent keyed pushes, state round trip, k-means."""
+import numpy as np
+import pytest
+import torch
+
+from cpal_ray.cpal import PrototypeBank, kmeans, kmeans_inertia
+
+pytestmark = pytest.mark.unit
+
+
+def vec(*vals):
+    return np.array([vals], dtype=np.float32)
+
+
+def test_fifo_order_and_capacity():
+    bank = PrototypeBank(num_classes=2, dim=1, capacity=3, num_clusters=1)
+    for i in range(5):
+        assert bank.push(("e0", i, 0), [0], vec(float(i)))
+    assert bank.entries(0)[:, 0].tolist() == [2.0, 3.0, 4.0]  # oldest two evicted, order kept
+    assert bank.counts().tolist() == [3, 0] and bank.pushed().tolist() == [5, 0]
+    assert bank.entries(1).shape == (0, 1)
+
+
+def test_same_key_twice_stores_once():
+    bank = PrototypeBank(num_classes=3, dim=2, capacity=10, num_clusters=2)
+    protos = np.ones((2, 2), dtype=np.float32)
+    assert bank.push((1, 7, 0), [0, 2], protos) is True
+    assert bank.push((1, 7, 0), [0, 2], protos) is False
+    assert bank.push((1, 7, 1), [0], protos[:1]) is True  # another rank: a different key
+    assert bank.counts().tolist() == [2, 0, 1] and bank.has_key((1, 7, 0))
+    assert bank.push_many([((1, 8, 0), [1], protos[:1]), ((1, 7, 0), [1], protos[:1])]) == 1
+
+
+def test_bad_pushes_raise_and_store_nothing():
+    bank = PrototypeBank(num_classes=2, dim=2, capacity=4, num_clusters=2)
+    with pytest.raises(ValueError, match="dim"):
+        bank.push("a", [0], np.ones((1, 3)))
+    with pytest.raises(ValueError, match="class ids"):
+        bank.push("b", [2], np.ones((1, 2)))
+    with pytest.raises(ValueError, match="non-finite"):
+        bank.push("c", [0], np.array([[np.nan, 0.0]]))
+    assert bank.counts().sum() == 0 and not bank.keys
+
+
+def test_state_round_trip_is_exact_and_weights_only_loadable(tmp_path):
+    rng = np.random.default_rng(0)
+    bank = PrototypeBank(num_classes=3, dim=4, capacity=5, num_clusters=2, spherical=False)
+    for i in range(9):
+        bank.push((0, i, i % 2), [i % 3], rng.normal(size=(1, 4)))
+    bank.cluster("epoch1")
+    path = tmp_path / "bank.pt"
+    torch.save(bank.state_dict(), path)
+    restored = PrototypeBank(num_classes=3, dim=4, capacity=5, num_clusters=2, spherical=False)
+    restored.load_state_dict(torch.load(path, weights_only=True))
+    for c in range(3):
+        np.testing.assert_array_equal(restored.entries(c), bank.entries(c))
+    assert restored.keys == bank.keys and restored.version == bank.version == 1
+    np.testing.assert_array_equal(restored.context, bank.context)
+    # The restored bank behaves identically afterwards (FIFO head restored too).
+    for b in (bank, restored):
+        b.push("next", [0, 1], np.full((2, 4), 7.0))
+    for c in range(3):
+        np.testing.assert_array_equal(restored.entries(c), bank.entries(c))
+    with pytest.raises(ValueError, match="shape"):
+        PrototypeBank(num_classes=4, dim=4, capacity=5, num_clusters=2).load_state_dict(bank.state_dict())
+
+
+def test_kmeans_recovers_well_separated_blobs():
+    rng = np.random.default_rng(1)
+    centres = np.array([[10, 0, 0], [0, 10, 0], [0, 0, 10], [-10, -10, -10]], dtype=np.float32)
+    x = np.concatenate([c + 0.1 * rng.normal(size=(50, 3)) for c in centres]).astype(np.float32)
+    cents, device = kmeans(x, 4, niter=25, seed=3)
+    assert device in ("cpu", "gpu")
+    dist = np.linalg.norm(cents[:, None] - centres[None], axis=-1)
+    assert sorted(dist.argmin(1).tolist()) == [0, 1, 2, 3] and dist.min(1).max() < 0.2
+    assert kmeans_inertia(x, cents) < kmeans_inertia(x, centres[:1].repeat(4, 0))
+
+
+def test_cluster_small_and_empty_classes_and_tag_runs_once():
+    rng = np.random.default_rng(2)
+    bank = PrototypeBank(num_classes=3, dim=2, capacity=100, num_clusters=4, spherical=False)
+    for i in range(40):
+        bank.push(("a", i), [0], rng.normal(size=(1, 2)))
+    bank.push(("b", 0), [1, 1], np.array([[1.0, 2.0], [3.0, 4.0]]))  # fewer entries than N_p
+    ctx, counts, version = bank.cluster("epoch1")
+    assert counts.tolist() == [4, 2, 0] and version == 1
+    np.testing.assert_allclose(ctx[1, :2], [[1.0, 2.0], [3.0, 4.0]])  # used as they are
+    assert np.abs(ctx[2]).sum() == 0 and np.abs(ctx[1, 2:]).sum() == 0
+    bank.push(("c", 0), [2], np.ones((1, 2)))
+    _, counts2, version2 = bank.cluster("epoch1")  # same tag: no new clustering
+    assert version2 == 1 and counts2.tolist() == [4, 2, 0]
+    _, counts3, version3 = bank.cluster("epoch2")
+    assert version3 == 2 and counts3.tolist() == [4, 2, 1]
+
+
+def test_spherical_clustering_gives_unit_centroids():
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(200, 8)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    cents, _ = kmeans(x, 5, spherical=True)
+    np.testing.assert_allclose(np.linalg.norm(cents, axis=1), 1.0, atol=1e-4)
