@@ -156,6 +156,11 @@ class TinyCNN(nn.Module):
         self.body = nn.Sequential(_conv_bn_relu(3, half, 2), _conv_bn_relu(half, width, 2),
                                   _conv_bn_relu(width, width, 2), _conv_bn_relu(width, width, 2),
                                   _conv_bn_relu(width, width, 1))
+        # He init keeps activations at unit scale through the blocks: with frozen BN (identity
+        # statistics) PyTorch's default init shrinks them layer by layer and learning stalls.
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
 
     def forward(self, x):
         return self.body(x)
