@@ -1,0 +1,113 @@
+"""Datasets (VOC, COCO, synthetic), paired transforms, class names and loaders.
+
+Entry points, in the order a run uses them::
+
+    ds = build_dataset(cfg.data, "train", train=True)      # items: see cpal_ray/data/base.py
+    loader = build_loader(ds, batch_size=16, shuffle=True, seed=cfg.train.seed)
+    for epoch in range(epochs):
+        set_epoch(loader, epoch)                             # fresh, reproducible augmentations
+        for batch in loader: ...                             # {"id": [B], "image": (B, 3, S, S), ...}
+
+No Ray here: ``cpal_ray.distributed`` wraps these.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from cpal_ray.data.assets import VOC12_META_DIR, VOC_MINI_DIR, resolve_root_path
+from cpal_ray.data.base import DataError, FileDataset, SampleDataset
+from cpal_ray.data.classes import COCO_CLASSES, VOC_CLASSES, colorize, synthetic_class_names, voc_palette
+from cpal_ray.data.coco import COCOSegmentation, convert_instances
+from cpal_ray.data.synthetic import SyntheticShapes
+from cpal_ray.data.transforms import EvalTransform, TrainTransform
+from cpal_ray.data.voc import VOCSegmentation
+
+__all__ = [
+    "DataError", "SampleDataset", "FileDataset", "VOCSegmentation", "COCOSegmentation", "SyntheticShapes",
+    "TrainTransform", "EvalTransform", "VOC_CLASSES", "COCO_CLASSES", "voc_palette", "colorize",
+    "synthetic_class_names", "convert_instances", "resolve_root", "class_names", "build_dataset",
+    "collate", "build_loader", "set_epoch", "VOC_MINI_DIR", "VOC12_META_DIR",
+]
+
+_READERS = {"voc": VOCSegmentation, "coco": COCOSegmentation, "synthetic": SyntheticShapes}
+
+
+def resolve_root(data_cfg) -> Path:
+    """The dataset folder of a ``DataConfig``: ``"bundled:voc-mini"`` -> the packaged copy
+    (found from the package's location, not the working directory), else ``data_cfg.root``."""
+    return resolve_root_path(data_cfg.root)
+
+
+def class_names(data_cfg) -> tuple[str, ...]:
+    """The N foreground class names of the configured dataset (index n = mask value n + 1)."""
+    if data_cfg.dataset == "voc":
+        return VOC_CLASSES
+    if data_cfg.dataset == "coco":
+        return COCO_CLASSES
+    return synthetic_class_names(data_cfg.synthetic_classes)
+
+
+def build_dataset(data_cfg, split: str = "train", train: bool | None = None, return_rgb: bool = False) -> SampleDataset:
+    """The dataset of ``data_cfg.dataset`` for one split.
+
+    split: "train" -> data_cfg.train_split, "val" -> data_cfg.val_split; any other name
+        (e.g. "train_aug") or a path to a .txt is used as the id list directly (not synthetic).
+    train: training transform (random resize / flip / crop to crop_size) when True, original
+        size when False; None = (split == "train").
+    return_rgb: add the uint8 photo ``"rgb"`` (H, W, 3) to items (CRF, visuals).
+    """
+    if train is None:
+        train = split == "train"
+    if data_cfg.dataset == "synthetic":
+        return SyntheticShapes.from_config(data_cfg, split, train, return_rgb)
+    if data_cfg.root.startswith("bundled:") and data_cfg.dataset != "voc":
+        raise DataError(f"data.root={data_cfg.root!r} is a VOC-layout dataset; set data.dataset=voc")
+    name = {"train": data_cfg.train_split, "val": data_cfg.val_split}.get(split, split)
+    return _READERS[data_cfg.dataset].from_config(data_cfg, name, train, return_rgb)
+
+
+def collate(batch: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack items: "image" (B, 3, H, W), "label" (B, N), "mask" (B, H, W) tensors; "id" a list
+    of B str; "rgb" (when present) a list of B uint8 arrays (H, W, 3), left as numpy.
+
+    Items of different sizes (eval items keep their size) can only be batched one at a time.
+    """
+    shapes = {tuple(item["image"].shape) for item in batch}
+    if len(shapes) > 1:
+        raise ValueError(f"cannot batch images of different sizes {sorted(shapes)}; eval items keep "
+                         "their original size, use batch_size=1")
+    out = {"id": [item["id"] for item in batch],
+           "image": torch.stack([item["image"] for item in batch]),
+           "label": torch.stack([item["label"] for item in batch]),
+           "mask": torch.stack([item["mask"] for item in batch])}
+    if "rgb" in batch[0]:
+        out["rgb"] = [item["rgb"] for item in batch]
+    return out
+
+
+def build_loader(dataset, batch_size: int, shuffle: bool = False, seed: int = 0, num_workers: int = 0,
+                 sampler: Sampler | None = None, drop_last: bool = False) -> DataLoader:
+    """A DataLoader with ``collate`` and a seeded shuffling order.
+
+    The order is drawn from ``torch.Generator().manual_seed(seed)``; a given ``sampler`` (e.g.
+    a DistributedSampler) replaces shuffling, so ``shuffle`` is then ignored.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    generator = torch.Generator().manual_seed(int(seed))
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle if sampler is None else False,
+                      sampler=sampler, num_workers=num_workers, collate_fn=collate, drop_last=drop_last,
+                      generator=generator, persistent_workers=False)
+
+
+def set_epoch(loader_or_dataset, epoch: int) -> None:
+    """Tell a dataset (or a loader's dataset and sampler) which epoch comes next: selects the
+    augmentation stream and, for a DistributedSampler, the shuffling order."""
+    for obj in (getattr(loader_or_dataset, "dataset", None), getattr(loader_or_dataset, "sampler", None),
+                loader_or_dataset):
+        if obj is not None and hasattr(obj, "set_epoch"):
+            obj.set_epoch(epoch)

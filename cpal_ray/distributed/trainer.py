@@ -9,6 +9,7 @@ bank from it).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -47,7 +48,7 @@ def prototype_dim(cfg: Config) -> int:
         return cfg.model.proj_dim
     from cpal_ray.models import build_model
 
-    return build_model(cfg.model.__class__(**{**cfg.model.__dict__, "pretrained": False}), cfg.data.num_classes).embed_dim
+    return build_model(dataclasses.replace(cfg.model, pretrained=False, weights=""), cfg.data.num_classes).embed_dim
 
 
 def build_trainer(cfg: Config, *, bank_actor: str | None, callbacks=None, storage_path: str | None = None,

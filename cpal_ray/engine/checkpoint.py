@@ -69,3 +69,21 @@ def context_from_state(state: dict):
     if not ctx or int(ctx.get("version", 0)) == 0:
         return None
     return Context(ctx["prototypes"].float(), ctx["counts"].long(), int(ctx["version"]))
+
+
+def load_trained(folder: str | os.PathLike, map_location="cpu", cfg: Config | None = None):
+    """Rebuild a trained model from a checkpoint or ``final/`` folder.
+
+    Returns (model in eval mode, Config (the saved one unless ``cfg`` is given), Context or None).
+    No ImageNet weights are loaded (the checkpoint has all of them).
+    """
+    import dataclasses
+
+    from cpal_ray.models import build_model
+
+    state = load_checkpoint(folder, map_location=map_location)
+    cfg = cfg or state["config"]
+    model = build_model(dataclasses.replace(cfg.model, pretrained=False, weights=""), cfg.data.num_classes)
+    model.load_state_dict(state["model"])
+    model.eval()
+    return model, cfg, context_from_state(state)

@@ -1,0 +1,285 @@
+"""What every reader shares: the item format, file reading with clear errors, bad-sample policy.
+
+Item format (docs/DESIGN.md), ``dataset[i]`` ->
+    {"id": str, "image": float32 (3, H, W) ImageNet-normalised, "label": float32 (N,) multi-hot,
+     "mask": int64 (H, W) 0 bg / 1..N classes / 255 ignore, "rgb": uint8 (H, W, 3) if return_rgb}
+
+Augmentation randomness of item i is drawn from ``numpy.random.default_rng([seed, epoch, i])``,
+so an item is the same whatever the worker or process that loads it; call ``set_epoch`` (or
+``cpal_ray.data.set_epoch(loader, epoch)``) before each epoch to get fresh augmentations.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from pathlib import Path
+from typing import Any, Callable, Hashable
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from cpal_ray.data.transforms import IGNORE_INDEX, EvalTransform
+
+log = logging.getLogger(__name__)
+
+# How many skipped ids are logged one by one before only the total is logged.
+_LOG_SKIPS = 10
+
+
+class DataError(ValueError):
+    """A sample or data file is unusable; the message names the file and the sample id."""
+
+
+# ----------------------------------------------------------------------------------- file access
+
+def read_id_list(path: str | os.PathLike) -> list[str]:
+    """Ids in a split file, one per line; blank lines and ``#`` comments skipped.
+
+    Lines holding paths (DeepLab style ``/JPEGImages/x.jpg /SegmentationClassAug/x.png``) give
+    the stem of their first token.
+    """
+    ids = []
+    for line in Path(path).read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            token = line.split()[0]
+            ids.append(Path(token).stem if "/" in token or "." in token else token)
+    return ids
+
+
+@functools.lru_cache(maxsize=8)
+def _load_npy_dict(path: str, mtime_ns: int) -> dict:
+    obj = np.load(path, allow_pickle=True)
+    if obj.dtype != object or obj.shape != ():
+        raise DataError(f"{path}: expected an np.save'd dict {{id: multi-hot}}, got array {obj.shape} {obj.dtype}")
+    d = obj.item()
+    if not isinstance(d, dict):
+        raise DataError(f"{path}: expected an np.save'd dict, got {type(d).__name__}")
+    return d
+
+
+def load_label_dict(path: str | os.PathLike, key_fn: Callable[[Any], Hashable]) -> dict:
+    """Read ``cls_labels.npy`` (np.save of a dict id -> multi-hot) re-keyed by ``key_fn``.
+
+    Two raw keys that normalise to the same key must carry the same label, else DataError.
+    Returns {key_fn(raw_key): float32 array}.
+    """
+    p = Path(path)
+    try:
+        raw = _load_npy_dict(str(p.resolve()), p.stat().st_mtime_ns)
+    except DataError:
+        raise
+    except (OSError, ValueError, EOFError) as e:
+        raise DataError(f"{p}: cannot read image-level labels: {e}") from e
+    out: dict = {}
+    for k, v in raw.items():
+        key = key_fn(k)
+        vec = np.asarray(v, dtype=np.float32)
+        if key in out and not np.array_equal(out[key], vec):
+            raise DataError(f"{p}: keys {k!r} and another spelling of the same id disagree (id {key})")
+        out[key] = vec
+    return out
+
+
+def read_rgb(path: Path, sample_id: str) -> np.ndarray:
+    """Decode an image file to uint8 (H, W, 3); DataError naming file and id if unreadable."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return np.array(im.convert("RGB"))
+    except FileNotFoundError as e:
+        raise DataError(f"{path}: image file missing (id {sample_id})") from e
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise DataError(f"{path}: cannot decode image (id {sample_id}): {e}") from e
+
+
+def read_mask(path: Path, sample_id: str, num_classes: int, image_hw: tuple[int, int],
+              image_path: Path | None = None) -> np.ndarray:
+    """Read a class-index PNG (mode P/L/I) -> (H, W) array with values in {0..N, 255}.
+
+    DataError naming the file and id when it cannot be read, is a colour image, has another
+    size than its image (H, W) = image_hw, or holds values outside {0..N, 255}.
+    """
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.mode not in ("P", "L", "I", "I;16"):
+                raise DataError(f"{path}: mask has mode {im.mode!r}, expected class indices in a "
+                                f"palette ('P') or greyscale PNG (id {sample_id})")
+            mask = np.asarray(im)
+    except DataError:
+        raise
+    except (OSError, SyntaxError, ValueError) as e:
+        raise DataError(f"{path}: cannot decode mask (id {sample_id}): {e}") from e
+    if mask.shape != tuple(image_hw):
+        raise DataError(f"{path}: mask size {mask.shape} differs from image {tuple(image_hw)} "
+                        f"{'(' + str(image_path) + ') ' if image_path else ''}(id {sample_id})")
+    bad = (mask > num_classes) & (mask != IGNORE_INDEX)
+    if bad.any():
+        values = np.unique(mask[bad])[:8].tolist()
+        raise DataError(f"{path}: mask values {values} outside 0..{num_classes} and 255 (id {sample_id})")
+    return mask
+
+
+def check_label(vec: np.ndarray, num_classes: int, labels_file: Path | str, sample_id: str) -> str | None:
+    """Reason why a label vector is unusable (wrong length, not 0/1, no positive), or None."""
+    if vec.shape != (num_classes,):
+        return f"{labels_file}: label of id {sample_id} has shape {vec.shape}, expected ({num_classes},)"
+    if not np.isin(vec, (0.0, 1.0)).all():
+        return f"{labels_file}: label of id {sample_id} is not multi-hot 0/1: {vec.tolist()}"
+    if vec.sum() == 0:
+        return f"{labels_file}: id {sample_id} has no positive class"
+    return None
+
+
+# -------------------------------------------------------------------------------------- datasets
+
+class SampleDataset(Dataset):
+    """Base of all readers: turns ``read(index) -> (rgb, mask, label)`` into items.
+
+    Subclasses set ``ids`` (list[str]), ``num_classes`` and ``class_names`` and implement
+    ``read``: rgb uint8 (H, W, 3), mask (H, W) ints (all 255 when unknown), label float32 (N,).
+    """
+
+    ids: list[str]
+    num_classes: int
+    class_names: tuple[str, ...]
+
+    def __init__(self, transform=None, return_rgb: bool = False, seed: int = 0):
+        self.transform = transform if transform is not None else EvalTransform()
+        self.return_rgb = bool(return_rgb)
+        self.seed = int(seed) & 0xFFFF_FFFF_FFFF_FFFF
+        self.epoch = 0
+        self.skipped: list[tuple[str, str]] = []
+
+    def read(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        raise NotImplementedError
+
+    def label_of(self, index: int) -> np.ndarray:
+        """Multi-hot float32 (N,) of item ``index``."""
+        return self.read(index)[2]
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the augmentation stream of this epoch (see the module docstring)."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} items")
+        index = index % len(self)
+        rgb, mask, label = self.read(index)
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        image, mask_t, rgb_out = self.transform(rgb, mask, rng)
+        item = {"id": self.ids[index], "image": image, "label": torch.from_numpy(np.asarray(label, np.float32)),
+                "mask": mask_t}
+        if self.return_rgb:
+            item["rgb"] = np.ascontiguousarray(rgb_out, dtype=np.uint8)
+        return item
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}({len(self)} items, {self.num_classes} classes, "
+                f"skipped={len(self.skipped)})")
+
+
+class FileDataset(SampleDataset):
+    """A reader of image files + a labels dict + optional mask PNGs.
+
+    Subclasses implement ``image_path(id)`` and ``mask_path(id)`` (a Path whose absence means
+    "no mask": all 255) and call ``_select_ids`` from their constructor.
+    """
+
+    def __init__(self, num_classes: int, class_names, transform=None, return_rgb: bool = False,
+                 seed: int = 0, on_bad_sample: str = "error"):
+        super().__init__(transform, return_rgb, seed)
+        if on_bad_sample not in ("error", "skip"):
+            raise ValueError(f"on_bad_sample must be 'error' or 'skip', got {on_bad_sample!r}")
+        self.num_classes = int(num_classes)
+        self.class_names = tuple(class_names)
+        self.on_bad_sample = on_bad_sample
+        self.ids, self.labels, self.labels_file = [], {}, None
+
+    def image_path(self, sample_id: str) -> Path:
+        raise NotImplementedError
+
+    def mask_path(self, sample_id: str) -> Path:
+        raise NotImplementedError
+
+    def _bad(self, sample_id: str, reason: str) -> None:
+        if self.on_bad_sample == "error":
+            raise DataError(reason)
+        self.skipped.append((sample_id, reason))
+        if len(self.skipped) <= _LOG_SKIPS:
+            log.warning("skipping sample %s: %s", sample_id, reason)
+
+    def _select_ids(self, ids: list[str], labels: dict, key_fn: Callable[[str], Hashable],
+                    labels_file: Path, source: str) -> None:
+        """Keep the ids whose image exists and whose label is a valid multi-hot with a positive;
+        others raise DataError (on_bad_sample="error") or go to ``self.skipped``."""
+        self.labels_file = labels_file
+        before = len(self.skipped)
+        for sid in ids:
+            path = self.image_path(sid)
+            if not path.is_file():
+                self._bad(sid, f"{path}: image file missing (id {sid}, listed in {source})")
+                continue
+            vec = labels.get(key_fn(sid))
+            if vec is None:
+                self._bad(sid, f"{labels_file}: id {sid} has no image-level label (image {path})")
+                continue
+            reason = check_label(vec, self.num_classes, labels_file, sid)
+            if reason:
+                self._bad(sid, f"{reason} (image {path})")
+                continue
+            self.ids.append(sid)
+            self.labels[sid] = vec
+        n_skipped = len(self.skipped) - before
+        if n_skipped:
+            log.warning("%s: skipped %d of %d ids from %s (see .skipped)", type(self).__name__,
+                        n_skipped, len(ids), source)
+        if not self.ids:
+            raise DataError(f"{source}: no usable samples ({len(ids)} listed, {n_skipped} skipped)")
+
+    def read(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        sid = self.ids[index]
+        path = self.image_path(sid)
+        rgb = read_rgb(path, sid)
+        mpath = self.mask_path(sid)
+        if mpath.is_file():
+            mask = read_mask(mpath, sid, self.num_classes, rgb.shape[:2], path)
+        else:
+            mask = np.full(rgb.shape[:2], IGNORE_INDEX, dtype=np.uint8)
+        return rgb, mask, self.labels[sid]
+
+    def label_of(self, index: int) -> np.ndarray:
+        return self.labels[self.ids[index]]
+
+    def validate(self) -> list[tuple[str, str]]:
+        """Decode every image and mask now (slow: reads all files).
+
+        Returns the (id, reason) problems. With on_bad_sample="error" any problem raises one
+        DataError listing them; with "skip" the bad ids are dropped and added to ``skipped``.
+        """
+        problems = []
+        for i, sid in enumerate(self.ids):
+            try:
+                self.read(i)
+            except DataError as e:
+                problems.append((sid, str(e)))
+        if problems and self.on_bad_sample == "error":
+            listed = "\n  ".join(r for _, r in problems[:5])
+            raise DataError(f"{len(problems)} bad samples of {len(self.ids)}:\n  {listed}")
+        if problems:
+            bad = {sid for sid, _ in problems}
+            for sid, reason in problems:
+                self._bad(sid, reason)
+            self.ids = [s for s in self.ids if s not in bad]
+            log.warning("%s.validate: dropped %d bad samples", type(self).__name__, len(problems))
+            if not self.ids:
+                raise DataError(f"validate: all {len(problems)} samples are bad; first: {problems[0][1]}")
+        return problems

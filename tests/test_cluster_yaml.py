@@ -1,0 +1,176 @@
+"""cluster.yaml: valid for Ray's own cluster launcher, and consistent with what the workflows need.
+
+Validation is offline: Ray's ``prepare_config`` (merge with the AWS provider defaults) and
+``validate_config`` (jsonschema against ``ray/autoscaler/ray-schema.json`` plus Ray's own
+cross-field checks), the same two steps ``ray up`` runs before it talks to AWS.
+"""
+import copy
+import json
+import os
+import re
+from pathlib import Path
+
+import jsonschema
+import pytest
+import ray
+import ray.autoscaler
+import yaml
+from ray.autoscaler._private.util import prepare_config, validate_config
+
+from cpal_ray.config import load_config
+
+pytestmark = pytest.mark.unit
+
+REPO = Path(__file__).resolve().parents[1]
+CLUSTER_YAML = REPO / "cluster.yaml"
+GPU_CONFIGS = ["configs/voc_resnet50_8gpu.yaml", "configs/coco_resnet50_8gpu.yaml"]
+# GPUs per instance of the AWS types a worker may use for the paper's 8-GPU setting.
+EIGHT_GPU_TYPES = {"g5.48xlarge": 8, "p4d.24xlarge": 8, "p4de.24xlarge": 8, "p5.48xlarge": 8}
+SECRET_PATTERNS = [
+    r"aws_secret_access_key",
+    r"aws_access_key_id",
+    r"\b(AKIA|ASIA)[0-9A-Z]{16}\b",
+    r"password",
+    r"-----BEGIN [A-Z ]*PRIVATE KEY-----",
+    r"ssh_private_key",
+    r"RAY_AUTH_TOKEN\s*[=:]",
+]
+
+
+def load_cluster() -> dict:
+    return yaml.safe_load(CLUSTER_YAML.read_text())
+
+
+def ray_schema() -> dict:
+    return json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
+
+
+def ray_validate(config: dict) -> dict:
+    """What ``ray up`` does before contacting the cloud: fill defaults, then validate."""
+    jsonschema.validate(config, ray_schema())
+    prepared = prepare_config(copy.deepcopy(config))
+    validate_config(prepared)
+    return prepared
+
+
+def worker_types(config: dict) -> dict:
+    return {k: v for k, v in config["available_node_types"].items() if k != config["head_node_type"]}
+
+
+def secrets_in(text: str) -> list[str]:
+    return [p for p in SECRET_PATTERNS if re.search(p, text, flags=re.IGNORECASE)]
+
+
+def all_commands(config: dict) -> list[str]:
+    keys = ("initialization_commands", "setup_commands", "head_setup_commands", "worker_setup_commands",
+            "head_start_ray_commands", "worker_start_ray_commands")
+    return [c for k in keys for c in config.get(k, [])]
+
+
+def test_cluster_yaml_passes_ray_schema_and_validate_config():
+    prepared = ray_validate(load_cluster())
+    assert prepared["provider"]["type"] == "aws"
+    # prepare_config merged setup_commands into both node roles.
+    assert any("[gpu]" in c for c in prepared["worker_setup_commands"])
+
+
+@pytest.mark.parametrize("corrupt", [
+    pytest.param(lambda c: c.update(max_worker=2), id="misspelled-top-level-key"),
+    pytest.param(lambda c: c["docker"].update(imagename="x"), id="unknown-docker-key"),
+    pytest.param(lambda c: worker_types(c)["gpu_8x"]["resources"].update(GPU="8"), id="gpu-count-as-string"),
+    pytest.param(lambda c: worker_types(c)["gpu_8x"]["resources"].update(GPU=-1), id="negative-gpus"),
+    pytest.param(lambda c: worker_types(c)["gpu_8x"].pop("node_config"), id="node-type-without-node_config"),
+    pytest.param(lambda c: c.update(head_node_type="missing"), id="head-type-not-defined"),
+    pytest.param(lambda c: worker_types(c)["gpu_8x"].update(min_workers=c["max_workers"] + 1),
+                 id="min-workers-above-global-max"),
+    pytest.param(lambda c: c.update(setup_commands="pip install -e ."), id="commands-not-a-list"),
+])
+def test_corrupted_copies_fail_validation(corrupt):
+    config = load_cluster()
+    corrupt(config)
+    with pytest.raises((jsonschema.ValidationError, ValueError)):
+        ray_validate(config)
+
+
+def test_docker_image_is_ray_gpu_for_installed_ray_and_py311():
+    image = load_cluster()["docker"]["image"]
+    m = re.fullmatch(r"rayproject/ray:(\d+)\.(\d+)\.(\d+)-py311-(gpu|cu\d+)", image)
+    assert m, f"{image!r} is not an official rayproject/ray py311 GPU image tag"
+    major, minor = ray.__version__.split(".")[:2]
+    assert (m.group(1), m.group(2)) == (major, minor) == ("2", "60"), \
+        f"image {image} does not match ray {ray.__version__} pinned by pyproject (2.60.*)"
+
+
+def test_head_is_cpu_and_workers_have_eight_gpus():
+    config = load_cluster()
+    head = config["available_node_types"][config["head_node_type"]]
+    assert head["resources"].get("GPU", 0) == 0
+    workers = worker_types(config)
+    assert workers, "no worker node type"
+    for name, node in workers.items():
+        itype = node["node_config"]["InstanceType"]
+        assert node["resources"]["GPU"] == 8, name
+        assert EIGHT_GPU_TYPES.get(itype) == 8, f"{name}: {itype} is not a known 8-GPU instance type"
+        assert node["resources"]["CPU"] > 0
+
+
+@pytest.mark.parametrize("cfg_path", GPU_CONFIGS)
+def test_one_worker_node_fits_the_8gpu_configs(cfg_path):
+    cfg = load_config(REPO / cfg_path)
+    for name, node in worker_types(load_cluster()).items():
+        res = node["resources"]
+        assert cfg.dist.num_workers * 1 <= res["GPU"], (cfg_path, name)
+        assert cfg.dist.num_workers * cfg.dist.cpus_per_worker <= res["CPU"], (cfg_path, name)
+
+
+def test_autoscaling_bounds():
+    config = load_cluster()
+    assert 1 <= config["max_workers"] <= 8
+    assert 0 < config["idle_timeout_minutes"] <= 60
+    for name, node in worker_types(config).items():
+        assert node.get("min_workers", 0) == 0, f"{name} should scale to zero"
+        assert 1 <= node.get("max_workers", config["max_workers"]) <= config["max_workers"], name
+
+
+def test_setup_installs_the_project_with_its_gpu_extra_from_the_synced_repo():
+    config = load_cluster()
+    remote_dirs = [r for r, local in config["file_mounts"].items() if local in (".", "./")]
+    assert remote_dirs, "the repository is not in file_mounts"
+    installs = [c for c in config["setup_commands"] if re.search(r"pip install -e '\.\[gpu\]'", c)]
+    assert installs, "no `pip install -e '.[gpu]'` in setup_commands"
+    assert any(f"cd {d}" in c for c in installs for d in remote_dirs), "install does not run in the synced repo"
+    assert ".gitignore" in config.get("rsync_filter", []), "the .venv and results would be synced"
+    # faiss-cpu (base dependency) would shadow the GPU build; setup must leave faiss-gpu-cu12 alone.
+    assert any("uninstall" in c and "faiss-cpu" in c and "install faiss-gpu-cu12" in c
+               for c in config["setup_commands"])
+    assert any("boto3" in c for c in config["head_setup_commands"]), "the autoscaler needs boto3 on the head"
+
+
+def test_token_auth_on_every_node():
+    config = load_cluster()
+    assert config["file_mounts"].get("~/.ray/auth_token") == "~/.ray/auth_token"
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        starts = [c for c in config[key] if "ray start" in c]
+        assert starts and all("RAY_AUTH_MODE=token" in c for c in starts), key
+    assert any("--autoscaling-config" in c for c in config["head_start_ray_commands"])
+
+
+@pytest.mark.parametrize("cfg_path", GPU_CONFIGS)
+def test_storage_and_data_paths_of_gpu_configs_are_on_mounted_volumes(cfg_path):
+    config = load_cluster()
+    opts = " ".join(config["docker"]["run_options"])
+    mounted = [dst for _, dst in re.findall(r"-v\s+(\S+):(\S+)", opts)]
+    cfg = load_config(REPO / cfg_path)
+    for what, path in (("train.storage_path", cfg.train.storage_path), ("data.root", cfg.data.root),
+                       ("model.weights", cfg.model.weights)):
+        assert any(os.path.commonpath([path, m]) == m for m in mounted), \
+            f"{cfg_path}: {what}={path} is not on a volume shared by all nodes ({mounted})"
+    assert any("mount -t nfs4" in c and "/shared" in c for c in config["initialization_commands"])
+
+
+def test_no_secrets_in_cluster_yaml():
+    text = CLUSTER_YAML.read_text()
+    assert secrets_in(text) == []
+    # The scanner itself must catch what it looks for.
+    leaked = text + "\n# aws_secret_access_key: x\n# key AKIAABCDEFGHIJKLMNOP\n"
+    assert len(secrets_in(leaked)) == 2
