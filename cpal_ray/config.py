@@ -46,8 +46,9 @@ class DataConfig:
     val_split: str = "val"
     # Image-level labels (np.save'd dict id -> multi-hot); "" = <root>/cls_labels.npy.
     cls_labels: str = ""
-    # Folder of ground-truth masks under root ("SegmentationClassAug" for train_aug).
-    mask_dir: str = "SegmentationClass"
+    # Folder of ground-truth masks under root; "" = the dataset's own default
+    # ("SegmentationClass" for VOC — use "SegmentationClassAug" for train_aug — and "mask" for COCO).
+    mask_dir: str = ""
     # Synthetic set only: classes, images per split, image side, seed.
     synthetic_classes: int = 4
     synthetic_images: int = 32

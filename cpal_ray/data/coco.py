@@ -76,10 +76,9 @@ class COCOSegmentation(FileDataset):
 
     @classmethod
     def from_config(cls, data_cfg, split: str, train: bool, return_rgb: bool = False) -> "COCOSegmentation":
-        """Build from a ``DataConfig``; its mask_dir "SegmentationClass" (the VOC default) means
-        the COCO default "mask"."""
+        """Build from a ``DataConfig``; an empty mask_dir means the COCO default "mask"."""
         transform = TrainTransform.from_config(data_cfg) if train else EvalTransform()
-        mask_dir = "mask" if data_cfg.mask_dir == "SegmentationClass" else data_cfg.mask_dir
+        mask_dir = data_cfg.mask_dir or "mask"
         return cls(data_cfg.root, split, cls_labels=data_cfg.cls_labels, mask_dir=mask_dir,
                    transform=transform, return_rgb=return_rgb, on_bad_sample=data_cfg.on_bad_sample,
                    seed=data_cfg.seed)

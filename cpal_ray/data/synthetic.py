@@ -22,7 +22,7 @@ from cpal_ray.data.transforms import EvalTransform, TrainTransform, resize_bilin
 _SPLIT_CODES = {"train": 0, "val": 1}
 _SHAPES = ("ellipse", "rectangle", "triangle")
 # A class must keep at least this fraction of the image visible after occlusion.
-_MIN_VISIBLE = 0.015
+_MIN_VISIBLE = 0.03
 _MAX_TRIES = 20
 
 
@@ -52,7 +52,7 @@ def _clutter(rng: np.random.Generator, size: int) -> np.ndarray:
 
 def _shape_region(rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray, size: int):
     """Bool (S, S) region of one random shape, and its centre (cy, cx)."""
-    r = rng.uniform(0.14, 0.28) * size
+    r = rng.uniform(0.18, 0.30) * size
     cy, cx = rng.uniform(r * 0.7, size - r * 0.7, 2)
     theta = rng.uniform(0, np.pi)
     u = (xx - cx) * np.cos(theta) + (yy - cy) * np.sin(theta)

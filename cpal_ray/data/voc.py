@@ -102,7 +102,7 @@ class VOCSegmentation(FileDataset):
     def from_config(cls, data_cfg, split: str, train: bool, return_rgb: bool = False) -> "VOCSegmentation":
         """Build from a ``DataConfig``; ``split`` is the list name (e.g. data_cfg.train_split)."""
         transform = TrainTransform.from_config(data_cfg) if train else EvalTransform()
-        return cls(data_cfg.root, split, cls_labels=data_cfg.cls_labels, mask_dir=data_cfg.mask_dir,
+        return cls(data_cfg.root, split, cls_labels=data_cfg.cls_labels, mask_dir=data_cfg.mask_dir or "SegmentationClass",
                    transform=transform, return_rgb=return_rgb, on_bad_sample=data_cfg.on_bad_sample,
                    seed=data_cfg.seed)
 

@@ -29,7 +29,8 @@ class Context:
 
     @classmethod
     def from_numpy(cls, ctx: np.ndarray, counts: np.ndarray, version: int) -> "Context":
-        return cls(torch.from_numpy(np.asarray(ctx, dtype=np.float32)), torch.from_numpy(np.asarray(counts)), int(version))
+        # Copies: arrays from Ray's object store are read-only.
+        return cls(torch.from_numpy(np.array(ctx, dtype=np.float32)), torch.from_numpy(np.array(counts)), int(version))
 
     def to(self, device) -> "Context":
         return Context(self.prototypes.to(device), self.counts.to(device), self.version)

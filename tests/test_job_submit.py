@@ -1,0 +1,54 @@
+"""`ray job submit` against a local head started here (token auth left on, as Ray 2.60 defaults).
+
+This module owns its Ray session (with the dashboard, which hosts the job server) and shuts it
+down at the end; it never runs `ray stop`.
+"""
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.ray
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def job_server():
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    port = free_port()
+    ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_port=port, namespace="cpal-ray")
+    yield f"http://127.0.0.1:{port}"
+    ray.shutdown()
+
+
+def test_job_submit_runs_tiny_config_to_succeeded(job_server, tmp_path):
+    ray_cli = Path(sys.executable).with_name("ray")
+    env = {**os.environ, "RAY_AUTH_MODE": "token"}
+    cmd = [str(ray_cli), "job", "submit", "--address", job_server, "--working-dir", str(REPO), "--",
+           sys.executable, "-m", "workflows.train", "--config", "configs/synthetic_tiny.yaml",
+           f"train.storage_path={tmp_path}", "train.name=jobrun", "train.epochs=1", "train.max_steps_per_epoch=2",
+           "dist.cpus_per_worker=0.4"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    job_id = next(w.strip("'") for line in out.splitlines() if "Job '" in line for w in line.split() if w.startswith("'raysubmit"))
+    status = subprocess.run([str(ray_cli), "job", "status", "--address", job_server, job_id], env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert "SUCCEEDED" in status.stdout + status.stderr, status.stdout + status.stderr
+    final = tmp_path / "jobrun" / "final"
+    assert (final / "model.pt").is_file() and (final / "config.yaml").is_file()
+    assert json.loads((final / "summary.json").read_text())["epochs_completed"] == 1
+    assert list((tmp_path / "jobrun").glob("checkpoint_*"))
