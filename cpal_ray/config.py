@@ -159,6 +159,7 @@ class OptimConfig:
     new_layer_lr_mult: float = 10.0
     # The paper's 0.9; SIPE/IRN's public optimiser wrapper effectively used 1e-4.
     momentum: float = 0.9
+    # L2 weight decay of SGD (Sec. 4.1: 1e-4).
     weight_decay: float = 1e-4
     # Poly schedule lr * (1 - step / total) ** power, stepped per global batch.
     poly_power: float = 0.9
@@ -176,12 +177,15 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
+    # Epochs (Sec. 4.1: 5); one clustering of the bank at the start of each.
     epochs: int = 5
     # Global batch (all workers together); per-worker batch = batch_size / dist.num_workers.
     batch_size: int = 16
+    # Seed of the model init, the sampler's permutations and the augmentations.
     seed: int = 0
     # Stop an epoch after this many steps (smoke runs); 0 = the whole epoch.
     max_steps_per_epoch: int = 0
+    # Log a line every this many steps.
     log_every: int = 10
     # Where runs are written (local path or URI) and the run's name (resume = same name).
     storage_path: str = "results"
