@@ -98,7 +98,7 @@ def bank_plot(bank_state: dict, context: dict | None, class_names, path: str | P
         for c in range(protos.shape[0]):
             if counts[c]:
                 cxy = pca_2d(protos[c, : counts[c]], basis_from=x)
-                ax.scatter(cxy[:, 0], cxy[:, 1], marker="x", s=40, color=palette[c % len(palette)], edgecolors="k",
+                ax.scatter(cxy[:, 0], cxy[:, 1], marker="x", s=40, color=palette[c % len(palette)],
                            linewidths=1.5)
     ax.set_title("support bank (PCA): dots = instance prototypes, x = context prototypes", fontsize=9)
     ax.legend(fontsize=6, markerscale=2, loc="best", ncol=2)
