@@ -13,6 +13,7 @@ import dataclasses
 import json
 import logging
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +31,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class TrainingResult:
-    run_dir: Path          # <storage_path>/<name>
+    run_dir: Path          # <storage_path>/<name> (a local mirror when storage is a URI)
     final_dir: Path        # exported artefacts
     metrics: dict          # last reported metrics (rank 0)
     history: list          # per-epoch metrics
@@ -73,7 +74,10 @@ def run_training(cfg: Config, *, callbacks=None, storage_path: str | None = None
     """Train with Ray Train (Ray must be initialised by the caller) and export the final artefacts."""
     name = name or cfg.train.name
     storage = resolve_storage(storage_path or cfg.train.storage_path)
-    run_dir = Path(storage) / name
+    remote = "://" in storage
+    # With object storage (s3://…) Ray Train writes checkpoints there itself; our files are
+    # written to a local mirror first and uploaded at the end.
+    run_dir = Path(tempfile.gettempdir()) / "cpal-ray-runs" / name if remote else Path(storage) / name
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / CONFIG_FILE)
     actor_name = bank_actor_name(name) if cfg.cpal.enabled else None
@@ -93,7 +97,12 @@ def run_training(cfg: Config, *, callbacks=None, storage_path: str | None = None
     history = [dict(m) for m in (result.metrics_dataframe.to_dict("records") if result.metrics_dataframe is not None else [])]
     with result.checkpoint.as_directory() as folder:
         final = export_final(Path(folder), run_dir / "final", history)
-        ckpt_dir = Path(result.checkpoint.path) if "://" not in str(result.checkpoint.path) else Path(folder)
+        ckpt_dir = Path(result.checkpoint.path) if not remote else Path(folder)
+    if remote:
+        import pyarrow.fs
+
+        pyarrow.fs.copy_files(str(run_dir), f"{storage.rstrip('/')}/{name}")
+        log.info("uploaded %s to %s/%s", run_dir, storage, name)
     return TrainingResult(run_dir=run_dir, final_dir=final, metrics=dict(result.metrics or {}), history=history,
                           checkpoint_dir=ckpt_dir)
 

@@ -1,0 +1,303 @@
+"""Ray Data pipelines: CAM files and CRF pseudo-labels over a whole dataset, streaming.
+
+    ids ─► CamPredictor  (actor pool; the model is loaded once per actor, on a GPU when the
+    │                     cluster has one)                      ─► <cams>/<id>.npz, pacam/<id>.npz
+    └──► PseudoLabeler   (actor pool, ``pseudo.cpus_per_task`` CPUs per actor, one CRF at a
+                          time)                                  ─► <out>/<id>.png
+    rows ─► driver: ``ManifestWriter`` parquet parts in <out>/manifest/ ─► <out>/manifest.parquet
+
+The per-image work (``cam_job``, ``pseudo_label_job``) lives in ``cpal_ray.inference.jobs`` and
+is plain Python; the stages here only map it. The driver builds the dataset once to list the
+ids, then sees nothing but small rows (id, path, classes, size, seconds, status, error): peak
+memory does not grow with the dataset. Pseudo-labels read saved CAMs (``cam_dir``) or, given a
+checkpoint, chain both stages and keep the CAMs in ``<out>/cams``.
+
+Resuming: every stage first validates the file it would write and skips it when valid, so a
+killed run started again redoes only what is missing or broken; outputs are deterministic
+and written atomically, so the final files equal those of an uninterrupted run. A bad image or
+CAM file gives a ``failed`` row naming the id; the rest of the run goes on (``RunSummary``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import ray
+from ray.data import ActorPoolStrategy
+
+from cpal_ray.config import Config
+from cpal_ray.data import build_dataset
+from cpal_ray.inference.jobs import (CAM_SCHEMA, LABEL_SCHEMA, ManifestWriter, cam_job, check_run_spec,
+                                     consolidate_manifest, failed_row, pseudo_label_job, rows_to_table)
+
+log = logging.getLogger(__name__)
+
+SOURCES = {"cam": ("cam",), "pacam": ("pacam",), "both": ("cam", "pacam")}
+MANIFEST_DIR, MANIFEST_FILE = "manifest", "manifest.parquet"
+
+
+@dataclass
+class RunSummary:
+    """What a pipeline run did. counts: {"done", "skipped", "failed"}; failures: (id, error), first 100."""
+    out_dir: Path
+    manifest: Path
+    total: int
+    counts: dict
+    failures: list
+    seconds: float
+
+    @property
+    def ok(self) -> bool:
+        return self.counts.get("failed", 0) == 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"out_dir": str(self.out_dir), "manifest": str(self.manifest), "total": self.total,
+                **self.counts, "seconds": round(self.seconds, 2), "failures": [list(f) for f in self.failures]}
+
+
+def _column(batch, name: str) -> list | None:
+    """Column ``name`` of a batch (pyarrow Table or dict of numpy arrays) as a list, or None."""
+    if isinstance(batch, pa.Table):
+        return batch.column(name).to_pylist() if name in batch.column_names else None
+    return [x.item() if hasattr(x, "item") else x for x in batch[name]] if name in batch else None
+
+
+class _Stage:
+    """Shared by the stages: the eval dataset built once per actor, id -> index, the crash knob."""
+
+    def __init__(self, cfg: Config, split: str, crash_after: int):
+        self.dataset = build_dataset(cfg.data, split, train=False)
+        self.index = {sid: i for i, sid in enumerate(self.dataset.ids)}
+        self.crash_after = int(crash_after)
+        self.calls = 0
+
+    def _tick(self) -> None:
+        if 0 <= self.crash_after <= self.calls:
+            raise RuntimeError(f"crash_after={self.crash_after} reached (test knob: a simulated crash)")
+        self.calls += 1
+
+
+class CamPredictor(_Stage):
+    """Ray Data stage: multi-scale (+flip) CAM files for a batch of ids.
+
+    Args:
+        checkpoint_dir: checkpoint or ``final/`` folder, loaded once per actor (``load_trained``).
+        cfg: the run's Config: ``data`` picks the images, ``inference`` the scales, flip and
+            dtype; ``model`` must match the checkpoint.
+        out_dir: CAM folder: ``<out>/<id>.npz`` (CAM) and ``<out>/pacam/<id>.npz`` (PACAM).
+        split: dataset split ("val", "train" or a list name).
+        source: "cam", "pacam" or "both" (PACAM needs the checkpoint's context prototypes).
+        skip_existing: keep files that already validate (resume).
+        label_dir: also skip ids whose pseudo-label PNG there is already valid.
+        crash_after: test knob: raise after this many images in one actor (-1 = never).
+
+    ``__call__({"id": (B,) str})`` -> pyarrow Table of ``CAM_SCHEMA`` rows (no arrays).
+    """
+
+    def __init__(self, checkpoint_dir: str, cfg: Config, out_dir: str, split: str = "val", source: str = "cam",
+                 skip_existing: bool = True, label_dir: str | None = None, crash_after: int = -1):
+        import torch
+
+        from cpal_ray.engine.checkpoint import load_trained
+
+        super().__init__(cfg, split, crash_after)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model, self.cfg, context = load_trained(checkpoint_dir, cfg=cfg)
+        self.model.to(self.device)
+        self.sources = SOURCES[source]
+        if "pacam" in self.sources and context is None:
+            raise ValueError(f"{checkpoint_dir}: no context prototypes in this checkpoint; PACAM needs them")
+        self.context = context.to(self.device) if "pacam" in self.sources else None
+        self.out_dir, self.skip_existing, self.label_dir = out_dir, skip_existing, label_dir
+
+    def __call__(self, batch) -> pa.Table:
+        rows, inf = [], self.cfg.inference
+        for sid in map(str, _column(batch, "id")):
+            self._tick()
+            if sid not in self.index:
+                rows.append(failed_row(CAM_SCHEMA, sid, "not in the dataset read by this worker"))
+                continue
+            rows.append(cam_job(self.model, self.dataset, self.index[sid], self.out_dir, sources=self.sources,
+                                scales=inf.scales, flip=inf.flip, save_dtype=inf.save_dtype, context=self.context,
+                                cpal_cfg=self.cfg.cpal, skip_existing=self.skip_existing, label_dir=self.label_dir))
+        return rows_to_table(rows, CAM_SCHEMA)
+
+
+class PseudoLabeler(_Stage):
+    """Ray Data stage: CRF pseudo-label PNGs (``pseudo.mode`` irn / crf_argmax) for a batch of ids.
+
+    Args:
+        cfg: the run's Config (``data`` and ``pseudo``).
+        out_dir: ``<out>/<id>.png`` (VOC palette, atomic).
+        cam_dir: where ``<id>.npz`` CAM files are read.
+        split, skip_existing, crash_after: as for ``CamPredictor``.
+
+    ``__call__(batch)``: "id" column, plus "status"/"error" when chained after ``CamPredictor``
+    (a failed CAM row stays failed). Returns a pyarrow Table of ``LABEL_SCHEMA`` rows.
+    """
+
+    def __init__(self, cfg: Config, out_dir: str, cam_dir: str, split: str = "train", skip_existing: bool = True,
+                 crash_after: int = -1):
+        super().__init__(cfg, split, crash_after)
+        self.cfg, self.out_dir, self.cam_dir, self.skip_existing = cfg, out_dir, cam_dir, skip_existing
+
+    def __call__(self, batch) -> pa.Table:
+        ids = list(map(str, _column(batch, "id")))
+        status = _column(batch, "status") or [""] * len(ids)
+        errors = _column(batch, "error") or [""] * len(ids)
+        rows = []
+        for sid, st, err in zip(ids, status, errors):
+            self._tick()
+            if st == "failed":
+                rows.append(failed_row(LABEL_SCHEMA, sid, f"CAM stage: {err.removeprefix(f'id {sid}: ')}"))
+            elif sid not in self.index:
+                rows.append(failed_row(LABEL_SCHEMA, sid, "not in the dataset read by this worker"))
+            else:
+                rows.append(pseudo_label_job(self.dataset, self.index[sid], self.cam_dir, self.out_dir,
+                                             self.cfg.pseudo, self.skip_existing))
+        return rows_to_table(rows, LABEL_SCHEMA)
+
+
+# ------------------------------------------------------------------------------------ driver
+
+
+def list_ids(cfg: Config, split: str, limit: int = 0) -> tuple[Config, list[str], list[tuple[str, str]]]:
+    """The ids to process and the ids the reader rejected (missing image, bad label), with reasons.
+
+    Returns the config with ``data.on_bad_sample="skip"`` (workers must not fail on those ids
+    either), the first ``limit`` ids (0 = all) and the rejected (id, reason) pairs.
+    """
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, on_bad_sample="skip"))
+    dataset = build_dataset(cfg.data, split, train=False)
+    ids = list(dataset.ids)[:limit] if limit else list(dataset.ids)
+    return cfg, ids, list(dataset.skipped)
+
+
+def _id_dataset(ids: list[str], rows_per_block: int):
+    n_blocks = max(1, min(len(ids), math.ceil(len(ids) / max(1, rows_per_block))))
+    return ray.data.from_items([{"id": sid} for sid in ids], override_num_blocks=n_blocks)
+
+
+def _add_cam_stage(ds, cfg: Config, checkpoint: str, out_dir: Path, split: str, source: str, skip_existing: bool,
+                   label_dir: Path | None, use_gpu: bool | None, cam_actors: int | None, cam_cpus: float,
+                   crash_after: int):
+    gpus = ray.cluster_resources().get("GPU", 0)
+    use_gpu = gpus >= 1 if use_gpu is None else use_gpu
+    resources = {"num_gpus": 1, "num_cpus": cam_cpus} if use_gpu else {"num_cpus": cam_cpus}
+    size = cam_actors or (max(1, int(gpus)) if use_gpu else 1)
+    kwargs = dict(checkpoint_dir=str(checkpoint), cfg=cfg, out_dir=str(out_dir), split=split, source=source,
+                  skip_existing=skip_existing, label_dir=str(label_dir) if label_dir else None,
+                  crash_after=crash_after)
+    return ds.map_batches(CamPredictor, fn_constructor_kwargs=kwargs, compute=ActorPoolStrategy(size=size),
+                          batch_size=1, batch_format="pyarrow", **resources)
+
+
+def _drain(ds, writer: ManifestWriter, total: int, name: str, progress_every: float = 10.0) -> None:
+    """Pull the row blocks to the driver, one at a time, into the manifest; log counts."""
+    last = time.monotonic()
+    try:
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            writer.add(batch)
+            if time.monotonic() - last >= progress_every:
+                log.info("%s: %d/%d %s", name, writer.seen, total, writer.counts)
+                last = time.monotonic()
+    finally:
+        writer.flush()
+
+
+def _finish(writer: ManifestWriter, out_dir: Path, schema: pa.Schema, total: int, t0: float, name: str) -> RunSummary:
+    manifest = out_dir / MANIFEST_FILE
+    consolidate_manifest(out_dir / MANIFEST_DIR, manifest, schema)
+    summary = RunSummary(out_dir, manifest, total, dict(writer.counts), list(writer.failures), time.monotonic() - t0)
+    log.info("%s: %d ids: %s in %.1fs; manifest %s", name, total, summary.counts, summary.seconds, manifest)
+    for sid, err in summary.failures[:20]:
+        log.warning("%s failed: %s", name, err)
+    return summary
+
+
+def _spec(cfg: Config, split: str, **extra) -> dict:
+    d = cfg.data
+    return {"dataset": d.dataset, "root": d.root, "split": split, "synthetic": [d.synthetic_classes, d.synthetic_size,
+            d.seed] if d.dataset == "synthetic" else None, **extra}
+
+
+def _cam_spec(cfg: Config, checkpoint) -> dict:
+    inf = cfg.inference
+    return {"checkpoint": str(Path(checkpoint).resolve()), "scales": list(inf.scales), "flip": inf.flip,
+            "save_dtype": inf.save_dtype}
+
+
+def run_make_cams(cfg: Config, checkpoint: str | Path, out_dir: str | Path, *, split: str = "val",
+                  source: str = "cam", skip_existing: bool = True, overwrite: bool = False, limit: int = 0,
+                  use_gpu: bool | None = None, cam_actors: int | None = None, cam_cpus: float = 1.0,
+                  rows_per_block: int = 8, crash_after: int = -1) -> RunSummary:
+    """CAM files for every image of ``split``: ``<out>/<id>.npz`` and/or ``<out>/pacam/<id>.npz``.
+
+    cfg: inference settings and data (``model`` must match the checkpoint); source: "cam",
+    "pacam", "both"; overwrite: recompute everything, even files made with other settings;
+    limit: only the first ``limit`` ids (0 = all); use_gpu: None = when the cluster has GPUs.
+    """
+    t0, out_dir = time.monotonic(), Path(out_dir)
+    if source not in SOURCES:
+        raise ValueError(f"source must be one of {tuple(SOURCES)}, got {source!r}")
+    if source != "cam":
+        from cpal_ray.engine.checkpoint import context_from_state, load_checkpoint
+        if context_from_state(load_checkpoint(checkpoint)) is None:
+            raise ValueError(f"{checkpoint}: no context prototypes in this checkpoint; source={source!r} needs them")
+    check_run_spec(out_dir, _spec(cfg, split, **_cam_spec(cfg, checkpoint)), overwrite)
+    cfg, ids, rejected = list_ids(cfg, split, limit)
+    writer = ManifestWriter(out_dir / MANIFEST_DIR, CAM_SCHEMA)
+    writer.add(rows_to_table([failed_row(CAM_SCHEMA, sid, reason) for sid, reason in rejected], CAM_SCHEMA))
+    if ids:
+        ds = _add_cam_stage(_id_dataset(ids, rows_per_block), cfg, checkpoint, out_dir, split, source,
+                            skip_existing and not overwrite, None, use_gpu, cam_actors, cam_cpus, crash_after)
+        _drain(ds, writer, len(ids) + len(rejected), "make_cams")
+    return _finish(writer, out_dir, CAM_SCHEMA, len(ids) + len(rejected), t0, "make_cams")
+
+
+def run_pseudo_labels(cfg: Config, out_dir: str | Path, *, cam_dir: str | Path | None = None,
+                      checkpoint: str | Path | None = None, split: str = "train", skip_existing: bool = True,
+                      overwrite: bool = False, limit: int = 0, use_gpu: bool | None = None,
+                      cam_actors: int | None = None, cam_cpus: float = 1.0, crf_actors: int | None = None,
+                      rows_per_block: int = 8, crash_after: int = -1) -> RunSummary:
+    """Pseudo-label PNGs ``<out>/<id>.png`` for every image of ``split`` + ``<out>/manifest.parquet``.
+
+    CAMs come from ``cam_dir`` (files of ``run_make_cams``) or, without it, are computed from
+    ``checkpoint`` (``cfg.inference.cam_source``) into ``<out>/cams``. cfg.pseudo: mode, preset,
+    CRF parameters and ``cpus_per_task`` (CPUs per CRF actor). crf_actors: the most CRF actors
+    (default cluster CPUs / cpus_per_task). A folder made with other settings is refused
+    unless ``overwrite`` (which also redoes every file). Other arguments as ``run_make_cams``.
+    """
+    t0, out_dir = time.monotonic(), Path(out_dir)
+    if cam_dir is None and checkpoint is None:
+        raise ValueError("pseudo-labels need saved CAMs (cam_dir) or a checkpoint to compute them")
+    skip_existing = skip_existing and not overwrite
+    on_the_fly = cam_dir is None
+    cams_spec = _cam_spec(cfg, checkpoint) | {"cam_source": cfg.inference.cam_source} if on_the_fly else \
+        {"cam_dir": str(Path(cam_dir).resolve())}
+    check_run_spec(out_dir, _spec(cfg, split, pseudo=dataclasses.asdict(cfg.pseudo), **cams_spec), overwrite)
+    cfg, ids, rejected = list_ids(cfg, split, limit)
+    writer = ManifestWriter(out_dir / MANIFEST_DIR, LABEL_SCHEMA)
+    writer.add(rows_to_table([failed_row(LABEL_SCHEMA, sid, reason) for sid, reason in rejected], LABEL_SCHEMA))
+    if ids:
+        ds = _id_dataset(ids, rows_per_block)
+        if on_the_fly:
+            source = cfg.inference.cam_source
+            cam_root = out_dir / "cams"
+            cam_dir = cam_root / "pacam" if source == "pacam" else cam_root
+            ds = _add_cam_stage(ds, cfg, checkpoint, cam_root, split, source, skip_existing, out_dir, use_gpu,
+                                cam_actors, cam_cpus, -1)
+        per_task = cfg.pseudo.cpus_per_task
+        max_size = crf_actors or max(1, int(ray.cluster_resources().get("CPU", 1) // per_task))
+        kwargs = dict(cfg=cfg, out_dir=str(out_dir), cam_dir=str(cam_dir), split=split, skip_existing=skip_existing,
+                      crash_after=crash_after)
+        ds = ds.map_batches(PseudoLabeler, fn_constructor_kwargs=kwargs, batch_size=1, batch_format="pyarrow",
+                            compute=ActorPoolStrategy(min_size=1, max_size=max_size), num_cpus=per_task)
+        _drain(ds, writer, len(ids) + len(rejected), "pseudo_labels")
+    return _finish(writer, out_dir, LABEL_SCHEMA, len(ids) + len(rejected), t0, "pseudo_labels")

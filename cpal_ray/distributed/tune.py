@@ -1,0 +1,278 @@
+"""Ray Tune sweeps: each trial trains with Ray Train (its own bank actor) and reports seed mIoU.
+
+One trial = ``run_training`` (a ``TorchTrainer`` with ``dist.num_workers`` workers, the bank actor
+``cpal-bank-trial-<trial id>`` created and removed by ``run_training``) + a seed-mIoU evaluation
+of the exported weights on the val split, run as a Ray task with one worker's resources (a GPU
+when ``dist.use_gpu``). Training progress reaches Tune through ``TuneReportCallback``; the last
+report of a trial is the evaluation (``seed_miou``, ``best_threshold``, ``wall_seconds``, ``iou``).
+
+Experiment folder ``<storage>/<name>/``:
+  sweep.json            the sweep as plain data (base config, space, rows, seeds, resources):
+                        ``restore_sweep`` rebuilds the trainable from it
+  <Tune's trial dirs>   Tune's own files (params.json, result.json, experiment state)
+  trials/trial-<id>/    the trial's Ray Train run (checkpoints, final/), ``runs.log`` (one line per
+                        start of the trial) and ``seeds.json`` (the evaluation)
+  results.csv / results.md / best_config.yaml / heatmap_k_tau.png / bars.png  (``sweep_report``)
+
+Resources: the trial function asks ``{"cpu": 0.01}`` (plus the bank actor's share, which runs in
+the trial's placement group); its workers ask ``dist.cpus_per_worker`` each, outside it. Tune
+cannot see the workers' needs, so ``max_concurrent_trials`` defaults to what the cluster holds
+(CPUs // CPUs per trial, GPUs // GPUs per trial) and nothing waits forever on a small machine.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.tune as tune
+from ray.tune.integration.ray_train import TuneReportCallback
+
+from cpal_ray.config import Config, from_dict
+from cpal_ray.distributed.sweep_report import trial_records, write_results
+from cpal_ray.distributed.trainer import resolve_storage, run_training
+from tune_spaces import ROW_KEY, point_overrides, required_overrides, smoke_space, space_spec
+
+log = logging.getLogger(__name__)
+DRIVER_CPU = 0.01          # the trial function itself (0 is rejected by Tune)
+SPEC_FILE = "sweep.json"
+SEARCHES = ("grid", "random", "optuna")
+
+
+class SweepProgressCallback(TuneReportCallback):
+    """``TuneReportCallback`` whose training reports carry ``seed_miou = NaN``.
+
+    With ``TuneConfig(metric="seed_miou")`` Tune rejects a result without the metric; the NaN
+    marks a training-progress report (``phase="train"``), and best-trial selection skips NaN.
+    """
+
+    def after_report(self, run_context, metrics, checkpoint):
+        metrics = [{**metrics[0], "seed_miou": float("nan"), "phase": "train"}, *metrics[1:]]
+        super().after_report(run_context, metrics, checkpoint)
+
+
+# ----------------------------------------------------------------------------- the sweep's spec
+
+
+def _absolute(path: str) -> str:
+    p = Path(path).expanduser()
+    return str(p.resolve()) if path and "://" not in path and not path.startswith("bundled:") and p.exists() else path
+
+
+def _absolute_paths(cfg: Config) -> Config:
+    """Trials run in their own working directory: make existing relative paths absolute."""
+    fields = {"data.root": cfg.data.root, "data.cls_labels": cfg.data.cls_labels, "model.weights": cfg.model.weights,
+              "data.train_split": cfg.data.train_split, "data.val_split": cfg.data.val_split}
+    changed = {k: _absolute(v) for k, v in fields.items() if v and _absolute(v) != v}
+    return cfg.replace(**changed) if changed else cfg
+
+
+def _dotted(cfg: Config) -> dict[str, Any]:
+    return {f"{section}.{key}": value for section, values in cfg.to_dict().items() for key, value in values.items()}
+
+
+def build_spec(base_cfg: Config, space_module, experiment_dir: Path, *, seeds: int = 1, search: str = "grid",
+               num_samples: int = 1, gpus_per_trial: int = 0, eval_max_images: int = 0, smoke_test: bool = False,
+               max_concurrent: int | None = None) -> dict:
+    """The sweep as plain data: base config (space minimums and GPU settings applied), space, rows."""
+    if search not in SEARCHES:
+        raise ValueError(f"search must be one of {SEARCHES}, got {search!r}")
+    if seeds < 1 or num_samples < 1:
+        raise ValueError("seeds and num_samples must be >= 1")
+    if search == "optuna" and seeds > 1:
+        raise ValueError("--seeds > 1 repeats grid or random points; Optuna proposes each point once")
+    spec = space_spec(space_module)
+    cfg = _absolute_paths(base_cfg)
+    raised = required_overrides(_dotted(cfg), spec["requires"])
+    if raised:
+        log.warning("space %s raises the base config to %s so every point is valid", spec["module"], raised)
+        cfg = cfg.replace(**raised)
+    if gpus_per_trial > 0:
+        cfg = cfg.replace(**{"dist.use_gpu": True, "dist.num_workers": int(gpus_per_trial)})
+    if smoke_test:
+        spec["space"] = smoke_space(spec["space"])
+        cfg = cfg.replace(**{"train.epochs": 1, "train.max_steps_per_epoch": 2, "inference.scales": [1.0]})
+        eval_max_images = eval_max_images or 8
+    base_seed = cfg.train.seed
+    spec.update(base=cfg.to_dict(), raised=raised, seeds=[base_seed + i for i in range(seeds)], search=search,
+                num_samples=num_samples, eval_max_images=eval_max_images, experiment_dir=str(experiment_dir),
+                max_concurrent=max_concurrent or default_concurrency(cfg))
+    return spec
+
+
+def trial_resources(cfg: Config) -> dict[str, float]:
+    """What the trial function holds: its own sliver of CPU plus the bank actor it owns."""
+    res = {"cpu": DRIVER_CPU + cfg.dist.bank_cpus}
+    if cfg.dist.bank_gpus > 0:
+        res["gpu"] = cfg.dist.bank_gpus
+    return res
+
+
+def default_concurrency(cfg: Config) -> int:
+    """Trials the cluster can train at once: CPUs // CPUs per trial (and GPUs // GPUs per trial)."""
+    total = ray.cluster_resources()
+    d = cfg.dist
+    n = total.get("CPU", 1.0) // (DRIVER_CPU + d.bank_cpus + d.num_workers * d.cpus_per_worker)
+    gpus = (d.num_workers if d.use_gpu else 0) + d.bank_gpus
+    if gpus > 0:
+        n = min(n, total.get("GPU", 0.0) // gpus)
+    return max(1, int(n))
+
+
+def tune_param_space(spec: dict) -> dict:
+    """Lists -> ``tune.grid_search`` (grid) or ``tune.choice`` (random / optuna); seeds as a grid."""
+    sample = tune.grid_search if spec["search"] == "grid" else tune.choice
+    space = {k: sample(list(v)) for k, v in spec["space"].items()}
+    if len(spec["seeds"]) > 1:
+        space["train.seed"] = tune.grid_search(list(spec["seeds"]))
+    return space
+
+
+def _search_alg(spec: dict):
+    if spec["search"] == "random":  # the same random point for every seed of a sample
+        from ray.tune.search.basic_variant import BasicVariantGenerator
+
+        return BasicVariantGenerator(constant_grid_search=True, random_state=spec["seeds"][0])
+    if spec["search"] == "optuna":
+        try:
+            from ray.tune.search.optuna import OptunaSearch
+        except ImportError as e:  # pragma: no cover - optuna is optional
+            raise ImportError("--search optuna needs `pip install optuna`") from e
+        return OptunaSearch()
+    return None
+
+
+# --------------------------------------------------------------------------------- the trial
+
+
+@ray.remote
+def _evaluate_remote(final_dir: str, cfg_dict: dict, max_images: int) -> dict:
+    """Seed mIoU of the exported weights on the val split (a task: GPU when the run had one)."""
+    import torch
+
+    from cpal_ray.data import build_dataset
+    from cpal_ray.engine import evaluate_seeds, load_trained
+
+    cfg = from_dict(cfg_dict)
+    device = "cuda" if cfg.dist.use_gpu and torch.cuda.is_available() else "cpu"
+    model, _, context = load_trained(final_dir, cfg=cfg)
+    dataset = build_dataset(cfg.data, "val", train=False)
+    return evaluate_seeds(model.to(device), dataset, cfg, device=device, context=context, max_images=max_images,
+                          cam_source=cfg.inference.cam_source)
+
+
+def _wait_for_progress_reports(timeout_s: float = 30.0) -> None:
+    """Let Tune take the last training report before the final one, so the evaluation is last."""
+    try:
+        from ray.train._internal.session import get_session
+
+        queue = getattr(get_session(), "_inter_actor_queue", None)
+        deadline = time.monotonic() + timeout_s
+        while queue is not None and not queue.empty() and time.monotonic() < deadline:
+            time.sleep(0.05)
+    except Exception as e:  # private API: never fail a finished trial on it
+        log.debug("could not check the progress queue: %s", e)
+
+
+def _finite(values: list) -> list:
+    return [v if isinstance(v, (int, float)) and math.isfinite(v) else None for v in values]
+
+
+def sweep_trial(config: dict, spec: dict) -> None:
+    """The Tune trainable: train one point with Ray Train, evaluate its seeds, report."""
+    start = time.time()
+    trial_id = tune.get_context().get_trial_id()
+    name = f"trial-{trial_id}"
+    trials_dir = Path(spec["experiment_dir"]) / "trials"
+    run_dir = trials_dir / name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / "runs.log", "a") as f:  # one line per start: restore must not re-run finished trials
+        f.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} start\n")
+    point = {k: config[k] for k in spec["space"]}
+    seed = int(config.get("train.seed", spec["seeds"][0]))
+    cfg = from_dict(spec["base"]).replace(**point_overrides(point, spec["rows"]), **{
+        "train.seed": seed, "train.name": name, "train.storage_path": str(trials_dir)})
+    result = run_training(cfg, callbacks=[SweepProgressCallback()], storage_path=str(trials_dir), name=name)
+    train_seconds = time.time() - start
+    opts = {"num_cpus": cfg.dist.cpus_per_worker, "scheduling_strategy": "DEFAULT"}  # outside the trial's group
+    if cfg.dist.use_gpu:
+        opts["num_gpus"] = 1
+    seeds = ray.get(_evaluate_remote.options(**opts).remote(str(result.final_dir), cfg.to_dict(),
+                                                            spec["eval_max_images"]))
+    metrics = {"seed_miou": float(seeds["best_miou"]), "best_threshold": float(seeds["best_threshold"]),
+               "wall_seconds": time.time() - start, "train_seconds": train_seconds, "iou": _finite(seeds["iou"]),
+               "cam_source": seeds["cam_source"], "eval_images": seeds["images"], "phase": "final",
+               "point": point.get(ROW_KEY) or json.dumps(point)}
+    (run_dir / "seeds.json").write_text(json.dumps({**metrics, "curve": _finite(seeds["miou"])}, indent=2))
+    _wait_for_progress_reports()
+    tune.report(metrics)
+
+
+def make_trainable(spec: dict):
+    cfg = from_dict(spec["base"])
+    return tune.with_resources(tune.with_parameters(sweep_trial, spec=spec), trial_resources(cfg))
+
+
+# ------------------------------------------------------------------------------ run / restore
+
+
+@dataclass
+class SweepOutcome:
+    experiment_dir: Path
+    result_grid: Any            # ray.tune.ResultGrid
+    files: dict                 # what write_results wrote
+    summary: dict               # trials / ok / errors / unfinished counts
+
+
+def run_sweep(base_cfg: Config, space_module, experiment_dir: str | Path, *, seeds: int = 1, search: str = "grid",
+              num_samples: int = 1, gpus_per_trial: int = 0, max_concurrent: int | None = None,
+              eval_max_images: int = 0, smoke_test: bool = False) -> SweepOutcome:
+    """Run a sweep of ``space_module`` around ``base_cfg`` into ``experiment_dir`` (Ray initialised)."""
+    experiment_dir = Path(resolve_storage(str(experiment_dir)))
+    if tune.Tuner.can_restore(str(experiment_dir)):
+        raise FileExistsError(f"{experiment_dir} already holds a sweep: restore it (--restore) or pick another name")
+    spec = build_spec(base_cfg, space_module, experiment_dir, seeds=seeds, search=search, num_samples=num_samples,
+                      gpus_per_trial=gpus_per_trial, eval_max_images=eval_max_images, smoke_test=smoke_test,
+                      max_concurrent=max_concurrent)
+    experiment_dir.mkdir(parents=True, exist_ok=True)
+    (experiment_dir / SPEC_FILE).write_text(json.dumps(spec, indent=2))
+    tuner = tune.Tuner(
+        make_trainable(spec),
+        param_space=tune_param_space(spec),
+        tune_config=tune.TuneConfig(metric="seed_miou", mode="max", search_alg=_search_alg(spec),
+                                    num_samples=num_samples if search != "grid" else 1,
+                                    max_concurrent_trials=spec["max_concurrent"]),
+        run_config=tune.RunConfig(name=experiment_dir.name, storage_path=str(experiment_dir.parent),
+                                  failure_config=tune.FailureConfig(max_failures=0, fail_fast=False)),
+    )
+    return _finish(tuner.fit(), experiment_dir, spec)
+
+
+def restore_sweep(path: str | Path, *, retry_errored: bool = False) -> SweepOutcome:
+    """Continue an interrupted sweep: finished trials are kept as they are, unfinished ones run
+    (a trial's Ray Train run resumes from its last checkpoint), errored ones stay errored unless
+    ``retry_errored`` (then they start again from scratch)."""
+    experiment_dir = Path(resolve_storage(str(path)))
+    spec_file = experiment_dir / SPEC_FILE
+    if not spec_file.is_file() or not tune.Tuner.can_restore(str(experiment_dir)):
+        raise FileNotFoundError(f"{experiment_dir}: not a sweep folder (no {SPEC_FILE} or no Tune state)")
+    spec = json.loads(spec_file.read_text())
+    tuner = tune.Tuner.restore(str(experiment_dir), trainable=make_trainable(spec), resume_unfinished=True,
+                               resume_errored=False, restart_errored=retry_errored)
+    return _finish(tuner.fit(), experiment_dir, spec)
+
+
+def _finish(grid, experiment_dir: Path, spec: dict) -> SweepOutcome:
+    files = write_results(grid, experiment_dir, spec)
+    records = trial_records(grid, spec)
+    summary = {s: sum(r["status"] == s for r in records) for s in ("ok", "error", "unfinished")}
+    summary["trials"] = len(records)
+    for r in records:
+        if r["status"] == "error":
+            log.error("trial %s (%s, seed %s) failed: %s", r["trial_id"], r["label"], r["seed"], r["error"])
+    return SweepOutcome(experiment_dir=experiment_dir, result_grid=grid, files=files, summary=summary)

@@ -1,0 +1,106 @@
+"""Scoring saved outputs against the ground truth (no Ray): one dataset-level confusion matrix.
+
+- ``evaluate_cam_dir``: seed mIoU of a folder of CAM files (``<dir>/<id>.npz``) with the
+  background-threshold sweep of ``InferenceConfig`` (or its fixed threshold).
+- ``evaluate_labels``: mIoU of a folder of label PNGs (``<dir>/<id>.png``). Pixels whose ground
+  truth is 255 are skipped, and so are pixels the pseudo-label marks 255 (IRN's "ignore"):
+  the score is the accuracy on the confident region, reported with the ignored fraction.
+
+An image whose file is missing or bad is left out and listed under ``errors`` (id first); the
+others are still scored. ``write_json`` saves either result as strict JSON (NaN -> null).
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cpal_ray.inference.io import atomic_write_bytes, load_cams_npz, load_label_png
+from cpal_ray.inference.jobs import cam_path, positive_classes
+from cpal_ray.inference.metrics import ConfusionMatrix, ThresholdSweep, _json_safe, thresholds_from_config
+from cpal_ray.inference.pseudo import IGNORE
+
+# Errors kept in a result (the count is always complete).
+MAX_LISTED_ERRORS = 100
+
+
+def _names(dataset) -> list[str]:
+    return ["background", *dataset.class_names]
+
+
+def _record(errors: list, n_errors: int, sid: str, e: BaseException) -> int:
+    if len(errors) < MAX_LISTED_ERRORS:
+        errors.append(f"id {sid}: {type(e).__name__}: {e}")
+    return n_errors + 1
+
+
+def evaluate_cam_dir(cam_dir: str | os.PathLike, dataset, cfg, max_images: int = 0) -> dict[str, Any]:
+    """Seed mIoU of the CAM files in ``cam_dir`` over ``dataset`` (eval items, masks needed).
+
+    cfg: a ``Config`` or an ``InferenceConfig`` (thresholds). Every file must hold the image's
+    positive classes at the image's size. Returns ``ThresholdSweep.results()`` plus ``images``
+    (scored), ``n_errors``, ``errors`` (first 100, each naming the id), ``class_names``, ``cam_dir``.
+    """
+    inference = getattr(cfg, "inference", cfg)
+    sweep = ThresholdSweep(dataset.num_classes + 1, thresholds_from_config(inference))
+    errors: list[str] = []
+    n_errors = scored = 0
+    n = len(dataset) if not max_images else min(max_images, len(dataset))
+    for i in range(n):
+        sid = dataset.ids[i]
+        try:
+            _, mask, label = dataset.read(i)
+            classes, cams = load_cams_npz(cam_path(cam_dir, sid), expected_classes=positive_classes(label))
+            sweep.update(cams, classes, mask)
+            scored += 1
+        except (OSError, ValueError) as e:  # DataError and CamFileError are ValueErrors
+            n_errors = _record(errors, n_errors, sid, e)
+    out = sweep.results()
+    out.update(images=scored, n_errors=n_errors, errors=errors, class_names=_names(dataset), cam_dir=str(cam_dir))
+    return out
+
+
+def evaluate_labels(label_dir: str | os.PathLike, dataset, num_classes: int | None = None) -> dict[str, Any]:
+    """mIoU of the label PNGs in ``label_dir`` against the masks of ``dataset``.
+
+    num_classes: classes including background (default ``dataset.num_classes + 1``).
+    Returns ``miou``, ``iou`` (list, NaN = absent), ``present``, ``pixel_acc``, ``pixels``
+    (counted), ``images`` (scored), ``frac_ignored`` (pixels labelled 255 / all pixels of the
+    scored labels), ``frac_ignored_on_gt`` (the same over pixels with a valid gt), ``n_errors``,
+    ``errors``, ``class_names``, ``label_dir``.
+    """
+    cm = ConfusionMatrix(num_classes or dataset.num_classes + 1, ignore_index=IGNORE)
+    errors: list[str] = []
+    n_errors = scored = 0
+    ignored = total = ignored_gt = total_gt = 0
+    for i, sid in enumerate(dataset.ids):
+        try:
+            mask = np.asarray(dataset.read(i)[1])
+            pred = load_label_png(Path(label_dir) / f"{sid}.png", expected_shape=mask.shape)
+            cm.update(pred, mask, ignore_pred=True)
+        except (OSError, ValueError) as e:
+            n_errors = _record(errors, n_errors, sid, e)
+            continue
+        scored += 1
+        ignored += int((pred == IGNORE).sum())
+        total += pred.size
+        valid = mask != IGNORE
+        ignored_gt += int((pred[valid] == IGNORE).sum())
+        total_gt += int(valid.sum())
+    res = cm.compute()
+    return {
+        "miou": res["miou"], "iou": res["iou"].tolist(), "present": res["present"].tolist(),
+        "pixel_acc": res["pixel_acc"], "pixels": res["pixels"], "images": scored,
+        "frac_ignored": ignored / total if total else float("nan"),
+        "frac_ignored_on_gt": ignored_gt / total_gt if total_gt else float("nan"),
+        "n_errors": n_errors, "errors": errors, "class_names": _names(dataset)[:cm.num_classes],
+        "label_dir": str(label_dir),
+    }
+
+
+def write_json(result: dict[str, Any], path: str | os.PathLike) -> Path:
+    """Save a result dict as indented strict JSON (NaN -> null), atomically."""
+    return atomic_write_bytes(path, json.dumps(_json_safe(result), indent=2, default=str).encode())

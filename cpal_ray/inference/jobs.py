@@ -1,0 +1,291 @@
+"""Per-image jobs of the batch runs (CAM files, pseudo-label PNGs) and their manifests. No Ray.
+
+Each job takes one dataset index, writes one output file atomically and returns one *manifest
+row*: a small dict, never an array. A job never raises for a bad input: a missing or corrupt
+image, a corrupt CAM file or CAMs of the wrong classes give a row with ``status="failed"`` and
+an ``error`` that starts with the id. The Ray Data stages in ``cpal_ray.distributed.pipelines``
+map these jobs over a dataset; tests and small runs can call them directly.
+
+Resuming: with ``skip_existing`` a job first validates the output it would write. A valid one
+(decodes, right size, only allowed values, complete file) gives ``status="skipped"``; anything
+else is redone. Outputs are deterministic, so a resumed run ends with the same bytes.
+
+Rows (``CAM_SCHEMA`` / ``LABEL_SCHEMA``) are written by the driver with ``ManifestWriter`` as
+parquet parts ``<out>/manifest/part-<run>-<seq>.parquet``; ``consolidate_manifest`` keeps the
+latest row per id (runs are ordered by their start time) in ``<out>/manifest.parquet``.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from PIL import Image
+
+from cpal_ray.inference.io import LabelFileError, atomic_write_bytes, load_cams_npz, load_label_png, save_cams_npz, \
+    save_label_png
+from cpal_ray.inference.pseudo import IGNORE, pseudo_label_from_config
+
+log = logging.getLogger(__name__)
+
+_COMMON = [("id", pa.string()), ("status", pa.string()), ("path", pa.string()), ("classes", pa.list_(pa.int64())),
+           ("height", pa.int64()), ("width", pa.int64()), ("seconds", pa.float64()), ("error", pa.string())]
+# status: "done" (written now), "skipped" (a valid file was already there), "failed" (see error).
+CAM_SCHEMA = pa.schema(_COMMON + [("pacam_path", pa.string())])
+LABEL_SCHEMA = pa.schema(_COMMON + [("frac_ignored", pa.float64()), ("sha256", pa.string())])
+PNG_END = b"IEND\xaeB`\x82"
+
+
+def cam_path(cam_dir: str | os.PathLike, sample_id: str, source: str = "cam") -> Path:
+    """``<cam_dir>/<id>.npz`` for the CAM, ``<cam_dir>/pacam/<id>.npz`` for the PACAM."""
+    return Path(cam_dir) / ("pacam" if source == "pacam" else "") / f"{sample_id}.npz"
+
+
+def positive_classes(label: Any) -> np.ndarray:
+    """Multi-hot (N,) -> (K,) int64 foreground indices in 0..N-1."""
+    return np.flatnonzero(np.asarray(label).reshape(-1) > 0).astype(np.int64)
+
+
+def image_hw(dataset, index: int) -> tuple[int, int]:
+    """(H, W) of image ``index``: read from the file header when the dataset has files, else decoded."""
+    if hasattr(dataset, "image_path"):
+        sid = dataset.ids[index]
+        path = dataset.image_path(sid)
+        from cpal_ray.data import DataError
+        try:
+            with Image.open(path) as im:
+                return im.size[1], im.size[0]
+        except (OSError, SyntaxError, ValueError) as e:
+            raise DataError(f"{path}: cannot read image header (id {sid}): {e}") from e
+    return tuple(dataset.read(index)[0].shape[:2])
+
+
+def read_rgb(dataset, index: int) -> np.ndarray:
+    """uint8 (H, W, 3) photo of item ``index`` without normalising (and without the mask for file sets)."""
+    if hasattr(dataset, "image_path"):
+        from cpal_ray.data.base import read_rgb as _read
+        sid = dataset.ids[index]
+        return _read(dataset.image_path(sid), sid)
+    return dataset.read(index)[0]
+
+
+def _row(schema: pa.Schema, sample_id: str, **values) -> dict:
+    row = {name: None for name in schema.names}
+    row.update(id=sample_id, error="", **values)
+    return row
+
+
+def failed_row(schema: pa.Schema, sample_id: str, error: BaseException | str, t0: float | None = None) -> dict:
+    """A ``status="failed"`` row whose error names the id (and the exception type)."""
+    msg = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+    secs = time.perf_counter() - t0 if t0 is not None else 0.0
+    return _row(schema, sample_id, status="failed", error=f"id {sample_id}: {msg}", seconds=secs)
+
+
+def validate_label_png(path: str | os.PathLike, hw: tuple[int, int], classes: np.ndarray) -> tuple[np.ndarray, str]:
+    """Check a finished pseudo-label: a complete PNG (signature .. IEND), decodes, shape ``hw``,
+    values in {0, classes + 1, 255}. Returns (label (H, W) uint8, sha256 of the bytes);
+    raises ``LabelFileError`` naming the path otherwise (missing, truncated, wrong size/values)."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise LabelFileError(f"{path}: cannot read ({e})") from e
+    if not (data.startswith(b"\x89PNG\r\n\x1a\n") and data.endswith(PNG_END)):
+        raise LabelFileError(f"{path}: incomplete PNG ({len(data)} bytes)")
+    label = load_label_png(path, expected_shape=tuple(hw))
+    allowed = np.concatenate([[0, IGNORE], np.asarray(classes, dtype=np.int64) + 1])
+    bad = np.setdiff1d(np.unique(label), allowed)
+    if bad.size:
+        raise LabelFileError(f"{path}: values {bad.tolist()} outside {sorted(allowed.tolist())}")
+    return label, hashlib.sha256(data).hexdigest()
+
+
+def cams_valid(paths: list[Path], classes: np.ndarray, hw: tuple[int, int]) -> bool:
+    """True when every file loads with exactly ``classes`` and CAMs of size ``hw``."""
+    try:
+        return all(load_cams_npz(p, expected_classes=classes)[1].shape[1:] == tuple(hw) for p in paths)
+    except (OSError, ValueError):
+        return False
+
+
+# ---------------------------------------------------------------------------------- the jobs
+
+
+def cam_job(model, dataset, index: int, out_dir: str | os.PathLike, *, sources=("cam",), scales=(1.0,),
+            flip: bool = True, save_dtype: str = "float16", context=None, cpal_cfg=None,
+            skip_existing: bool = True, label_dir: str | os.PathLike | None = None) -> dict:
+    """Multi-scale CAMs of item ``index`` -> ``cam_path(out_dir, id, source)`` per source; a CAM_SCHEMA row.
+
+    sources: subset of ("cam", "pacam"); "pacam" needs ``context`` (engine ``Context``, on the
+    model's device) and ``cpal_cfg``. label_dir: skip when ``<label_dir>/<id>.png`` is already
+    a valid pseudo-label (the on-the-fly pseudo-label run).
+    """
+    from cpal_ray.inference.multiscale import multiscale_cams
+
+    t0 = time.perf_counter()
+    sid = dataset.ids[index]
+    paths = [cam_path(out_dir, sid, s) for s in sources]
+    named = {s: str(p) for s, p in zip(sources, paths)}
+    try:
+        classes = positive_classes(dataset.label_of(index))
+        hw = image_hw(dataset, index)
+        done = dict(classes=classes.tolist(), height=hw[0], width=hw[1],
+                    path=named.get("cam", ""), pacam_path=named.get("pacam", ""))
+        if skip_existing and label_dir is not None:
+            try:
+                validate_label_png(Path(label_dir) / f"{sid}.png", hw, classes)
+                return _row(CAM_SCHEMA, sid, status="skipped", seconds=time.perf_counter() - t0, **done)
+            except LabelFileError:
+                pass
+        if skip_existing and cams_valid(paths, classes, hw):
+            return _row(CAM_SCHEMA, sid, status="skipped", seconds=time.perf_counter() - t0, **done)
+        item = dataset[index]
+        res = multiscale_cams(model, item["image"], item["label"], scales=tuple(scales), flip=flip,
+                              context=context.prototypes if context is not None else None,
+                              counts=context.counts if context is not None else None, cpal_cfg=cpal_cfg)
+        for source, path in zip(sources, paths):
+            save_cams_npz(path, res["classes"], res[source], dtype=save_dtype)
+        return _row(CAM_SCHEMA, sid, status="done", seconds=time.perf_counter() - t0, **done)
+    except Exception as e:  # one bad image must not stop the run: reported in the row
+        return failed_row(CAM_SCHEMA, sid, e, t0)
+
+
+def pseudo_label_job(dataset, index: int, cam_dir: str | os.PathLike, out_dir: str | os.PathLike, pseudo_cfg,
+                     skip_existing: bool = True) -> dict:
+    """IRN / crf_argmax pseudo-label of item ``index`` from ``<cam_dir>/<id>.npz`` -> ``<out_dir>/<id>.png``.
+
+    The CAM file must hold exactly the image's positive classes at the image's size. Returns a
+    LABEL_SCHEMA row: classes, size, fraction of 255 pixels, sha256 of the PNG bytes.
+    """
+    t0 = time.perf_counter()
+    sid = dataset.ids[index]
+    png = Path(out_dir) / f"{sid}.png"
+    try:
+        classes = positive_classes(dataset.label_of(index))
+        hw = image_hw(dataset, index)
+        status = "skipped"
+        label = sha = None
+        if skip_existing and png.exists():
+            try:
+                label, sha = validate_label_png(png, hw, classes)
+            except LabelFileError as e:
+                log.info("redoing %s: %s", sid, e)
+        if label is None:
+            status = "done"
+            cam_file = cam_path(cam_dir, sid)
+            cam_classes, cams = load_cams_npz(cam_file, expected_classes=classes)
+            if cams.shape[1:] != tuple(hw):
+                raise ValueError(f"{cam_file}: CAM size {cams.shape[1:]} != image size {tuple(hw)}")
+            label = pseudo_label_from_config(read_rgb(dataset, index), cams, cam_classes, pseudo_cfg)
+            save_label_png(png, label)
+            sha = hashlib.sha256(png.read_bytes()).hexdigest()
+        return _row(LABEL_SCHEMA, sid, status=status, path=str(png), classes=classes.tolist(), height=hw[0],
+                    width=hw[1], frac_ignored=float(np.mean(label == IGNORE)), sha256=sha,
+                    seconds=time.perf_counter() - t0)
+    except Exception as e:  # one bad image must not stop the run: reported in the row
+        return failed_row(LABEL_SCHEMA, sid, e, t0)
+
+
+# ---------------------------------------------------------------------------------- manifests
+
+
+def rows_to_table(rows: list[dict], schema: pa.Schema) -> pa.Table:
+    return pa.Table.from_pylist(rows, schema=schema)
+
+
+class ManifestWriter:
+    """Driver side: collects row tables, counts statuses, writes parquet parts atomically.
+
+    Args:
+        folder: ``<out>/manifest``; parts are ``part-<run>-<seq>.parquet`` (run = start time in ns,
+            so parts sort in run order). flush_rows: rows per part.
+        keep_errors: how many failures are kept in memory for the report (all are in the parts).
+    """
+
+    def __init__(self, folder: str | os.PathLike, schema: pa.Schema, flush_rows: int = 256, keep_errors: int = 100):
+        self.folder = Path(folder)
+        self.schema = schema
+        self.flush_rows = int(flush_rows)
+        self.keep_errors = keep_errors
+        self.run = f"{time.time_ns():020d}"
+        self.counts = {"done": 0, "skipped": 0, "failed": 0}
+        self.failures: list[tuple[str, str]] = []
+        self._buf: list[pa.Table] = []
+        self._n_buf = 0
+        self._seq = 0
+
+    @property
+    def seen(self) -> int:
+        return sum(self.counts.values())
+
+    def add(self, table: pa.Table) -> None:
+        table = table.select(self.schema.names).cast(self.schema)
+        for status, sid, err in zip(*(table.column(c).to_pylist() for c in ("status", "id", "error"))):
+            self.counts[status] = self.counts.get(status, 0) + 1
+            if status == "failed" and len(self.failures) < self.keep_errors:
+                self.failures.append((sid, err))
+        self._buf.append(table)
+        self._n_buf += table.num_rows
+        if self._n_buf >= self.flush_rows:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._n_buf:
+            return
+        buf = io.BytesIO()
+        pq.write_table(pa.concat_tables(self._buf), buf)
+        atomic_write_bytes(self.folder / f"part-{self.run}-{self._seq:05d}.parquet", buf.getvalue())
+        self._seq += 1
+        self._buf, self._n_buf = [], 0
+
+
+def consolidate_manifest(folder: str | os.PathLike, out_path: str | os.PathLike, schema: pa.Schema) -> pa.Table:
+    """Merge the parts of ``folder`` into ``out_path``: the latest row per id, sorted by id.
+
+    Unreadable parts (a run killed while writing one cannot leave one, but a copy might) are
+    skipped with a warning. Returns the table written.
+    """
+    tables = []
+    for i, part in enumerate(sorted(Path(folder).glob("part-*.parquet"))):
+        try:
+            t = pq.read_table(part).select(schema.names).cast(schema)
+        except Exception as e:  # noqa: BLE001 - a damaged part must not lose the others
+            log.warning("%s: skipping unreadable manifest part (%s)", part, e)
+            continue
+        tables.append(t.append_column("__order", pa.array(np.arange(t.num_rows) + i * 2**32, pa.int64())))
+    table = pa.concat_tables(tables) if tables else schema.empty_table().append_column("__order", pa.array([], pa.int64()))
+    latest = table.group_by("id").aggregate([("__order", "max")]).column("__order_max")
+    table = table.filter(pc.is_in(table.column("__order"), value_set=latest))
+    table = table.drop_columns(["__order"]).sort_by("id")
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    atomic_write_bytes(out_path, buf.getvalue())
+    return table
+
+
+def check_run_spec(out_dir: str | os.PathLike, spec: dict, overwrite: bool = False) -> None:
+    """Refuse to resume into ``out_dir`` when it holds outputs made with other settings.
+
+    ``spec`` (JSON-able) is what decides the output bytes. It is saved as ``<out>/run_spec.json``;
+    a different saved spec raises ValueError naming the keys that differ, unless ``overwrite``.
+    """
+    path = Path(out_dir) / "run_spec.json"
+    spec = json.loads(json.dumps(spec, default=str))
+    if path.is_file() and not overwrite:
+        old = json.loads(path.read_text())
+        diff = sorted(k for k in set(old) | set(spec) if old.get(k) != spec.get(k))
+        if diff:
+            raise ValueError(f"{out_dir}: holds outputs made with other settings ({', '.join(diff)}: "
+                             f"{[old.get(k) for k in diff]} -> {[spec.get(k) for k in diff]}); "
+                             "use another output folder or overwrite")
+    atomic_write_bytes(path, json.dumps(spec, indent=2, sort_keys=True).encode())
