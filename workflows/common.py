@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 
 from cpal_ray.config import Config, load_config
 
@@ -18,6 +19,17 @@ def base_parser(description: str) -> argparse.ArgumentParser:
 
 def config_from_args(args) -> Config:
     return load_config(args.config, list(args.overrides))
+
+
+def config_from_folders(args, *folders) -> Config:
+    """``--config`` when given, else the ``config.yaml`` saved in the first of ``folders`` that has
+    one (a checkpoint, a CAM folder), else the defaults; then the dotted overrides."""
+    path = args.config
+    for folder in folders if path is None else ():
+        if folder and (Path(folder) / "config.yaml").is_file():
+            path = Path(folder) / "config.yaml"
+            break
+    return load_config(path, list(args.overrides))
 
 
 def setup_logging() -> None:

@@ -31,7 +31,7 @@ import pyarrow as pa
 import ray
 from ray.data import ActorPoolStrategy
 
-from cpal_ray.config import Config
+from cpal_ray.config import Config, save_config
 from cpal_ray.data import build_dataset
 from cpal_ray.inference.jobs import (CAM_SCHEMA, LABEL_SCHEMA, ManifestWriter, cam_job, check_run_spec,
                                      consolidate_manifest, failed_row, pseudo_label_job, rows_to_table)
@@ -237,7 +237,8 @@ def run_make_cams(cfg: Config, checkpoint: str | Path, out_dir: str | Path, *, s
                   source: str = "cam", skip_existing: bool = True, overwrite: bool = False, limit: int = 0,
                   use_gpu: bool | None = None, cam_actors: int | None = None, cam_cpus: float = 1.0,
                   rows_per_block: int = 8, crash_after: int = -1) -> RunSummary:
-    """CAM files for every image of ``split``: ``<out>/<id>.npz`` and/or ``<out>/pacam/<id>.npz``.
+    """CAM files for every image of ``split``: ``<out>/<id>.npz`` and/or ``<out>/pacam/<id>.npz``,
+    ``<out>/manifest.parquet``, ``<out>/config.yaml`` (the resolved config) and ``run_spec.json``.
 
     cfg: inference settings and data (``model`` must match the checkpoint); source: "cam",
     "pacam", "both"; overwrite: recompute everything, even files made with other settings;
@@ -251,6 +252,7 @@ def run_make_cams(cfg: Config, checkpoint: str | Path, out_dir: str | Path, *, s
         if context_from_state(load_checkpoint(checkpoint)) is None:
             raise ValueError(f"{checkpoint}: no context prototypes in this checkpoint; source={source!r} needs them")
     check_run_spec(out_dir, _spec(cfg, split, **_cam_spec(cfg, checkpoint)), overwrite)
+    save_config(cfg, out_dir / "config.yaml")
     cfg, ids, rejected = list_ids(cfg, split, limit)
     writer = ManifestWriter(out_dir / MANIFEST_DIR, CAM_SCHEMA)
     writer.add(rows_to_table([failed_row(CAM_SCHEMA, sid, reason) for sid, reason in rejected], CAM_SCHEMA))
@@ -282,6 +284,7 @@ def run_pseudo_labels(cfg: Config, out_dir: str | Path, *, cam_dir: str | Path |
     cams_spec = _cam_spec(cfg, checkpoint) | {"cam_source": cfg.inference.cam_source} if on_the_fly else \
         {"cam_dir": str(Path(cam_dir).resolve())}
     check_run_spec(out_dir, _spec(cfg, split, pseudo=dataclasses.asdict(cfg.pseudo), **cams_spec), overwrite)
+    save_config(cfg, out_dir / "config.yaml")
     cfg, ids, rejected = list_ids(cfg, split, limit)
     writer = ManifestWriter(out_dir / MANIFEST_DIR, LABEL_SCHEMA)
     writer.add(rows_to_table([failed_row(LABEL_SCHEMA, sid, reason) for sid, reason in rejected], LABEL_SCHEMA))

@@ -88,8 +88,8 @@ def train_loop_per_worker(config: dict) -> None:
     dataset = build_dataset(cfg.data, "train", train=True)
     sampler = GlobalBatchSampler(len(dataset), cfg.train.batch_size, world, rank, seed=cfg.train.seed,
                                  max_steps=cfg.train.max_steps_per_epoch)
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.data.loader_workers,
-                                         persistent_workers=cfg.data.loader_workers > 0)
+    # Not persistent: loader workers must see dataset.set_epoch() (the augmentation stream).
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.data.loader_workers)
     n_steps = len(sampler)
     model = build_model(cfg.model, cfg.data.num_classes)
     optimizer = build_optimizer(model, cfg.optim)

@@ -34,25 +34,26 @@ import ray.tune as tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from cpal_ray.config import Config, from_dict
-from cpal_ray.distributed.sweep_report import trial_records, write_results
+from cpal_ray.distributed.sweep_report import SPEC_FILE, trial_records, write_results
 from cpal_ray.distributed.trainer import resolve_storage, run_training
 from tune_spaces import ROW_KEY, point_overrides, required_overrides, smoke_space, space_spec
 
 log = logging.getLogger(__name__)
 DRIVER_CPU = 0.01          # the trial function itself (0 is rejected by Tune)
-SPEC_FILE = "sweep.json"
 SEARCHES = ("grid", "random", "optuna")
 
 
 class SweepProgressCallback(TuneReportCallback):
-    """``TuneReportCallback`` whose training reports carry ``seed_miou = NaN``.
+    """``TuneReportCallback`` whose training reports carry ``seed_miou = NaN``, scalars only.
 
     With ``TuneConfig(metric="seed_miou")`` Tune rejects a result without the metric; the NaN
     marks a training-progress report (``phase="train"``), and best-trial selection skips NaN.
+    Per-rank lists (bank fill, pushes) stay in the run's own history.
     """
 
     def after_report(self, run_context, metrics, checkpoint):
-        metrics = [{**metrics[0], "seed_miou": float("nan"), "phase": "train"}, *metrics[1:]]
+        scalars = {k: v for k, v in metrics[0].items() if isinstance(v, (int, float, str))}
+        metrics = [{**scalars, "seed_miou": float("nan"), "phase": "train"}, *metrics[1:]]
         super().after_report(run_context, metrics, checkpoint)
 
 
@@ -100,8 +101,8 @@ def build_spec(base_cfg: Config, space_module, experiment_dir: Path, *, seeds: i
         eval_max_images = eval_max_images or 8
     base_seed = cfg.train.seed
     spec.update(base=cfg.to_dict(), raised=raised, seeds=[base_seed + i for i in range(seeds)], search=search,
-                num_samples=num_samples, eval_max_images=eval_max_images, experiment_dir=str(experiment_dir),
-                max_concurrent=max_concurrent or default_concurrency(cfg))
+                num_samples=num_samples if search != "grid" else 1, eval_max_images=eval_max_images,
+                experiment_dir=str(experiment_dir), max_concurrent=max_concurrent or default_concurrency(cfg))
     return spec
 
 
@@ -137,7 +138,9 @@ def _search_alg(spec: dict):
     if spec["search"] == "random":  # the same random point for every seed of a sample
         from ray.tune.search.basic_variant import BasicVariantGenerator
 
-        return BasicVariantGenerator(constant_grid_search=True, random_state=spec["seeds"][0])
+        # A SearchGenerator ignores TuneConfig.max_concurrent_trials (Tune warns): limit it here.
+        return BasicVariantGenerator(constant_grid_search=True, random_state=spec["seeds"][0],
+                                     max_concurrent=spec["max_concurrent"])
     if spec["search"] == "optuna":
         try:
             from ray.tune.search.optuna import OptunaSearch
@@ -241,12 +244,13 @@ def run_sweep(base_cfg: Config, space_module, experiment_dir: str | Path, *, see
                       max_concurrent=max_concurrent)
     experiment_dir.mkdir(parents=True, exist_ok=True)
     (experiment_dir / SPEC_FILE).write_text(json.dumps(spec, indent=2))
+    search_alg = _search_alg(spec)
     tuner = tune.Tuner(
         make_trainable(spec),
         param_space=tune_param_space(spec),
-        tune_config=tune.TuneConfig(metric="seed_miou", mode="max", search_alg=_search_alg(spec),
-                                    num_samples=num_samples if search != "grid" else 1,
-                                    max_concurrent_trials=spec["max_concurrent"]),
+        tune_config=tune.TuneConfig(metric="seed_miou", mode="max", search_alg=search_alg,
+                                    num_samples=spec["num_samples"],
+                                    max_concurrent_trials=None if search == "random" else spec["max_concurrent"]),
         run_config=tune.RunConfig(name=experiment_dir.name, storage_path=str(experiment_dir.parent),
                                   failure_config=tune.FailureConfig(max_failures=0, fail_fast=False)),
     )

@@ -63,10 +63,12 @@ def evaluate_cam_dir(cam_dir: str | os.PathLike, dataset, cfg, max_images: int =
     return out
 
 
-def evaluate_labels(label_dir: str | os.PathLike, dataset, num_classes: int | None = None) -> dict[str, Any]:
+def evaluate_labels(label_dir: str | os.PathLike, dataset, num_classes: int | None = None,
+                    max_images: int = 0) -> dict[str, Any]:
     """mIoU of the label PNGs in ``label_dir`` against the masks of ``dataset``.
 
-    num_classes: classes including background (default ``dataset.num_classes + 1``).
+    num_classes: classes including background (default ``dataset.num_classes + 1``);
+    max_images: only the first ones (0 = all).
     Returns ``miou``, ``iou`` (list, NaN = absent), ``present``, ``pixel_acc``, ``pixels``
     (counted), ``images`` (scored), ``frac_ignored`` (pixels labelled 255 / all pixels of the
     scored labels), ``frac_ignored_on_gt`` (the same over pixels with a valid gt), ``n_errors``,
@@ -76,7 +78,8 @@ def evaluate_labels(label_dir: str | os.PathLike, dataset, num_classes: int | No
     errors: list[str] = []
     n_errors = scored = 0
     ignored = total = ignored_gt = total_gt = 0
-    for i, sid in enumerate(dataset.ids):
+    for i in range(len(dataset) if not max_images else min(max_images, len(dataset))):
+        sid = dataset.ids[i]
         try:
             mask = np.asarray(dataset.read(i)[1])
             pred = load_label_png(Path(label_dir) / f"{sid}.png", expected_shape=mask.shape)
