@@ -44,6 +44,12 @@ class BankActor:
     def __init__(self, bank_kwargs: dict):
         self._kwargs = dict(bank_kwargs)
         self.bank = PrototypeBank(**self._kwargs)
+        if self._kwargs.get("prefer_gpu"):
+            from cpal_ray.cpal.kmeans import faiss_device
+
+            if faiss_device() != "gpu":
+                log.warning("bank actor was given a GPU but faiss sees none (faiss-cpu installed, or no CUDA "
+                            "in this process): k-means will run on the CPU")
         ctx = ray.get_runtime_context()
         self.restarted = bool(ctx.was_current_actor_reconstructed)
         if self.restarted:

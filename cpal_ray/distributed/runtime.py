@@ -25,7 +25,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: 
         how = f"joined Ray at {address}"
     else:
         kwargs = {k: v for k, v in (("num_cpus", num_cpus), ("num_gpus", num_gpus)) if v is not None}
-        ray.init(address="local", namespace="cpal-ray", include_dashboard=False, **kwargs)
+        ray.init(address="local", namespace="cpal-ray", **kwargs)
         how = "started a local Ray"
     log.info(how)
     return how

@@ -102,7 +102,9 @@ def build_spec(base_cfg: Config, space_module, experiment_dir: Path, *, seeds: i
     base_seed = cfg.train.seed
     spec.update(base=cfg.to_dict(), raised=raised, seeds=[base_seed + i for i in range(seeds)], search=search,
                 num_samples=num_samples if search != "grid" else 1, eval_max_images=eval_max_images,
-                experiment_dir=str(experiment_dir), max_concurrent=max_concurrent or default_concurrency(cfg))
+                experiment_dir=str(experiment_dir), max_concurrent=max_concurrent or default_concurrency(cfg),
+                resources={"trial": trial_resources(cfg), "workers": cfg.dist.num_workers,
+                           "per_worker": {"CPU": cfg.dist.cpus_per_worker, "GPU": int(cfg.dist.use_gpu)}})
     return spec
 
 
@@ -114,9 +116,10 @@ def trial_resources(cfg: Config) -> dict[str, float]:
     return res
 
 
-def default_concurrency(cfg: Config) -> int:
-    """Trials the cluster can train at once: CPUs // CPUs per trial (and GPUs // GPUs per trial)."""
-    total = ray.cluster_resources()
+def default_concurrency(cfg: Config, total: dict | None = None) -> int:
+    """Trials the cluster can train at once: CPUs // CPUs per trial (and GPUs // GPUs per trial).
+    ``total`` defaults to ``ray.cluster_resources()`` (what is up now: an autoscaler may add more)."""
+    total = ray.cluster_resources() if total is None else total
     d = cfg.dist
     n = total.get("CPU", 1.0) // (DRIVER_CPU + d.bank_cpus + d.num_workers * d.cpus_per_worker)
     gpus = (d.num_workers if d.use_gpu else 0) + d.bank_gpus
@@ -265,7 +268,7 @@ def restore_sweep(path: str | Path, *, retry_errored: bool = False) -> SweepOutc
     spec_file = experiment_dir / SPEC_FILE
     if not spec_file.is_file() or not tune.Tuner.can_restore(str(experiment_dir)):
         raise FileNotFoundError(f"{experiment_dir}: not a sweep folder (no {SPEC_FILE} or no Tune state)")
-    spec = json.loads(spec_file.read_text())
+    spec = {**json.loads(spec_file.read_text()), "experiment_dir": str(experiment_dir)}  # the folder may have moved
     tuner = tune.Tuner.restore(str(experiment_dir), trainable=make_trainable(spec), resume_unfinished=True,
                                resume_errored=False, restart_errored=retry_errored)
     return _finish(tuner.fit(), experiment_dir, spec)

@@ -80,7 +80,8 @@ def read_rgb(dataset, index: int) -> np.ndarray:
 
 def _row(schema: pa.Schema, sample_id: str, **values) -> dict:
     row = {name: None for name in schema.names}
-    row.update(id=sample_id, error="", **values)
+    row.update({"id": sample_id, "error": ""})
+    row.update(values)
     return row
 
 

@@ -1,0 +1,129 @@
+"""CPAL training step vs the plain CAM step: same backbone, batch and input (target <= 1.15x).
+
+    python bench/bench_cpal_step.py [--quick] [--backbone efficientnet_lite0] [--batch 4] [--size 320]
+
+Both steps are ``cpal_ray.engine.train_one_epoch`` over a one-batch loader (the real training
+step: forward, losses, backward, SGD, poly schedule), so nothing is re-implemented here:
+- CAM step: ``cpal.enabled=False`` (BCE only, no bank).
+- CPAL step: ``cpal.enabled=True`` with context prototypes (N=20 classes x N_p=50 x D=128 from a
+  filled bank, K=20): instance prototypes (Eq. 4), alignment, top-K, positiveness, PACAM, L_self
+  (Eqs. 6-14), plus the push of the step's prototypes into an in-process ``PrototypeBank``.
+Two model copies with the same initial weights, each with its own optimiser; the steps
+alternate (CAM CPAL, CPAL CAM, ...) and the ratio is the median of the per-pair ratios.
+``--profile`` adds a torch.profiler table of the CPAL step's operators.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+
+import numpy as np
+import torch
+
+import _common as C
+from cpal_ray.config import Config
+from cpal_ray.cpal import PrototypeBank
+from cpal_ray.engine import Context, build_optimizer, poly_scheduler, train_one_epoch
+from cpal_ray.models import build_model
+
+NUM_CLASSES = 20
+
+
+def make_config(backbone: str, batch: int, enabled: bool, lr: float = 1e-3) -> Config:
+    cfg = Config()
+    return dataclasses.replace(
+        cfg,
+        model=dataclasses.replace(cfg.model, backbone=backbone, pretrained=False, weights="", proj_dim=128),
+        cpal=dataclasses.replace(cfg.cpal, enabled=enabled),  # paper defaults: N_p 50, K 20, bank 1000, tau 0.1
+        optim=dataclasses.replace(cfg.optim, lr=lr),
+        train=dataclasses.replace(cfg.train, batch_size=batch, log_every=10**9),
+    )
+
+
+def make_context(cfg: Config, dim: int, seed: int = 0) -> tuple[PrototypeBank, Context]:
+    """A bank filled to capacity (1000 per class) and its clustering (the epoch's context)."""
+    bank = PrototypeBank.from_config(cfg.cpal, NUM_CLASSES, dim, prefer_gpu=False)
+    C.fill_bank(bank, seed)
+    ctx, counts, version = bank.cluster("bench")
+    return bank, Context.from_numpy(ctx, counts, version)
+
+
+class Stepper:
+    """One model + optimiser; ``step()`` runs one ``train_one_epoch`` step and returns its seconds."""
+
+    def __init__(self, model, cfg: Config, batch: dict, device: str, bank=None, context=None):
+        self.model, self.cfg, self.batch, self.device = model, cfg, batch, device
+        self.bank, self.context = bank, context
+        self.opt = build_optimizer(model, cfg.optim)
+        self.sched = poly_scheduler(self.opt, 10**6, cfg.optim.poly_power)
+        self.calls = 0
+        self.last: dict = {}
+
+    def step(self) -> float:
+        C.sync(self.device)
+        t0 = time.perf_counter()
+        # epoch = call number: every bank key (epoch, step, rank) is new, so every push stores.
+        self.last = train_one_epoch(self.model, [self.batch], self.opt, self.sched, self.cfg, epoch=self.calls,
+                                    device=self.device, bank=self.bank, context=self.context, max_steps=1)
+        C.sync(self.device)
+        self.calls += 1
+        return time.perf_counter() - t0
+
+
+def build(backbone: str, batch: int, size: int, device: str, seed: int = 0):
+    torch.manual_seed(seed)
+    cam_cfg, cpal_cfg = make_config(backbone, batch, False), make_config(backbone, batch, True)
+    model = build_model(cam_cfg.model, NUM_CLASSES)
+    images = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
+    labels = torch.from_numpy(C.multilabel_batch(batch, NUM_CLASSES, seed))
+    data = {"image": images, "label": labels}
+    bank, context = make_context(cpal_cfg, model.embed_dim, seed)
+    cam = Stepper(copy.deepcopy(model).to(device), cam_cfg, data, device)
+    cpal = Stepper(model.to(device), cpal_cfg, data, device, bank=bank, context=context)
+    return cam, cpal, bank
+
+
+def profile_cpal(cpal: Stepper, steps: int = 3, rows: int = 25) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cpal.device.startswith("cuda") else [])
+    with profile(activities=acts) as prof:
+        for _ in range(steps):
+            cpal.step()
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
+
+
+def main(argv=None) -> int:
+    p = C.base_parser(__doc__)
+    p.add_argument("--backbone", default="efficientnet_lite0", help="tiny | efficientnet_lite0 | resnet50")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--size", type=int, default=320, help="square input side (px)")
+    p.add_argument("--device", default="auto", help="cpu | cuda | auto")
+    p.add_argument("--profile", action="store_true", help="print a torch.profiler table of the CPAL step")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.backbone, args.size = "tiny", 128
+    reps = args.reps or (3 if args.quick else 7)
+    device = C.resolve_device(args.device)
+    C.header("CPAL step vs CAM step")
+    cam, cpal, bank = build(args.backbone, args.batch, args.size, device)
+    print(f"setting: {args.backbone} (pretrained=False, proj 128), batch {args.batch}, {args.size}x{args.size} px, "
+          f"{device}; N={NUM_CLASSES}, N_p=50, K=20, D=128, bank 1000/class (in-process), {reps} reps")
+    times = C.interleave({"cam_step": cam.step, "cpal_step": cpal.step}, reps=reps, warmup=1)
+    ratio = C.paired_ratio(times["cpal_step"], times["cam_step"])
+    med = {k: C.median(v) for k, v in times.items()}
+    C.print_table(["step", "median s", "min-max s", "images/s"],
+                  [[k, med[k], C.spread(v), args.batch / med[k]] for k, v in times.items()])
+    print(f"CPAL step: L_self over {cpal.last.get('self_images', 0)}/{args.batch} images, "
+          f"pushed {sum(cpal.last.get('pushed', {}).values())} prototypes, context v{cpal.context.version}; "
+          f"bank keys {len(bank.keys)}")
+    print(f"ratio of medians = {med['cpal_step'] / med['cam_step']:.3f}; median of paired ratios = {ratio:.3f}")
+    if args.profile:
+        profile_cpal(cpal)
+    print(C.ratio_line("cpal_step/cam_step", ratio, "<=", 1.15))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,230 @@
+"""Tables and plots of a finished (or interrupted) sweep, from Tune's ``ResultGrid``.
+
+Nothing here imports Ray: a result grid is read as an iterable of results with ``config``,
+``metrics``, ``error`` and ``path`` (``ray.tune.Result``), so tests can pass plain objects.
+
+Files written into the experiment folder:
+  results.csv / results.md  one row per point: seed mIoU mean ± std over seeds, best background
+                            threshold, wall time, the paper's number; failed trials with their error
+  trials.csv                one row per trial (point, seed, status, mIoU, threshold, wall time, error)
+  best_config.yaml          the base config with the best point's overrides
+  heatmap_k_tau.png         mean seed mIoU over K x tau (when the space has cpal.top_k and cpal.tau)
+  bars.png                  one bar per point (± std), the paper's values beside them when known
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import statistics
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cpal_ray.config import from_dict, save_config
+from tune_spaces import expand, point_label, point_overrides
+
+SPEC_FILE = "sweep.json"
+HEATMAP_KEYS = ("cpal.top_k", "cpal.tau")
+
+
+def _short_error(error) -> str:
+    """The last line of an error's text (the original ``Type: message`` of a failed task)."""
+    if error is None:
+        return ""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return (lines[-1] if lines else type(error).__name__)[:300]
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def trial_records(grid, spec: dict) -> list[dict[str, Any]]:
+    """One dict per trial: point, seed, status ("ok" / "error" / "unfinished"), final metrics, error."""
+    records = []
+    for result in grid:
+        config, metrics = dict(result.config or {}), dict(result.metrics or {})
+        point = {k: config.get(k) for k in spec["space"]}
+        ok = result.error is None and metrics.get("phase") == "final" and _finite(metrics.get("seed_miou"))
+        status = "ok" if ok else ("error" if result.error is not None else "unfinished")
+        records.append({
+            "trial_id": metrics.get("trial_id") or Path(str(result.path)).name,
+            "label": point_label(point), "point": point, "seed": config.get("train.seed", spec["seeds"][0]),
+            "status": status, "seed_miou": metrics["seed_miou"] if ok else None,
+            "best_threshold": metrics.get("best_threshold") if ok else None,
+            "wall_seconds": metrics.get("wall_seconds") if ok else None, "error": _short_error(result.error),
+        })
+    return records
+
+
+def summarise(records: list[dict], spec: dict) -> list[dict[str, Any]]:
+    """One row per point (grid order), aggregated over its seeds."""
+    by_label: dict[str, list[dict]] = {}
+    for r in records:
+        by_label.setdefault(r["label"], []).append(r)
+    order = [point_label(p) for p in expand(spec["space"])]
+    labels = [lbl for lbl in order if lbl in by_label] + [lbl for lbl in by_label if lbl not in order]
+    rows = []
+    for label in labels:
+        trials = by_label[label]
+        ok = [t for t in trials if t["status"] == "ok"]
+        mious = [t["seed_miou"] for t in ok]
+        rows.append({
+            "label": label, "point": trials[0]["point"], "trials": len(trials), "seeds_ok": len(ok),
+            "unfinished": sum(t["status"] == "unfinished" for t in trials),
+            "seed_miou_mean": statistics.fmean(mious) if mious else None,
+            "seed_miou_std": statistics.stdev(mious) if len(mious) > 1 else (0.0 if mious else None),
+            "best_threshold": statistics.fmean(t["best_threshold"] for t in ok) if ok else None,
+            "wall_seconds": statistics.fmean(t["wall_seconds"] for t in ok) if ok else None,
+            "paper_miou": spec.get("paper", {}).get(label),
+            "errors": "; ".join(sorted({t["error"] for t in trials if t["error"]})),
+        })
+    return rows
+
+
+def best_row(rows: list[dict]) -> dict | None:
+    done = [r for r in rows if r["seed_miou_mean"] is not None]
+    return max(done, key=lambda r: r["seed_miou_mean"]) if done else None
+
+
+def write_results(grid, out_dir: str | Path, spec: dict | None = None) -> dict[str, str]:
+    """Write the tables, the best config and the plots; returns {kind: path} of what was written."""
+    out = Path(out_dir)
+    spec = spec or json.loads((out / SPEC_FILE).read_text())
+    records = trial_records(grid, spec)
+    rows = summarise(records, spec)
+    files = {"csv": _write_csv(rows, spec, out / "results.csv"),
+             "trials_csv": _write_trials(records, out / "trials.csv")}
+    best = best_row(rows)
+    if best is not None:
+        cfg = from_dict(spec["base"]).replace(**point_overrides(best["point"], spec["rows"]))
+        files["best_config"] = str(save_config(cfg, out / "best_config.yaml"))
+        files["bars"] = _plot_bars(rows, out / "bars.png")
+        if all(k in spec["space"] for k in HEATMAP_KEYS):
+            files["heatmap"] = _plot_heatmap(rows, out / "heatmap_k_tau.png")
+    files["markdown"] = _write_markdown(rows, records, spec, best, out / "results.md")
+    return files
+
+
+# ------------------------------------------------------------------------------------- tables
+
+
+def _fmt(x, pattern="{:.4f}") -> str:
+    return pattern.format(x) if _finite(x) else ""
+
+
+def _write_csv(rows: list[dict], spec: dict, path: Path) -> str:
+    keys = list(spec["space"])
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["label", *keys, "trials", "seeds_ok", "seed_miou_mean", "seed_miou_std", "best_threshold",
+                    "wall_seconds", "paper_miou", "errors"])
+        for r in rows:
+            w.writerow([r["label"], *(r["point"][k] for k in keys), r["trials"], r["seeds_ok"],
+                        _fmt(r["seed_miou_mean"]), _fmt(r["seed_miou_std"]), _fmt(r["best_threshold"], "{:.2f}"),
+                        _fmt(r["wall_seconds"], "{:.1f}"), _fmt(r["paper_miou"], "{:.1f}"), r["errors"]])
+    return str(path)
+
+
+def _write_trials(records: list[dict], path: Path) -> str:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["trial_id", "label", "seed", "status", "seed_miou", "best_threshold", "wall_seconds", "error"])
+        for r in records:
+            w.writerow([r["trial_id"], r["label"], r["seed"], r["status"], _fmt(r["seed_miou"]),
+                        _fmt(r["best_threshold"], "{:.2f}"), _fmt(r["wall_seconds"], "{:.1f}"), r["error"]])
+    return str(path)
+
+
+def _pct(mean, std) -> str:
+    return f"{100 * mean:.1f} ± {100 * std:.1f}" if _finite(mean) else "—"
+
+
+def _write_markdown(rows: list[dict], records: list[dict], spec: dict, best: dict | None, path: Path) -> str:
+    seeds = spec["seeds"]
+    lines = [f"# Sweep `{Path(spec['experiment_dir']).name}`: `{spec['module']}`", "", spec.get("title", ""), "",
+             f"Search: {spec['search']}; seeds {seeds}; {len(records)} trials "
+             f"({sum(r['status'] == 'ok' for r in records)} finished, {sum(r['status'] == 'error' for r in records)} "
+             f"failed, {sum(r['status'] == 'unfinished' for r in records)} unfinished). Seed mIoU on the val split, "
+             f"background threshold swept."]
+    if spec.get("resources"):
+        r = spec["resources"]
+        lines += ["", f"Each trial: {r['workers']} Ray Train workers x {r['per_worker']}, trial function {r['trial']}, "
+                      f"at most {spec.get('max_concurrent')} trials at once."]
+    if spec.get("raised"):
+        lines += ["", f"Base config raised to the space's minimums: `{spec['raised']}`."]
+    lines += ["", "| point | seeds ok | seed mIoU (%) mean ± std | best bg threshold | wall time (s) | paper (%) |",
+              "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['label']} | {r['seeds_ok']}/{r['trials']} "
+                     f"| {_pct(r['seed_miou_mean'], r['seed_miou_std'])} "
+                     f"| {_fmt(r['best_threshold'], '{:.2f}') or '—'} | {_fmt(r['wall_seconds'], '{:.0f}') or '—'} "
+                     f"| {_fmt(r['paper_miou'], '{:.1f}') or '—'} |")
+    lines.append("")
+    if best is not None:
+        lines.append(f"Best: **{best['label']}**, {_pct(best['seed_miou_mean'], best['seed_miou_std'])} "
+                     f"(config in `best_config.yaml`).")
+    else:
+        lines.append("No trial finished.")
+    failed = [r for r in records if r["status"] == "error"]
+    if failed:
+        lines += ["", "## Failed trials", ""]
+        lines += [f"- `{r['trial_id']}` ({r['label']}, seed {r['seed']}): {r['error']}" for r in failed]
+    unfinished = [r for r in records if r["status"] == "unfinished"]
+    if unfinished:
+        lines += ["", f"{len(unfinished)} trials did not finish: continue with "
+                      f"`python -m workflows.sweep --restore {spec['experiment_dir']}`."]
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+# -------------------------------------------------------------------------------------- plots
+
+
+def _plot_bars(rows: list[dict], path: Path) -> str:
+    from matplotlib.figure import Figure
+
+    labels = [r["label"] for r in rows]
+    ours = np.array([100 * r["seed_miou_mean"] if _finite(r["seed_miou_mean"]) else np.nan for r in rows])
+    err = np.array([100 * r["seed_miou_std"] if _finite(r["seed_miou_std"]) else 0.0 for r in rows])
+    paper = np.array([r["paper_miou"] if _finite(r["paper_miou"]) else np.nan for r in rows])
+    has_paper = bool(np.isfinite(paper).any())
+    x = np.arange(len(rows))
+    width = 0.4 if has_paper else 0.7
+    fig = Figure(figsize=(max(4.0, 0.9 * len(rows) + 2), 4.0))
+    ax = fig.add_subplot()
+    ax.bar(x - (width / 2 if has_paper else 0), ours, width, yerr=err, capsize=3, label="this run")
+    if has_paper:
+        ax.bar(x + width / 2, paper, width, color="lightgray", edgecolor="gray", label="paper")
+        ax.legend()
+    ax.set_xticks(x, labels, rotation=30, ha="right")
+    ax.set_ylabel("seed mIoU (%)")
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    return str(path)
+
+
+def _plot_heatmap(rows: list[dict], path: Path) -> str:
+    from matplotlib.figure import Figure
+
+    ks = sorted({r["point"]["cpal.top_k"] for r in rows})
+    taus = sorted({r["point"]["cpal.tau"] for r in rows})
+    values = np.full((len(ks), len(taus)), np.nan)
+    for r in rows:
+        if _finite(r["seed_miou_mean"]):
+            values[ks.index(r["point"]["cpal.top_k"]), taus.index(r["point"]["cpal.tau"])] = 100 * r["seed_miou_mean"]
+    fig = Figure(figsize=(1.1 * len(taus) + 2.5, 0.8 * len(ks) + 1.8))
+    ax = fig.add_subplot()
+    im = ax.imshow(np.ma.masked_invalid(values), cmap="viridis", aspect="auto")
+    for i in range(len(ks)):
+        for j in range(len(taus)):
+            if np.isfinite(values[i, j]):
+                ax.text(j, i, f"{values[i, j]:.1f}", ha="center", va="center", color="white", fontsize=9)
+    ax.set_xticks(range(len(taus)), [str(t) for t in taus])
+    ax.set_yticks(range(len(ks)), [str(k) for k in ks])
+    ax.set_xlabel("tau (Eq. 4)")
+    ax.set_ylabel("top-K (Eq. 6)")
+    fig.colorbar(im, ax=ax, label="seed mIoU (%)")
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    return str(path)

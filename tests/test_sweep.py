@@ -1,0 +1,266 @@
+"""Tune sweeps: space modules, result tables, a real 2-point sweep, interrupt + restore, no leaks.
+
+The Ray tests train the tiny synthetic config for one epoch of two steps with one Ray Train
+worker (0.5 CPU) per trial and evaluate single-scale seeds on 8 val images, so a trial costs
+mostly Ray start-up (~30-50 s on 2 cores). The interrupted sweep runs the CLI in a subprocess
+(its own local Ray), gets SIGINT once its first trial finished, and is restored in this process.
+"""
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from PIL import Image
+
+from cpal_ray.config import Config, load_config
+from tests.conftest import REPO
+from tune_spaces import SPACES, expand, load_space, point_label, point_overrides, required_overrides, space_spec
+
+TINY = "configs/synthetic_tiny.yaml"
+FAST = {"train.epochs": 1, "train.max_steps_per_epoch": 2, "train.log_every": 100, "dist.num_workers": 1,
+        "dist.cpus_per_worker": 0.5, "data.synthetic_images": 16, "inference.scales": [1.0]}
+# Grid sizes the space modules document.
+SIZES = {"k_tau": 12, "table1": 5, "table2": 5, "table3": 4, "bank": 8}
+
+
+def dotted(cfg: Config) -> dict:
+    return {f"{s}.{k}": v for s, values in cfg.to_dict().items() for k, v in values.items()}
+
+
+def bank_actors(ray) -> list:
+    return [a for a in ray.util.list_named_actors(all_namespaces=True) if str(a["name"]).startswith("cpal-bank-")]
+
+
+def assert_no_bank_actor(ray, timeout_s=15.0):
+    deadline = time.monotonic() + timeout_s
+    while bank_actors(ray) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert bank_actors(ray) == []
+
+
+def read_csv(path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def assert_png(path):
+    assert Path(path).is_file() and Path(path).stat().st_size > 0
+    with Image.open(path) as im:
+        assert im.format == "PNG" and im.size[0] > 0 and im.size[1] > 0
+
+
+# ------------------------------------------------------------------------------------- spaces
+
+
+@pytest.mark.unit
+def test_every_space_module_is_known_and_sized():
+    assert set(SPACES) == set(SIZES)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("name", sorted(SIZES))
+def test_space_loads_and_every_point_is_a_valid_config(name):
+    module = load_space(f"tune_spaces.{name}")
+    assert load_space(name) is module
+    spec = space_spec(module)
+    assert "Table" in spec["title"] or "Fig." in spec["title"]  # names what it mirrors
+    grid = expand(module.param_space())
+    assert len(grid) == SIZES[name]
+    assert len({point_label(p) for p in grid}) == len(grid)
+    assert set(spec["paper"]) <= {point_label(p) for p in grid}
+    for base in (load_config(TINY), Config()):  # tiny test config and the paper's defaults
+        base = base.replace(**required_overrides(dotted(base), spec["requires"]))
+        for point in grid:
+            base.replace(**point_overrides(point, spec["rows"]))  # raises ConfigError if invalid
+
+
+@pytest.mark.unit
+def test_k_tau_is_the_twelve_point_grid_and_raises_clusters():
+    space = load_space("k_tau").param_space()
+    assert space == {"cpal.top_k": [10, 20, 50], "cpal.tau": [0.05, 0.1, 0.2, 0.3]}
+    assert required_overrides(dotted(load_config(TINY)), load_space("k_tau").REQUIRES) == {"cpal.num_clusters": 50}
+    assert required_overrides(dotted(Config()), load_space("k_tau").REQUIRES) == {}
+
+
+@pytest.mark.unit
+def test_table1_rows_are_the_agreed_overrides():
+    rows = load_space("table1").ROWS
+    assert rows["I BCE"]["cpal.enabled"] is False
+    for label in ("II +vanilla", "III +proto-aware", "IV +align"):
+        assert rows[label]["cpal.self_loss"] is False and rows[label]["inference.cam_source"] == "pacam"
+    assert rows["II +vanilla"]["cpal.neighbour_selection"] is False
+    assert rows["II +vanilla"]["cpal.positiveness"] is False
+    assert rows["III +proto-aware"]["cpal.alignment"] is False and rows["IV +align"]["cpal.alignment"] is True
+    v = Config().replace(**rows["V +L_self"])
+    assert v == Config()  # row V is the paper's default configuration
+
+
+@pytest.mark.unit
+def test_bad_space_modules_are_rejected():
+    with pytest.raises(ValueError, match="no such space"):
+        load_space("tune_spaces.nope")
+    from tune_spaces import check_space
+
+    with pytest.raises(ValueError, match="non-empty list"):
+        check_space(SimpleNamespace(param_space=lambda: {"cpal.tau": 0.1}))
+    with pytest.raises(ValueError, match="not in ROWS"):
+        check_space(SimpleNamespace(param_space=lambda: {"row": ["a"]}, ROWS={}))
+
+
+@pytest.mark.unit
+def test_param_space_is_a_grid_or_random_one_flag_away():
+    from ray import tune
+
+    from cpal_ray.distributed.tune import tune_param_space
+
+    spec = {"space": {"cpal.tau": [0.1, 0.2]}, "seeds": [0, 1, 2], "search": "grid"}
+    grid = tune_param_space(spec)
+    assert grid["cpal.tau"] == tune.grid_search([0.1, 0.2]) and grid["train.seed"] == tune.grid_search([0, 1, 2])
+    rand = tune_param_space({**spec, "search": "random", "seeds": [0]})
+    assert rand["cpal.tau"].categories == [0.1, 0.2] and "train.seed" not in rand
+
+
+@pytest.mark.unit
+def test_spec_resources_gpus_and_smoke(tmp_path):
+    from cpal_ray.config import ConfigError
+    from cpal_ray.distributed.tune import build_spec, default_concurrency, trial_resources
+
+    tiny = load_config(TINY, FAST)
+    spec = build_spec(tiny, load_space("k_tau"), tmp_path, seeds=3, gpus_per_trial=2, smoke_test=True, max_concurrent=1)
+    assert spec["base"]["dist"]["use_gpu"] is True and spec["base"]["dist"]["num_workers"] == 2
+    assert spec["resources"]["per_worker"] == {"CPU": 0.5, "GPU": 1} and spec["resources"]["trial"] == {"cpu": 0.01}
+    assert spec["raised"] == {"cpal.num_clusters": 50} and spec["base"]["cpal"]["num_clusters"] == 50
+    assert len(expand(spec["space"])) == 2 and spec["seeds"] == [0, 1, 2] and spec["base"]["train"]["epochs"] == 1
+    with pytest.raises(ConfigError, match="divisible"):  # global batch 8 over 3 GPU workers
+        build_spec(tiny, load_space("table3"), tmp_path, gpus_per_trial=3, max_concurrent=1)
+    with pytest.raises(ValueError, match="Optuna"):
+        build_spec(tiny, load_space("table3"), tmp_path, seeds=2, search="optuna", max_concurrent=1)
+    assert default_concurrency(tiny, {"CPU": 2.0}) == 3  # 0.51 CPU per trial on 2 cores
+    gpu = tiny.replace(**{"dist.use_gpu": True, "dist.num_workers": 2, "dist.cpus_per_worker": 4.0})
+    assert default_concurrency(gpu, {"CPU": 64.0, "GPU": 8.0}) == 4 and default_concurrency(gpu, {"CPU": 8.0}) == 1
+    assert trial_resources(tiny.replace(**{"dist.bank_cpus": 0.5}))["cpu"] == pytest.approx(0.51)
+
+
+# ------------------------------------------------------------------------------------ results
+
+
+def fake_result(point, seed, miou=None, error=None, thr=0.3, wall=10.0):
+    metrics = {} if miou is None else {"seed_miou": miou, "best_threshold": thr, "wall_seconds": wall,
+                                       "phase": "final", "trial_id": f"t{point['cpal.tau']}-{seed}"}
+    return SimpleNamespace(config={**point, "train.seed": seed}, metrics=metrics, error=error,
+                           path=f"/x/trial_{point['cpal.tau']}_{seed}")
+
+
+@pytest.mark.unit
+def test_results_tables_mean_std_errors_and_plots(tmp_path):
+    from cpal_ray.distributed.sweep_report import write_results
+
+    spec = {"module": "test", "title": "t", "space": {"cpal.top_k": [2], "cpal.tau": [0.1, 0.2, 0.3]}, "rows": {},
+            "paper": {"cpal.top_k=2, cpal.tau=0.1": 50.0}, "seeds": [0, 1], "search": "grid", "raised": {},
+            "base": load_config(TINY).to_dict(), "experiment_dir": str(tmp_path)}
+    a, b, c = ({"cpal.top_k": 2, "cpal.tau": t} for t in (0.1, 0.2, 0.3))
+    grid = [fake_result(a, 0, 0.4), fake_result(a, 1, 0.5), fake_result(b, 0, 0.6), fake_result(b, 1, 0.7, thr=0.5),
+            fake_result(c, 0, error=RuntimeError("Traceback...\nConfigError: cpal.tau: must be in (0, 1)")),
+            fake_result(c, 1)]  # c/1: interrupted, never reported
+    files = write_results(grid, tmp_path, spec)
+    rows = {r["cpal.tau"]: r for r in read_csv(tmp_path / "results.csv")}
+    assert list(rows) == ["0.1", "0.2", "0.3"]
+    a_row, b_row = rows["0.1"], rows["0.2"]
+    assert (a_row["seed_miou_mean"], a_row["seed_miou_std"], a_row["paper_miou"]) == ("0.4500", "0.0707", "50.0")
+    assert (b_row["seed_miou_mean"], b_row["best_threshold"], b_row["seeds_ok"]) == ("0.6500", "0.40", "2")
+    assert rows["0.3"]["seeds_ok"] == "0" and rows["0.3"]["errors"] == "ConfigError: cpal.tau: must be in (0, 1)"
+    md = (tmp_path / "results.md").read_text()
+    assert "65.0 ± 7.1" in md and "Failed trials" in md and "--restore" in md
+    assert load_config(files["best_config"]).cpal.tau == 0.2
+    assert_png(files["bars"])
+    assert_png(files["heatmap"])
+
+
+# ------------------------------------------------------------------------------------ Ray sweeps
+
+
+@pytest.mark.ray
+def test_two_point_sweep_with_a_failing_point(ray_start_2_cpus, tmp_path):
+    from cpal_ray.distributed.tune import run_sweep
+
+    ray = ray_start_2_cpus
+    space = SimpleNamespace(__name__="two_tau", __doc__="Fig. 4(a) in two points, plus an invalid tau.",
+                            param_space=lambda: {"cpal.top_k": [2], "cpal.tau": [0.1, 0.2, 1.5]})
+    out = run_sweep(load_config(TINY, FAST), space, tmp_path / "two", max_concurrent=2, eval_max_images=8)
+    assert out.summary == {"ok": 2, "error": 1, "unfinished": 0, "trials": 3}
+    rows = read_csv(out.experiment_dir / "results.csv")
+    assert [r["cpal.tau"] for r in rows] == ["0.1", "0.2", "1.5"]
+    mious = [float(r["seed_miou_mean"]) for r in rows[:2]]
+    assert all(0.0 < m <= 1.0 for m in mious), rows
+    assert rows[2]["seed_miou_mean"] == "" and "cpal.tau: must be in (0, 1)" in rows[2]["errors"], rows[2]
+    md = (out.experiment_dir / "results.md").read_text()
+    assert "cpal.top_k=2, cpal.tau=0.1" in md and "Failed trials" in md
+    for key in ("bars", "heatmap"):
+        assert_png(out.files[key])
+    assert load_config(out.files["best_config"]).cpal.tau in (0.1, 0.2)
+    for trial in (out.experiment_dir / "trials").iterdir():  # one Ray Train run per trial, named per trial
+        if (trial / "seeds.json").exists():
+            assert (trial / "final" / "model.pt").is_file()
+            assert json.loads((trial / "seeds.json").read_text())["phase"] == "final"
+    best = out.result_grid.get_best_result()
+    assert best.metrics["seed_miou"] == pytest.approx(max(mious), abs=1e-4)
+    assert_no_bank_actor(ray)
+
+
+def _wait_for(cond, timeout_s, proc=None, log=None):
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        if proc is not None and proc.poll() is not None:
+            pytest.fail(f"sweep exited early ({proc.returncode}):\n{Path(log).read_text()[-3000:]}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out:\n{Path(log).read_text()[-3000:] if log else ''}")
+        time.sleep(0.5)
+
+
+@pytest.mark.ray
+def test_interrupted_sweep_restores_only_unfinished_trials(ray_start_2_cpus, tmp_path):
+    from cpal_ray.distributed.tune import restore_sweep
+
+    ray = ray_start_2_cpus
+    exp = tmp_path / "interrupted"
+    trials = exp / "trials"
+    log = tmp_path / "sweep.log"
+    cmd = [sys.executable, "-m", "workflows.sweep", "--space", "tune_spaces.table3", "--search", "random",
+           "--num-samples", "3", "--max-concurrent", "1", "--eval-max-images", "8", "--num-cpus", "2",
+           "--config", TINY, "--storage", str(tmp_path), "--name", "interrupted",
+           *(f"{k}={json.dumps(v)}" for k, v in FAST.items())]
+    env = {**os.environ, "PYTHONPATH": REPO, "RAY_ADDRESS": ""}
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
+    try:
+        # One trial at a time: a second run folder means Tune has finished the first trial.
+        _wait_for(lambda: trials.is_dir() and len(list(trials.iterdir())) >= 2, 240, proc, log)
+        done = [t for t in trials.iterdir() if (t / "seeds.json").exists()]
+        assert len(done) == 1
+        first = done[0]
+        stamp = (first / "seeds.json").stat().st_mtime_ns
+        proc.send_signal(signal.SIGINT)  # Ctrl+C: Tune saves its state and stops
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "--restore" in log.read_text()
+
+    out = restore_sweep(exp)
+    assert out.summary == {"ok": 3, "error": 0, "unfinished": 0, "trials": 3}
+    runs = {t.name: (t / "runs.log").read_text().count("start") for t in trials.iterdir()}
+    assert len(runs) == 3 and runs[first.name] == 1, runs  # the finished trial was not run again
+    assert (first / "seeds.json").stat().st_mtime_ns == stamp
+    assert all((t / "seeds.json").exists() for t in trials.iterdir())
+    rows = read_csv(exp / "results.csv")
+    assert rows and sum(int(r["seeds_ok"]) for r in rows) == 3
+    assert all(0.0 < float(r["seed_miou_mean"]) <= 1.0 for r in rows), rows
+    assert_png(out.files["bars"])
+    assert_no_bank_actor(ray)

@@ -1,0 +1,75 @@
+"""Seed mIoU of CAMs: background-threshold sweep (or one fixed threshold), per-class IoU, plot.
+
+    python -m workflows.eval_cams --cams out/cams --out out/seeds              # saved CAM files
+    python -m workflows.eval_cams --cams out/cams/pacam --out out/seeds-pacam  # saved PACAM files
+    python -m workflows.eval_cams --checkpoint <run>/final --split val --out out/seeds --threshold 0.25
+    ray job submit --working-dir . -- python -m workflows.eval_cams --checkpoint <run>/final --out out/seeds
+
+The config is ``--config`` if given, else the ``config.yaml`` of the CAM folder (written by
+make_cams) or of the checkpoint, plus the overrides. With ``--checkpoint`` the CAMs are first
+computed on Ray Data into ``<out>/cams`` (``--source`` picks CAM or PACAM); with only ``--cams``
+no Ray is started. Writes ``<out>/seeds.json``, ``seeds.md``, ``miou_vs_threshold.png`` and
+``config.yaml``. Images without a usable CAM file are listed and left out; the exit status is
+then 1.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+from workflows.common import base_parser, config_from_folders, setup_logging
+
+
+def build_parser():
+    p = base_parser(__doc__.splitlines()[0])
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--cams", help="folder of <id>.npz CAM files (make_cams output, or its pacam/)")
+    src.add_argument("--checkpoint", help="compute the CAMs from this checkpoint first")
+    p.add_argument("--out", required=True, help="report folder")
+    p.add_argument("--split", default="val", help="dataset split (default val)")
+    p.add_argument("--source", choices=("cam", "pacam"), default=None,
+                   help="with --checkpoint: which map (default inference.cam_source)")
+    p.add_argument("--threshold", type=float, default=None, help="evaluate this background threshold only")
+    p.add_argument("--limit", type=int, default=0, help="only the first N images (0 = all)")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging()
+    if args.threshold is not None:
+        args.overrides = [*args.overrides, f"inference.fixed_threshold={args.threshold}"]
+    cams = Path(args.cams) if args.cams else None
+    cfg = config_from_folders(args, cams, cams.parent if cams else None, args.checkpoint)
+    from cpal_ray.config import save_config
+    from cpal_ray.data import build_dataset
+    from cpal_ray.inference.evaluate import evaluate_cam_dir
+    from cpal_ray.inference.metrics import write_report
+
+    out = Path(args.out)
+    save_config(cfg, out / "config.yaml")
+    if args.checkpoint:
+        from cpal_ray.distributed.pipelines import run_make_cams
+        from cpal_ray.distributed.runtime import init_ray
+
+        init_ray(args.address, args.num_cpus)
+        source = args.source or cfg.inference.cam_source
+        summary = run_make_cams(cfg, args.checkpoint, out / "cams", split=args.split, source=source, limit=args.limit)
+        cams = out / "cams" / ("pacam" if source == "pacam" else "")
+        print(json.dumps({"make_cams": {k: v for k, v in summary.to_dict().items() if k != "failures"}}))
+    data = dataclasses.replace(cfg.data, on_bad_sample="skip")
+    dataset = build_dataset(data, args.split, train=False)
+    results = evaluate_cam_dir(cams, dataset, cfg, max_images=args.limit)
+    results["errors"] = [f"id {sid}: {reason}" for sid, reason in dataset.skipped] + results["errors"]
+    results["n_errors"] += len(dataset.skipped)
+    paths = write_report(results, out, list(results["class_names"]))
+    print(json.dumps({"best_miou": results["best_miou"], "best_threshold": results["best_threshold"],
+                      "images": results["images"], "n_errors": results["n_errors"],
+                      "errors": results["errors"][:20], **{k: str(v) for k, v in paths.items()}}))
+    return 0 if results["n_errors"] == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""CRF pseudo-labels (IRN recipe) for a dataset split on Ray Data, then their mIoU against the GT.
+
+    python -m workflows.pseudo_labels --cams out/cams-train --split train --out out/pseudo
+    python -m workflows.pseudo_labels --checkpoint <run>/final --split train --out out/pseudo --preset amn
+    python -m workflows.pseudo_labels --checkpoint <run>/final --out out/pseudo --mode crf_argmax pseudo.bg_threshold=0.2
+    ray job submit --working-dir . -- python -m workflows.pseudo_labels --checkpoint <run>/final --out out/pseudo
+
+CAMs come from ``--cams`` (make_cams files) or are computed from ``--checkpoint`` into
+``<out>/cams``. The config is ``--config`` if given, else the ``config.yaml`` of the CAM folder
+or of the checkpoint, plus the overrides. Writes ``<out>/<id>.png`` (VOC palette, 255 =
+ignore), ``<out>/manifest.parquet`` (one row per id), ``<out>/pseudo_labels_miou.json`` and
+``config.yaml``. Killed and started again, it skips the PNGs that validate and ends with the
+same files. Images that fail are listed in the summary and the manifest; the exit status is then 1.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+from workflows.common import base_parser, config_from_folders, setup_logging
+
+
+def build_parser():
+    p = base_parser(__doc__.splitlines()[0])
+    p.add_argument("--out", required=True, help="output folder of the PNGs")
+    p.add_argument("--cams", default=None, help="folder of <id>.npz CAM files (else computed from --checkpoint)")
+    p.add_argument("--checkpoint", default=None, help="checkpoint or final/ folder (CAMs on the fly)")
+    p.add_argument("--split", default="train", help="dataset split (default train)")
+    p.add_argument("--preset", choices=("irn", "amn", "custom"), default=None, help="conf_fg/conf_bg preset")
+    p.add_argument("--mode", choices=("irn", "crf_argmax"), default=None, help="pseudo-label rule")
+    p.add_argument("--limit", type=int, default=0, help="only the first N images (0 = all)")
+    p.add_argument("--overwrite", action="store_true", help="redo every file, even with other settings")
+    p.add_argument("--crf-actors", type=int, default=None, help="most CRF actors (default CPUs / cpus_per_task)")
+    p.add_argument("--no-eval", action="store_true", help="skip the mIoU evaluation")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging()
+    if args.cams is None and args.checkpoint is None:
+        raise SystemExit("pseudo_labels: give --cams or --checkpoint")
+    args.overrides = [*args.overrides, *(f"pseudo.{k}={getattr(args, k)}" for k in ("preset", "mode")
+                                         if getattr(args, k) is not None)]
+    cams = Path(args.cams) if args.cams else None
+    cfg = config_from_folders(args, cams, cams.parent if cams else None, args.checkpoint)
+    from cpal_ray.data import build_dataset
+    from cpal_ray.distributed.pipelines import run_pseudo_labels
+    from cpal_ray.distributed.runtime import init_ray
+    from cpal_ray.inference.evaluate import evaluate_labels, write_json
+
+    out = Path(args.out)
+    init_ray(args.address, args.num_cpus)
+    summary = run_pseudo_labels(cfg, out, cam_dir=cams, checkpoint=args.checkpoint, split=args.split,
+                                overwrite=args.overwrite, limit=args.limit, crf_actors=args.crf_actors)
+    report = {"run": summary.to_dict()}
+    if not args.no_eval:
+        dataset = build_dataset(dataclasses.replace(cfg.data, on_bad_sample="skip"), args.split, train=False)
+        scores = evaluate_labels(out, dataset, max_images=args.limit)
+        write_json(scores, out / "pseudo_labels_miou.json")
+        report["miou"] = {k: scores[k] for k in ("miou", "pixel_acc", "frac_ignored", "images", "n_errors")}
+    print(json.dumps(report, default=str))
+    return 0 if summary.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
