@@ -6,6 +6,7 @@ mostly Ray start-up (~30-50 s on 2 cores). The interrupted sweep runs the CLI in
 (its own local Ray), gets SIGINT once its first trial finished, and is restored in this process.
 """
 import csv
+import importlib.util
 import json
 import os
 import signal
@@ -124,6 +125,11 @@ def test_param_space_is_a_grid_or_random_one_flag_away():
     assert grid["cpal.tau"] == tune.grid_search([0.1, 0.2]) and grid["train.seed"] == tune.grid_search([0, 1, 2])
     rand = tune_param_space({**spec, "search": "random", "seeds": [0]})
     assert rand["cpal.tau"].categories == [0.1, 0.2] and "train.seed" not in rand
+    if importlib.util.find_spec("optuna") is None:  # optional extra: a clear message, not a crash
+        from cpal_ray.distributed.tune import _search_alg
+
+        with pytest.raises(ImportError, match="pip install optuna"):
+            _search_alg({"search": "optuna"})
 
 
 @pytest.mark.unit
@@ -145,6 +151,11 @@ def test_spec_resources_gpus_and_smoke(tmp_path):
     gpu = tiny.replace(**{"dist.use_gpu": True, "dist.num_workers": 2, "dist.cpus_per_worker": 4.0})
     assert default_concurrency(gpu, {"CPU": 64.0, "GPU": 8.0}) == 4 and default_concurrency(gpu, {"CPU": 8.0}) == 1
     assert trial_resources(tiny.replace(**{"dist.bank_cpus": 0.5}))["cpu"] == pytest.approx(0.51)
+    # Trials run in their own working directory: relative paths that exist here become absolute.
+    rel = tiny.replace(**{"model.weights": TINY, "data.val_split": "cpal_ray/assets/voc12_meta/val.txt"})
+    base = build_spec(rel, load_space("table3"), tmp_path, max_concurrent=1)["base"]
+    assert base["model"]["weights"] == str(Path(REPO, TINY)) and Path(base["data"]["val_split"]).is_absolute()
+    assert base["data"]["train_split"] == "train"
 
 
 # ------------------------------------------------------------------------------------ results
@@ -240,7 +251,7 @@ def test_interrupted_sweep_restores_only_unfinished_trials(ray_start_2_cpus, tmp
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
     try:
         # One trial at a time: a second run folder means Tune has finished the first trial.
-        _wait_for(lambda: trials.is_dir() and len(list(trials.iterdir())) >= 2, 240, proc, log)
+        _wait_for(lambda: trials.is_dir() and len(list(trials.iterdir())) >= 2, 420, proc, log)
         done = [t for t in trials.iterdir() if (t / "seeds.json").exists()]
         assert len(done) == 1
         first = done[0]

@@ -198,7 +198,7 @@ def _plot_bars(rows: list[dict], path: Path) -> str:
     ax.bar(x - (width / 2 if has_paper else 0), ours, width, yerr=err, capsize=3, label="this run")
     if has_paper:
         ax.bar(x + width / 2, paper, width, color="lightgray", edgecolor="gray", label="paper")
-        ax.legend()
+        ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.set_xticks(x, labels, rotation=30, ha="right")
     ax.set_ylabel("seed mIoU (%)")
     fig.savefig(path, dpi=100, bbox_inches="tight")

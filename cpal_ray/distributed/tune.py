@@ -67,8 +67,9 @@ def _absolute(path: str) -> str:
 
 def _absolute_paths(cfg: Config) -> Config:
     """Trials run in their own working directory: make existing relative paths absolute."""
-    fields = {"data.root": cfg.data.root, "data.cls_labels": cfg.data.cls_labels, "model.weights": cfg.model.weights,
-              "data.train_split": cfg.data.train_split, "data.val_split": cfg.data.val_split}
+    fields = {"data.root": cfg.data.root, "data.cls_labels": cfg.data.cls_labels, "model.weights": cfg.model.weights}
+    fields.update({k: v for k, v in (("data.train_split", cfg.data.train_split), ("data.val_split", cfg.data.val_split))
+                   if v.endswith(".txt")})  # a split is a name ("train_aug") or a path to an id list
     changed = {k: _absolute(v) for k, v in fields.items() if v and _absolute(v) != v}
     return cfg.replace(**changed) if changed else cfg
 
@@ -145,10 +146,12 @@ def _search_alg(spec: dict):
         return BasicVariantGenerator(constant_grid_search=True, random_state=spec["seeds"][0],
                                      max_concurrent=spec["max_concurrent"])
     if spec["search"] == "optuna":
-        try:
-            from ray.tune.search.optuna import OptunaSearch
-        except ImportError as e:  # pragma: no cover - optuna is optional
-            raise ImportError("--search optuna needs `pip install optuna`") from e
+        import importlib.util
+
+        if importlib.util.find_spec("optuna") is None:  # optional: not a dependency of cpal-ray
+            raise ImportError("--search optuna needs `pip install optuna`")
+        from ray.tune.search.optuna import OptunaSearch
+
         return OptunaSearch()
     return None
 
