@@ -7,48 +7,20 @@ label value, background included, is a real label); the pairwise terms are a Gau
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import pydensecrf.densecrf as dcrf
 from pydensecrf.utils import unary_from_labels
 
-
-@dataclass(frozen=True)
-class CRFParams:
-    """DenseCRF parameters; the defaults are IRN's."""
-
-    # Probability given to the seed label in the unary (the rest is spread over the others).
-    gt_prob: float = 0.7
-    # Smoothness kernel.
-    gauss_sxy: float = 3.0
-    gauss_compat: float = 3.0
-    # Appearance kernel.
-    bilateral_sxy: float = 50.0
-    bilateral_srgb: float = 5.0
-    bilateral_compat: float = 10.0
-    # Mean-field iterations.
-    iters: int = 10
-
-    def __post_init__(self):
-        if not 0 < self.gt_prob < 1:
-            raise ValueError(f"gt_prob must be in (0, 1), got {self.gt_prob}")
-        if self.iters < 1:
-            raise ValueError(f"iters must be >= 1, got {self.iters}")
-
-    @classmethod
-    def from_config(cls, cfg) -> "CRFParams":
-        """From a ``PseudoLabelConfig`` (fields gt_prob, gauss_*, bilateral_*, crf_iters)."""
-        return cls(gt_prob=cfg.gt_prob, gauss_sxy=cfg.gauss_sxy, gauss_compat=cfg.gauss_compat,
-                   bilateral_sxy=cfg.bilateral_sxy, bilateral_srgb=cfg.bilateral_srgb,
-                   bilateral_compat=cfg.bilateral_compat, iters=cfg.crf_iters)
+from cpal_ray.config import PseudoLabelConfig
 
 
-IRN_CRF = CRFParams()
+# The CRF parameters are the fields of ``PseudoLabelConfig`` (gt_prob, gauss_*, bilateral_*,
+# crf_iters), validated there; its defaults are IRN's.
+IRN_CRF = PseudoLabelConfig()
 
 
 def crf_refine_labels(rgb: np.ndarray, labels: np.ndarray, n_labels: int,
-                      params: CRFParams = IRN_CRF) -> np.ndarray:
+                      params: PseudoLabelConfig = IRN_CRF) -> np.ndarray:
     """Refine a label map with a fully connected CRF (IRN's recipe).
 
     rgb: (H, W, 3) uint8 image; labels: (H, W) int in [0, n_labels) (indices, not class ids);
@@ -77,5 +49,5 @@ def crf_refine_labels(rgb: np.ndarray, labels: np.ndarray, n_labels: int,
     # A writable C-contiguous copy: pydensecrf rejects read-only buffers (PIL views, Ray objects).
     d.addPairwiseBilateral(sxy=params.bilateral_sxy, srgb=params.bilateral_srgb,
                            rgbim=np.array(rgb, order="C", copy=True), compat=params.bilateral_compat)
-    q = d.inference(params.iters)
+    q = d.inference(params.crf_iters)
     return np.argmax(np.array(q).reshape((n_labels, h, w)), axis=0).astype(np.int64)

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from cpal_ray.inference.crf import IRN_CRF, CRFParams, crf_refine_labels
+from cpal_ray.config import PseudoLabelConfig
+from cpal_ray.inference.crf import IRN_CRF, crf_refine_labels
 
 IGNORE = 255
 
@@ -35,7 +36,7 @@ def seed_indices(cams: np.ndarray, bg_score: float) -> np.ndarray:
 
 
 def irn_pseudo_label(rgb: np.ndarray, cams: np.ndarray, classes: np.ndarray, conf_fg: float = 0.30,
-                     conf_bg: float = 0.05, params: CRFParams = IRN_CRF) -> np.ndarray:
+                     conf_bg: float = 0.05, params: PseudoLabelConfig = IRN_CRF) -> np.ndarray:
     """IRN's ``cam_to_ir_label``: confident foreground and background, the rest ignored.
 
     fg_conf = keys[CRF(argmax [conf_fg, cams])] (a high background score: only strong CAM is fg);
@@ -61,7 +62,7 @@ def irn_pseudo_label(rgb: np.ndarray, cams: np.ndarray, classes: np.ndarray, con
 
 
 def crf_argmax_label(rgb: np.ndarray, cams: np.ndarray, classes: np.ndarray, bg_threshold: float = 0.15,
-                     params: CRFParams = IRN_CRF) -> np.ndarray:
+                     params: PseudoLabelConfig = IRN_CRF) -> np.ndarray:
     """Seeds (argmax with a constant background score ``bg_threshold``) refined by the CRF.
 
     rgb: (H, W, 3) uint8; cams: (K, H, W); classes: (K,). Returns (H, W) uint8 in {0..N}.
@@ -80,10 +81,9 @@ def pseudo_label_from_config(rgb: np.ndarray, cams: np.ndarray, classes: np.ndar
     preset) or "crf_argmax" (with ``bg_threshold``); CRF parameters from the same config.
     Shapes as ``irn_pseudo_label``; returns (H, W) uint8.
     """
-    params = CRFParams.from_config(cfg)
     if cfg.mode == "irn":
         conf_fg, conf_bg = cfg.thresholds
-        return irn_pseudo_label(rgb, cams, classes, conf_fg, conf_bg, params)
+        return irn_pseudo_label(rgb, cams, classes, conf_fg, conf_bg, cfg)
     if cfg.mode == "crf_argmax":
-        return crf_argmax_label(rgb, cams, classes, cfg.bg_threshold, params)
+        return crf_argmax_label(rgb, cams, classes, cfg.bg_threshold, cfg)
     raise ValueError(f"unknown pseudo-label mode {cfg.mode!r}")
