@@ -33,11 +33,18 @@ N_IMAGES = 10
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A tiny CPAL model trained 4 epochs on 64 synthetic images; its last checkpoint folder."""
+    import torch
+
     from cpal_ray.engine import fit_local
 
     cfg = load_config("configs/synthetic_tiny.yaml", ["train.epochs=4", "dist.num_workers=1"])
     out = tmp_path_factory.mktemp("run")
-    fit_local(cfg, out_dir=out)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        fit_local(cfg, out_dir=out)
+    finally:
+        torch.set_num_threads(threads)
     infer = cfg.replace(**{"data.synthetic_images": N_IMAGES})
     return SimpleNamespace(cfg=cfg, infer=infer, ckpt=out / "epoch_003", overrides=[f"data.synthetic_images={N_IMAGES}"])
 
@@ -80,7 +87,7 @@ def test_multiscale_flip_beats_single_scale_and_matches_evaluate_seeds(trained, 
     from cpal_ray.engine import evaluate_seeds, load_trained
 
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # 2 OpenMP threads on 2 shared, busy cores can be 50x slower
+    torch.set_num_threads(1)  # 2 OpenMP threads on 2 shared, busy cores can be many times slower
     request.addfinalizer(lambda: torch.set_num_threads(threads))
     model, cfg, _ = load_trained(trained.ckpt)
     cfg = cfg.replace(**{"data.synthetic_images": 32})
@@ -257,12 +264,12 @@ def test_make_cams_and_eval_cams_workflows(trained, tmp_path, capsys):
     assert make_cams.main(["--checkpoint", str(trained.ckpt), "--split", "val", "--out", str(cams),
                            "--cam-cpus", "0.5", *trained.overrides]) == 0
     assert len(list(cams.glob("*.npz"))) == N_IMAGES and (cams / "config.yaml").is_file()
-    assert eval_cams.main(["--cams", str(cams), "--out", str(tmp_path / "seeds")]) == 0
-    seeds = json.loads((tmp_path / "seeds" / "seeds.json").read_text())
+    assert eval_cams.main(["--cams", str(cams)]) == 0                  # default --out: <cams>/seeds
+    seeds = json.loads((cams / "seeds" / "seeds.json").read_text())
     assert len(seeds["thresholds"]) == 61 and seeds["images"] == N_IMAGES
     assert len(seeds["iou"]) == trained.cfg.data.num_classes + 1
     for name in ("seeds.md", "miou_vs_threshold.png", "config.yaml"):
-        assert (tmp_path / "seeds" / name).is_file()
+        assert (cams / "seeds" / name).is_file()
     assert eval_cams.main(["--checkpoint", str(trained.ckpt), "--source", "pacam", "--threshold", "0.3",
                            "--out", str(tmp_path / "pacam"), *trained.overrides]) == 0
     pacam = json.loads((tmp_path / "pacam" / "seeds.json").read_text())
@@ -310,6 +317,24 @@ def test_bad_inputs_are_named_and_the_rest_finishes(ray_start_2_cpus, tmp_path, 
     _no_partial_files(out)
 
 
+def _kill_ray_session_of(driver_pid: int) -> None:
+    """SIGKILL what is left of the local Ray a killed driver started (its node agents outlive it):
+    the processes holding files of ``/tmp/ray/session_*_<driver_pid>/``, and only those."""
+    tag = f"_{driver_pid}/"
+    for proc_dir in Path("/proc").iterdir():
+        if not proc_dir.name.isdigit():
+            continue
+        try:
+            links = [os.readlink(fd) for fd in (proc_dir / "fd").iterdir()]
+        except OSError:
+            continue
+        if any("/ray/session_" in link and tag in link for link in links):
+            try:
+                os.kill(int(proc_dir.name), 9)
+            except ProcessLookupError:
+                pass
+
+
 @pytest.mark.slow
 def test_sigkill_then_rerun_gives_identical_pngs(trained, cams, uninterrupted, tmp_path):
     """A real kill: the workflow (own local Ray) is SIGKILLed mid-run, then started again."""
@@ -323,6 +348,7 @@ def test_sigkill_then_rerun_gives_identical_pngs(trained, cams, uninterrupted, t
         time.sleep(0.05)
     proc.kill()
     proc.wait()
+    _kill_ray_session_of(proc.pid)
     assert 3 <= len(_pngs(out)) < N_IMAGES, "the run finished before it could be killed"
     _no_partial_files(out)
     assert subprocess.run(cmd, env=env, capture_output=True, timeout=300).returncode == 0

@@ -8,7 +8,8 @@
 The config is ``--config`` if given, else the ``config.yaml`` of the CAM folder (written by
 make_cams) or of the checkpoint, plus the overrides. With ``--checkpoint`` the CAMs are first
 computed on Ray Data into ``<out>/cams`` (``--source`` picks CAM or PACAM); with only ``--cams``
-no Ray is started. Writes ``<out>/seeds.json``, ``seeds.md``, ``miou_vs_threshold.png`` and
+no Ray is started. Writes (``--out``, default ``<run>/seeds-<split>`` beside the checkpoint
+folder, or ``<cams>/seeds``) ``<out>/seeds.json``, ``seeds.md``, ``miou_vs_threshold.png`` and
 ``config.yaml``. Images without a usable CAM file are listed and left out; the exit status is
 then 1.
 """
@@ -27,7 +28,7 @@ def build_parser():
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--cams", help="folder of <id>.npz CAM files (make_cams output, or its pacam/)")
     src.add_argument("--checkpoint", help="compute the CAMs from this checkpoint first")
-    p.add_argument("--out", required=True, help="report folder")
+    p.add_argument("--out", default=None, help="report folder (default <run>/seeds-<split>, or <cams>/seeds)")
     p.add_argument("--split", default="val", help="dataset split (default val)")
     p.add_argument("--source", choices=("cam", "pacam"), default=None,
                    help="with --checkpoint: which map (default inference.cam_source)")
@@ -48,7 +49,10 @@ def main(argv=None) -> int:
     from cpal_ray.inference.evaluate import evaluate_cam_dir
     from cpal_ray.inference.metrics import write_report
 
-    out = Path(args.out)
+    if args.out:
+        out = Path(args.out)
+    else:
+        out = Path(args.checkpoint).resolve().parent / f"seeds-{args.split}" if args.checkpoint else cams / "seeds"
     save_config(cfg, out / "config.yaml")
     if args.checkpoint:
         from cpal_ray.distributed.pipelines import run_make_cams

@@ -5,7 +5,7 @@
     ray job submit --working-dir . -- python -m workflows.make_cams --checkpoint <run>/final --out out/cams
 
 The config is ``--config`` if given, else the checkpoint's ``config.yaml``, plus the overrides.
-Writes ``<out>/<id>.npz`` (CAM) and/or ``<out>/pacam/<id>.npz`` (PACAM; arrays ``classes``,
+Writes (``--out``, default ``<run>/cams-<split>`` beside the checkpoint folder) ``<out>/<id>.npz`` (CAM) and/or ``<out>/pacam/<id>.npz`` (PACAM; arrays ``classes``,
 ``cams``, ``size``, no pickle), ``<out>/manifest.parquet`` and ``<out>/config.yaml``. Running
 again skips the files that validate. Images that fail (missing, corrupt) are listed in the JSON
 summary and the manifest; the others are written, and the exit status is then 1.
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 from workflows.common import base_parser, config_from_folders, setup_logging
 
@@ -21,7 +22,7 @@ from workflows.common import base_parser, config_from_folders, setup_logging
 def build_parser():
     p = base_parser(__doc__.splitlines()[0])
     p.add_argument("--checkpoint", required=True, help="checkpoint or final/ folder of a training run")
-    p.add_argument("--out", required=True, help="output folder of the CAM files")
+    p.add_argument("--out", default=None, help="output folder of the CAM files (default <run>/cams-<split>)")
     p.add_argument("--split", default="val", help="dataset split: train, val or an id-list name (default val)")
     p.add_argument("--source", choices=("cam", "pacam", "both"), default="cam", help="which maps to save")
     p.add_argument("--limit", type=int, default=0, help="only the first N images (0 = all)")
@@ -39,7 +40,8 @@ def main(argv=None) -> int:
     from cpal_ray.distributed.runtime import init_ray
 
     init_ray(args.address, args.num_cpus)
-    summary = run_make_cams(cfg, args.checkpoint, args.out, split=args.split, source=args.source, limit=args.limit,
+    out = args.out or Path(args.checkpoint).resolve().parent / f"cams-{args.split}"
+    summary = run_make_cams(cfg, args.checkpoint, out, split=args.split, source=args.source, limit=args.limit,
                             overwrite=args.overwrite, cam_actors=args.cam_actors, cam_cpus=args.cam_cpus)
     print(json.dumps(summary.to_dict()))
     return 0 if summary.ok else 1

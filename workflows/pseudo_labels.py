@@ -6,7 +6,8 @@
     ray job submit --working-dir . -- python -m workflows.pseudo_labels --checkpoint <run>/final --out out/pseudo
 
 CAMs come from ``--cams`` (make_cams files) or are computed from ``--checkpoint`` into
-``<out>/cams``. The config is ``--config`` if given, else the ``config.yaml`` of the CAM folder
+``<out>/cams``; ``--out`` defaults to ``<run>/pseudo-labels-<split>`` beside the checkpoint (or
+CAM) folder. The config is ``--config`` if given, else the ``config.yaml`` of the CAM folder
 or of the checkpoint, plus the overrides. Writes ``<out>/<id>.png`` (VOC palette, 255 =
 ignore), ``<out>/manifest.parquet`` (one row per id), ``<out>/pseudo_labels_miou.json`` and
 ``config.yaml``. Killed and started again, it skips the PNGs that validate and ends with the
@@ -24,7 +25,7 @@ from workflows.common import base_parser, config_from_folders, setup_logging
 
 def build_parser():
     p = base_parser(__doc__.splitlines()[0])
-    p.add_argument("--out", required=True, help="output folder of the PNGs")
+    p.add_argument("--out", default=None, help="output folder of the PNGs (default <run>/pseudo-labels-<split>)")
     p.add_argument("--cams", default=None, help="folder of <id>.npz CAM files (else computed from --checkpoint)")
     p.add_argument("--checkpoint", default=None, help="checkpoint or final/ folder (CAMs on the fly)")
     p.add_argument("--split", default="train", help="dataset split (default train)")
@@ -51,7 +52,8 @@ def main(argv=None) -> int:
     from cpal_ray.distributed.runtime import init_ray
     from cpal_ray.inference.evaluate import evaluate_labels, write_json
 
-    out = Path(args.out)
+    out = Path(args.out) if args.out else \
+        Path(args.checkpoint or cams).resolve().parent / f"pseudo-labels-{args.split}"
     init_ray(args.address, args.num_cpus)
     summary = run_pseudo_labels(cfg, out, cam_dir=cams, checkpoint=args.checkpoint, split=args.split,
                                 overwrite=args.overwrite, limit=args.limit, crf_actors=args.crf_actors)

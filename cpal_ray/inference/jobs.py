@@ -31,6 +31,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image
 
+from cpal_ray.data.base import DataError, read_rgb as read_image_file
 from cpal_ray.inference.io import LabelFileError, atomic_write_bytes, load_cams_npz, load_label_png, save_cams_npz, \
     save_label_png
 from cpal_ray.inference.pseudo import IGNORE, pseudo_label_from_config
@@ -60,7 +61,6 @@ def image_hw(dataset, index: int) -> tuple[int, int]:
     if hasattr(dataset, "image_path"):
         sid = dataset.ids[index]
         path = dataset.image_path(sid)
-        from cpal_ray.data import DataError
         try:
             with Image.open(path) as im:
                 return im.size[1], im.size[0]
@@ -72,9 +72,8 @@ def image_hw(dataset, index: int) -> tuple[int, int]:
 def read_rgb(dataset, index: int) -> np.ndarray:
     """uint8 (H, W, 3) photo of item ``index`` without normalising (and without the mask for file sets)."""
     if hasattr(dataset, "image_path"):
-        from cpal_ray.data.base import read_rgb as _read
         sid = dataset.ids[index]
-        return _read(dataset.image_path(sid), sid)
+        return read_image_file(dataset.image_path(sid), sid)
     return dataset.read(index)[0]
 
 
