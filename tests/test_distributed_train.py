@@ -137,3 +137,16 @@ def test_stopped_run_restarts_at_next_epoch_with_bank_restored(ray_start_2_cpus,
             epoch1[int(c)] += n
     assert added == epoch1 and sum(epoch1) > 0
     assert final["bank"]["version"] == saved["bank"]["version"] + 1
+
+
+def test_cold_start_epoch0_is_bce_only_then_lself_turns_on(ray_start_2_cpus, tmp_path):
+    """Paper schedule (no warm-up): the bank is empty at the start of epoch 0, so epoch 0 is BCE
+    only; the clustering at its end gives epoch 1 context prototypes and L_self runs."""
+    from cpal_ray.distributed.trainer import run_training
+
+    cfg = cfg_for(tmp_path, "cold", **{"cpal.warmup_cluster_steps": 0, "dist.num_workers": 1,
+                                       "dist.cpus_per_worker": 1.0, "train.max_steps_per_epoch": 2})
+    hist = run_training(cfg).history
+    assert hist[0]["self"] == 0.0 and hist[0]["self_images"] == 0
+    assert hist[0]["context_versions"] == [1]  # clustered once, at the end of epoch 0
+    assert hist[1]["self_images"] > 0 and hist[1]["self"] > 0
