@@ -147,7 +147,6 @@ def test_pacam_branch_aggregates_like_the_cam(model):
         multiscale_cams(model, img, lab, SCALES, True, ctx, counts, None, pacam_fn=fake_pacam)
 
 
-@pytest.mark.xfail(strict=False, reason="wired once cpal_ray.cpal's inference PACAM is final")
 def test_pacam_with_the_real_cpal_function(model):
     from cpal_ray.config import CPALConfig
 
