@@ -63,6 +63,29 @@ def machine_line() -> str:
             f"load average {load}")
 
 
+def set_threads(n: int) -> int:
+    """torch intra-op threads (0 = leave torch's default). The benchmarks default to 1: on a
+    shared 2-core machine two OpenMP threads wait on each other whenever one is descheduled
+    (measured here: a 7 ms step became 0.3-2 s), and a Ray Train worker with < 2 CPUs runs
+    torch with OMP_NUM_THREADS=1 anyway."""
+    import torch
+
+    if n > 0:
+        torch.set_num_threads(n)
+    return torch.get_num_threads()
+
+
+def resolve_clock(name: str, device: str, threads: int) -> str:
+    """'auto' -> 'cpu' (process CPU time) for a single-threaded CPU run, else 'wall'.
+
+    On a shared machine the CPU time of a single-threaded process is what the work costs
+    without the other tenants' interference (its wall time also counts the time it waited for a
+    core); with several threads or a GPU only wall time is meaningful."""
+    if name != "auto":
+        return name
+    return "cpu" if device == "cpu" and threads == 1 else "wall"
+
+
 def resolve_device(name: str) -> str:
     """'auto' -> 'cuda' when a GPU is visible, else 'cpu'."""
     if name != "auto":
@@ -138,7 +161,7 @@ def _fmt(x) -> str:
 def ratio_line(name: str, value: float, op: str, target: float, unit: str = "") -> str:
     """'ratio <name> = <value> (target <op> <target>, met|MISSED)'. op is '<=' or '>='."""
     met = value <= target if op == "<=" else value >= target
-    return f"ratio {name} = {value:.3g}{unit} (target {op} {target:g}{unit}, {'met' if met else 'MISSED'})"
+    return f"ratio {name} = {value:.3f}{unit} (target {op} {target:g}{unit}, {'met' if met else 'MISSED'})"
 
 
 def base_parser(doc: str) -> argparse.ArgumentParser:
@@ -146,6 +169,9 @@ def base_parser(doc: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=first, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="a smaller run (< 30 s) for smoke tests")
     p.add_argument("--reps", type=int, default=0, help="timed repetitions per variant (0 = the benchmark's default)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (0 = torch's default; see set_threads)")
+    p.add_argument("--clock", default="auto", choices=("auto", "wall", "cpu"),
+                   help="what the headline ratio uses: wall time or process CPU time (auto: see resolve_clock)")
     return p
 
 

@@ -18,7 +18,6 @@ import copy
 import dataclasses
 import time
 
-import numpy as np
 import torch
 
 import _common as C
@@ -30,11 +29,17 @@ from cpal_ray.models import build_model
 NUM_CLASSES = 20
 
 
-def make_config(backbone: str, batch: int, enabled: bool, lr: float = 1e-3) -> Config:
+def make_config(backbone: str, batch: int, enabled: bool, lr: float = 1e-5) -> Config:
+    """EfficientNet-Lite0 gets its shipped ImageNet weights: randomly initialised, its frozen
+    BatchNorms shrink the features to ~1e-7, every normalised CAM stays below tau, no instance
+    prototype exists and the CPAL step would silently skip PACAM and L_self. ResNet-50 and the
+    tiny net keep random weights (none can be downloaded here; see ``build`` for their CAMs).
+    The small learning rate keeps repeated steps on one batch finite; it does not change the cost."""
     cfg = Config()
     return dataclasses.replace(
         cfg,
-        model=dataclasses.replace(cfg.model, backbone=backbone, pretrained=False, weights="", proj_dim=128),
+        model=dataclasses.replace(cfg.model, backbone=backbone, pretrained=backbone == "efficientnet_lite0",
+                                  weights="", proj_dim=128),
         cpal=dataclasses.replace(cfg.cpal, enabled=enabled),  # paper defaults: N_p 50, K 20, bank 1000, tau 0.1
         optim=dataclasses.replace(cfg.optim, lr=lr),
         train=dataclasses.replace(cfg.train, batch_size=batch, log_every=10**9),
@@ -59,15 +64,18 @@ class Stepper:
         self.sched = poly_scheduler(self.opt, 10**6, cfg.optim.poly_power)
         self.calls = 0
         self.last: dict = {}
+        self.cpu_seconds: list[float] = []
 
     def step(self) -> float:
+        """Wall seconds of one step; the process CPU seconds go to ``cpu_seconds``."""
         C.sync(self.device)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         # epoch = call number: every bank key (epoch, step, rank) is new, so every push stores.
         self.last = train_one_epoch(self.model, [self.batch], self.opt, self.sched, self.cfg, epoch=self.calls,
                                     device=self.device, bank=self.bank, context=self.context, max_steps=1)
         C.sync(self.device)
         self.calls += 1
+        self.cpu_seconds.append(time.process_time() - c0)
         return time.perf_counter() - t0
 
 
@@ -75,6 +83,13 @@ def build(backbone: str, batch: int, size: int, device: str, seed: int = 0):
     torch.manual_seed(seed)
     cam_cfg, cpal_cfg = make_config(backbone, batch, False), make_config(backbone, batch, True)
     model = build_model(cam_cfg.model, NUM_CLASSES)
+    if not cam_cfg.model.pretrained:
+        # Random weights: a class whose raw CAM is negative everywhere has no instance prototype,
+        # and an image with such a class takes no part in L_self. Non-negative classifier weights
+        # on the (post-ReLU, non-negative) features keep every positive class's CAM alive, so the
+        # CPAL step does all of its work; the cost of a step does not depend on the weights' sign.
+        with torch.no_grad():
+            model.classifier.weight.abs_()
     images = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
     labels = torch.from_numpy(C.multilabel_batch(batch, NUM_CLASSES, seed))
     data = {"image": images, "label": labels}
@@ -104,21 +119,31 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.quick:
         args.backbone, args.size = "tiny", 128
-    reps = args.reps or (3 if args.quick else 7)
+    reps = args.reps or (3 if args.quick else 6)
     device = C.resolve_device(args.device)
+    threads = C.set_threads(args.threads)
+    clock = C.resolve_clock(args.clock, device, threads)
     C.header("CPAL step vs CAM step")
     cam, cpal, bank = build(args.backbone, args.batch, args.size, device)
-    print(f"setting: {args.backbone} (pretrained=False, proj 128), batch {args.batch}, {args.size}x{args.size} px, "
+    print(f"setting: {args.backbone} (pretrained={cpal.cfg.model.pretrained}, proj 128), batch {args.batch}, "
+          f"{args.size}x{args.size} px, "
           f"{device}; N={NUM_CLASSES}, N_p=50, K=20, D=128, bank 1000/class (in-process), {reps} reps")
-    times = C.interleave({"cam_step": cam.step, "cpal_step": cpal.step}, reps=reps, warmup=1)
-    ratio = C.paired_ratio(times["cpal_step"], times["cam_step"])
+    warmup = 1
+    times = C.interleave({"cam_step": cam.step, "cpal_step": cpal.step}, reps=reps, warmup=warmup)
+    cpu = {"cam_step": cam.cpu_seconds[warmup:], "cpal_step": cpal.cpu_seconds[warmup:]}
+    wall_ratio = C.paired_ratio(times["cpal_step"], times["cam_step"])
+    cpu_ratio = C.paired_ratio(cpu["cpal_step"], cpu["cam_step"])
     med = {k: C.median(v) for k, v in times.items()}
-    C.print_table(["step", "median s", "min-max s", "images/s"],
-                  [[k, med[k], C.spread(v), args.batch / med[k]] for k, v in times.items()])
+    C.print_table(["step", "median wall s", "min-max wall s", "median CPU s", "images/s"],
+                  [[k, med[k], C.spread(v), C.median(cpu[k]), args.batch / med[k]] for k, v in times.items()])
     print(f"CPAL step: L_self over {cpal.last.get('self_images', 0)}/{args.batch} images, "
           f"pushed {sum(cpal.last.get('pushed', {}).values())} prototypes, context v{cpal.context.version}; "
           f"bank keys {len(bank.keys)}")
-    print(f"ratio of medians = {med['cpal_step'] / med['cam_step']:.3f}; median of paired ratios = {ratio:.3f}")
+    print(f"wall: ratio of medians {med['cpal_step'] / med['cam_step']:.3f}, median of paired ratios {wall_ratio:.3f}; "
+          f"CPU time: median of paired ratios {cpu_ratio:.3f}; headline clock: {clock}")
+    ratio = cpu_ratio if clock == "cpu" else wall_ratio
+    if cpal.last.get("self_images", 0) == 0:
+        print("WARNING: no image took part in L_self: the CPAL step measured no PACAM work")
     if args.profile:
         profile_cpal(cpal)
     print(C.ratio_line("cpal_step/cam_step", ratio, "<=", 1.15))

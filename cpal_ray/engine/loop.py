@@ -95,7 +95,7 @@ def train_one_epoch(model: torch.nn.Module, loader, optimizer: torch.optim.Optim
         loss = terms["loss"] + 0.0 * out["z"].sum()
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite loss at epoch {epoch} step {step} (rank {rank}): "
-                                     f"{ {k: float(terms[k]) for k in ('loss', 'bce', 'self')} }")
+                                     f"{ {k: float(terms[k].detach()) for k in ('loss', 'bce', 'self')} }")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.optim.grad_clip > 0:
