@@ -130,8 +130,9 @@ class CPALConfig:
     normalize_bank: bool = True
     # Divide each PACAM map by its max (as Eq. 3 does for the CAM); False = literal Eq. 13.
     pacam_normalize: bool = False
-    # k-means iterations and seed (faiss).
+    # k-means (faiss, k-means++ init): iterations, restarts kept best-of, seed.
     kmeans_iters: int = 20
+    kmeans_redo: int = 5
     kmeans_seed: int = 1234
     # Cold start (NOTES 8): steps of epoch 0 after which a first clustering runs; 0 = paper
     # reading (cluster only at the start of each epoch, so epoch 0 is BCE only).
@@ -149,6 +150,7 @@ class CPALConfig:
         _check(self.lambda_bce >= 0, "cpal.lambda_bce", "must be >= 0")
         _check(self.lambda_self >= 0, "cpal.lambda_self", "must be >= 0")
         _check(self.kmeans_iters >= 1, "cpal.kmeans_iters", "must be >= 1")
+        _check(self.kmeans_redo >= 1, "cpal.kmeans_redo", "must be >= 1")
         _check(self.warmup_cluster_steps >= 0, "cpal.warmup_cluster_steps", "must be >= 0")
 
 

@@ -33,16 +33,18 @@ class PrototypeBank:
         capacity: entries kept per class (paper: 1000); the oldest go first.
         num_clusters: N_p context prototypes per class (paper: 50).
         spherical: run spherical k-means (for L2-normalised entries).
-        kmeans_iters, seed: faiss k-means settings.
+        kmeans_iters, seed, kmeans_redo: faiss k-means settings (iterations, seed, restarts).
         prefer_gpu: let faiss use a GPU when it sees one.
     """
 
     def __init__(self, num_classes: int, dim: int, capacity: int = 1000, num_clusters: int = 50,
-                 spherical: bool = True, kmeans_iters: int = 20, seed: int = 1234, prefer_gpu: bool = True):
+                 spherical: bool = True, kmeans_iters: int = 20, seed: int = 1234, prefer_gpu: bool = True,
+                 kmeans_redo: int = 5):
         if num_classes < 1 or dim < 1 or capacity < 1 or not 1 <= num_clusters <= capacity:
             raise ValueError(f"bad bank shape: classes={num_classes} dim={dim} capacity={capacity} clusters={num_clusters}")
         self.num_classes, self.dim, self.capacity, self.num_clusters = num_classes, dim, capacity, num_clusters
         self.spherical, self.kmeans_iters, self.seed, self.prefer_gpu = spherical, kmeans_iters, seed, prefer_gpu
+        self.kmeans_redo = kmeans_redo
         self._data = np.zeros((num_classes, capacity, dim), dtype=np.float32)
         self._size = np.zeros(num_classes, dtype=np.int64)   # entries held per class
         self._head = np.zeros(num_classes, dtype=np.int64)   # next slot to write per class
@@ -123,7 +125,7 @@ class PrototypeBank:
             if len(x) == 0:
                 continue
             cents, dev = kmeans(x, self.num_clusters, niter=self.kmeans_iters, seed=self.seed + c,
-                                spherical=self.spherical, prefer_gpu=self.prefer_gpu)
+                                spherical=self.spherical, prefer_gpu=self.prefer_gpu, nredo=self.kmeans_redo)
             context[c, : len(cents)] = cents
             counts[c] = len(cents)
             devices.add(dev)
@@ -180,4 +182,4 @@ class PrototypeBank:
     def from_config(cls, cpal_cfg, num_classes: int, dim: int, prefer_gpu: bool = True) -> "PrototypeBank":
         return cls(num_classes, dim, capacity=cpal_cfg.bank_size, num_clusters=cpal_cfg.num_clusters,
                    spherical=cpal_cfg.normalize_bank, kmeans_iters=cpal_cfg.kmeans_iters,
-                   seed=cpal_cfg.kmeans_seed, prefer_gpu=prefer_gpu)
+                   seed=cpal_cfg.kmeans_seed, prefer_gpu=prefer_gpu, kmeans_redo=cpal_cfg.kmeans_redo)

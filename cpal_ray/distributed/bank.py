@@ -95,6 +95,7 @@ def bank_kwargs_from_config(cfg, dim: int, prefer_gpu: bool) -> dict:
     c = cfg.cpal
     return {"num_classes": cfg.data.num_classes, "dim": dim, "capacity": c.bank_size, "num_clusters": c.num_clusters,
             "spherical": c.normalize_bank, "kmeans_iters": c.kmeans_iters, "seed": c.kmeans_seed,
+            "kmeans_redo": c.kmeans_redo,
             "prefer_gpu": prefer_gpu}
 
 
