@@ -121,7 +121,7 @@ def test_stopped_run_restarts_at_next_epoch_with_bank_restored(ray_start_2_cpus,
     stopping = cfg_for(tmp_path, "resume", **{"dist.crash_rank": 0, "dist.crash_step": steps + 2, "dist.max_failures": 0})
     with pytest.raises(Exception):
         run_training(stopping)
-    ckpts = sorted((tmp_path / "resume").glob("checkpoint_*"))
+    ckpts = sorted(p for p in (tmp_path / "resume").glob("checkpoint_*") if p.is_dir())
     assert len(ckpts) == 1
     saved = load_checkpoint(ckpts[0])
     assert saved["epoch"] == 1 and set(saved["bank"]["keys"]) == expected_keys(1, steps, 2)
