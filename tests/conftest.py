@@ -1,6 +1,6 @@
 """Shared fixtures. Ray tests get one local Ray per test module (``ray_start_2_cpus``), started
-with ``address="local"`` and shut down by the fixture: never ``ray stop``, which would also
-kill Ray processes that other users of this machine started."""
+with ``address="local"`` and shut down by the fixture with ``ray.shutdown()``, never by the
+CLI that stops every Ray on the machine, including other users' ones."""
 import os
 
 import pytest

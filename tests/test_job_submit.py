@@ -1,7 +1,7 @@
 """`ray job submit` against a local head started here (token auth left on, as Ray 2.60 defaults).
 
 This module owns its Ray session (with the dashboard, which hosts the job server) and shuts it
-down at the end; it never runs `ray stop`.
+down at the end; it never stops a Ray it did not start.
 """
 import json
 import os
