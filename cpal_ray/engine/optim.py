@@ -35,7 +35,3 @@ def steps_per_epoch(num_images: int, global_batch: int, max_steps: int = 0) -> i
 def total_steps(num_images: int, global_batch: int, epochs: int, max_steps: int = 0) -> int:
     return steps_per_epoch(num_images, global_batch, max_steps) * epochs
 
-
-def current_lrs(optimizer: torch.optim.Optimizer) -> list[float]:
-    return [g["lr"] for g in optimizer.param_groups]
-
