@@ -83,9 +83,10 @@ def run_demo(cfg: Config, out_dir: str | Path, *, fresh: bool = True, grid_image
     for run, overrides in RUNS.items():
         rcfg = cfg.replace(**{"train.name": f"demo-{run}", "train.storage_path": str(out / "runs"), **overrides})
         r: dict = {"timings": {}}
-        with _stage(timings, f"{run}: train ({rcfg.train.epochs} epochs, {rcfg.dist.num_workers} workers)", say):
+        train_stage = f"{run}: train ({rcfg.train.epochs} epochs, {rcfg.dist.num_workers} workers)"
+        with _stage(timings, train_stage, say):
             result = run_training(rcfg)
-        r["timings"]["train"] = timings[f"{run}: train ({rcfg.train.epochs} epochs, {rcfg.dist.num_workers} workers)"]
+        r["timings"]["train"] = timings[train_stage]
         r["final"] = result.final_dir
         source = "both" if rcfg.cpal.enabled else "cam"
         with _stage(timings, f"{run}: val CAMs + seed mIoU", say):

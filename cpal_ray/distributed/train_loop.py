@@ -22,8 +22,8 @@ import torch.distributed as dist
 
 from cpal_ray.config import from_dict
 from cpal_ray.distributed.bank import NAMESPACE, BankClient
-from cpal_ray.engine import (Context, build_optimizer, load_checkpoint, poly_scheduler, save_checkpoint,
-                             train_one_epoch)
+from cpal_ray.engine import (Context, build_optimizer, context_from_state, load_checkpoint, poly_scheduler,
+                             save_checkpoint, train_one_epoch, warmup_hook)
 from cpal_ray.engine.sampler import GlobalBatchSampler
 
 log = logging.getLogger(__name__)
@@ -108,9 +108,7 @@ def train_loop_per_worker(config: dict) -> None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_epoch = state["epoch"]
-        c = state.get("context")
-        if c and int(c["version"]) > 0:
-            context = Context(c["prototypes"].float(), c["counts"].long(), int(c["version"]))
+        context = context_from_state(state)
     if actor is not None and rank == 0:
         ray.get(actor.load_state_dict.remote(state["bank"] if state else None))
     model = ray.train.torch.prepare_model(model)  # (3) DDP (gloo on CPU, nccl on GPU), moved to device
@@ -120,15 +118,15 @@ def train_loop_per_worker(config: dict) -> None:
         sampler.set_epoch(epoch)
         if hasattr(dataset, "set_epoch"):
             dataset.set_epoch(epoch)
-        hooks = [h for h in (_warmup_hook(cfg, epoch, client), make_fault_hook(cfg, rank, epoch, n_steps, actor)) if h]
+        cluster = (lambda tag: _cluster_all_ranks(client, tag)) if client is not None else None
+        hooks = [h for h in (warmup_hook(cfg, epoch, cluster) if cluster else None,
+                             make_fault_hook(cfg, rank, epoch, n_steps, actor)) if h]
         stats = train_one_epoch(model, loader, optimizer, scheduler, cfg, epoch=epoch, device=device, bank=client,
                                 context=context, rank=rank, max_steps=n_steps, on_step=_chain(hooks))
-        if client is not None:
-            client.flush()
-        _barrier()
         if client is not None:  # clustering for the next epoch: run once by the actor, same version for all
-            arr, counts, version = client.cluster(f"epoch{epoch + 1}")
-            context = Context.from_numpy(arr, counts, version) if counts.sum() > 0 else None
+            context = _cluster_all_ranks(client, f"epoch{epoch + 1}")
+        else:
+            _barrier()
         versions = _gather(context.version if context else 0)
         pushed = _gather(stats["pushed"])
         metrics = {k: stats[k] for k in ("loss", "bce", "self", "steps", "images", "self_images",
@@ -166,17 +164,10 @@ def _chain(hooks):
     return run
 
 
-def _warmup_hook(cfg, epoch: int, client):
-    s = cfg.cpal.warmup_cluster_steps
-    if client is None or s <= 0 or epoch != 0:
-        return None
-
-    def hook(step, done):
-        if done != s:
-            return None
-        client.flush()  # every rank's pushes land before anyone asks for the clustering
-        _barrier()
-        arr, counts, version = client.cluster("warmup")
-        return Context.from_numpy(arr, counts, version) if counts.sum() > 0 else None
-
-    return hook
+def _cluster_all_ranks(client: BankClient, tag: str) -> Context | None:
+    """Every rank: land its own pushes, meet the others, then ask the actor for the clustering
+    of ``tag`` (run once, by the first caller). None while the bank is still empty."""
+    client.flush()
+    _barrier()
+    arr, counts, version = client.cluster(tag)
+    return Context.from_numpy(arr, counts, version) if counts.sum() > 0 else None
