@@ -10,8 +10,8 @@ default) alternate between two banks:
 - local: an in-process ``PrototypeBank``.
 Measured on the worker side: the wall time of each ``bank.push`` call inside the step, and
 (alternately, several times) the per-epoch context fetch: ``BankClient.cluster(tag)`` of a tag
-already clustered = flush + round trip + the N x N_p x D context, then ``Context.from_numpy``;
-the in-process equivalent for the local bank. The fetch is amortised over the paper's
+already clustered = flush + barrier + round trip returning the N x N_p x D ``Context``; the
+in-process equivalent for the local bank. The fetch is amortised over the paper's
 10582 / 16 = 661 steps per epoch. Traffic per step = push + fetch / 661, as % of the measured step.
 The k-means itself runs once per epoch on the actor, off the workers' path: bench_kmeans.py.
 """
@@ -70,18 +70,18 @@ def main(argv=None) -> int:
     import bench_cpal_step as S
     from cpal_ray.cpal import PrototypeBank
     from cpal_ray.distributed.bank import BankClient, create_bank_actor
-    from cpal_ray.engine import Context
 
     ray = start_ray()
     try:
         _, stepper, _ = S.build(args.backbone, args.batch, args.size, "cpu")
         cfg = stepper.cfg
-        actor = create_bank_actor(cfg, DIM, f"bench-bank-{os.getpid()}")
+        assert cfg.model.proj_dim == DIM, "the stepper's projection dim is the bank's D"
+        actor = create_bank_actor(cfg, f"bench-bank-{os.getpid()}")
         fill = C.clustered_unit_vectors(NUM_CLASSES, cfg.cpal.bank_size, DIM, seed=1)
         ray.get([actor.push.remote(("fill", c), np.full(cfg.cpal.bank_size, c), fill[c]) for c in range(NUM_CLASSES)])
         ray.get(actor.cluster.remote("bench"))
         client = BankClient(actor, cfg.dist.max_pushes_in_flight)
-        local = PrototypeBank.from_config(cfg.cpal, NUM_CLASSES, DIM, prefer_gpu=False)
+        local = PrototypeBank.from_config(cfg, DIM, prefer_gpu=False)
         C.fill_bank(local, seed=1)
         local.cluster("bench")
         banks = {"ray": TimedBank(client), "local": TimedBank(local)}
@@ -90,7 +90,7 @@ def main(argv=None) -> int:
 
         def step_with(name):
             def run():
-                stepper.bank = banks[name]
+                stepper.state.bank = banks[name]
                 wall = stepper.step()
                 step_wall[name].append(wall)
                 step_cpu[name].append(stepper.cpu_seconds[-1])
@@ -99,14 +99,12 @@ def main(argv=None) -> int:
 
         def fetch_ray():
             t0 = time.perf_counter()
-            arr, counts, version = client.cluster("bench")
-            Context.from_numpy(arr, counts, version)
+            client.cluster("bench")
             return time.perf_counter() - t0
 
         def fetch_local():
             t0 = time.perf_counter()
-            arr, counts, version = local.cluster("bench")
-            Context.from_numpy(arr, counts, version)
+            local.cluster("bench")
             return time.perf_counter() - t0
 
         print(f"setting: {args.backbone} (pretrained={cfg.model.pretrained}), per-worker batch {args.batch}, "
@@ -125,8 +123,8 @@ def main(argv=None) -> int:
         burst = (time.perf_counter() - t0) / burst_n
         push = {k: b.seconds[1:] for k, b in banks.items()}  # drop the warm-up step's push
         push_bytes = client.bytes_sent / max(client.pushes, 1)
-        arr, counts, _ = client.cluster("bench")
-        fetch_bytes = arr.nbytes + counts.nbytes
+        context = client.cluster("bench")
+        fetch_bytes = context.prototypes.nbytes + context.counts.nbytes
         t0 = time.perf_counter()
         client.cluster("bench-new")  # a new tag: the actor runs the k-means (once per epoch in training)
         cluster_rpc = time.perf_counter() - t0

@@ -22,8 +22,8 @@ import torch
 
 import _common as C
 from cpal_ray.config import Config
-from cpal_ray.cpal import PrototypeBank
-from cpal_ray.engine import Context, build_optimizer, poly_scheduler, train_one_epoch
+from cpal_ray.cpal import Context, PrototypeBank
+from cpal_ray.engine import TrainState, build_optimizer, build_scheduler, train_one_epoch
 from cpal_ray.models import build_model
 
 NUM_CLASSES = 20
@@ -48,20 +48,19 @@ def make_config(backbone: str, batch: int, enabled: bool, lr: float = 1e-5) -> C
 
 def make_context(cfg: Config, dim: int, seed: int = 0) -> tuple[PrototypeBank, Context]:
     """A bank filled to capacity (1000 per class) and its clustering (the epoch's context)."""
-    bank = PrototypeBank.from_config(cfg.cpal, NUM_CLASSES, dim, prefer_gpu=False)
+    bank = PrototypeBank.from_config(cfg, dim, prefer_gpu=False)
     C.fill_bank(bank, seed)
-    ctx, counts, version = bank.cluster("bench")
-    return bank, Context.from_numpy(ctx, counts, version)
+    return bank, bank.cluster("bench")
 
 
 class Stepper:
     """One model + optimiser; ``step()`` runs one ``train_one_epoch`` step and returns its seconds."""
 
     def __init__(self, model, cfg: Config, batch: dict, device: str, bank=None, context=None):
-        self.model, self.cfg, self.batch, self.device = model, cfg, batch, device
-        self.bank, self.context = bank, context
-        self.opt = build_optimizer(model, cfg.optim)
-        self.sched = poly_scheduler(self.opt, 10**6, cfg.optim.poly_power)
+        self.cfg, self.batch, self.device, self.context = cfg, batch, device, context
+        opt = build_optimizer(model, cfg.optim)
+        self.state = TrainState(cfg, model, opt, build_scheduler(opt, 10**6, cfg.optim.poly_power), bank, context,
+                                device, rank=0, world_size=1, steps_per_epoch=1)
         self.calls = 0
         self.last: dict = {}
         self.cpu_seconds: list[float] = []
@@ -71,8 +70,8 @@ class Stepper:
         C.sync(self.device)
         t0, c0 = time.perf_counter(), time.process_time()
         # epoch = call number: every bank key (epoch, step, rank) is new, so every push stores.
-        self.last = train_one_epoch(self.model, [self.batch], self.opt, self.sched, self.cfg, epoch=self.calls,
-                                    device=self.device, bank=self.bank, context=self.context, max_steps=1)
+        self.state.epoch = self.calls
+        self.last = train_one_epoch(self.state, [self.batch])
         C.sync(self.device)
         self.calls += 1
         self.cpu_seconds.append(time.process_time() - c0)

@@ -61,13 +61,13 @@ def main() -> int:
     if args.child:
         child(args)
         return 0
-    from cpal_ray.engine import save_checkpoint
+    from cpal_ray.engine import checkpoint_state, write_checkpoint
     from cpal_ray.models import build_model
 
     with tempfile.TemporaryDirectory() as work:
         cfg = bench_config(args.n, args.size)
-        save_checkpoint(Path(work) / "ckpt", model=build_model(cfg.model, cfg.data.num_classes), epoch=0,
-                        global_step=0, cfg=cfg)
+        write_checkpoint(Path(work) / "ckpt",
+                         checkpoint_state(model=build_model(cfg.model, cfg.data.num_classes), cfg=cfg, epoch=0))
         peaks = []
         for n in (args.n, 4 * args.n):
             cmd = [sys.executable, __file__, "--child", "--n", str(n), "--size", str(args.size), "--workdir", work]

@@ -15,7 +15,6 @@ from typing import Any
 
 import yaml
 
-BACKBONES = ("resnet50", "efficientnet_lite0", "tiny")
 DATASETS = ("voc", "coco", "synthetic")
 METRICS = ("dot", "l1", "l2", "cosine")
 CAM_SOURCES = ("cam", "pacam")
@@ -96,7 +95,10 @@ class ModelConfig:
     tiny_width: int = 32
 
     def __post_init__(self):
-        _check(self.backbone in BACKBONES, "model.backbone", f"unknown backbone {self.backbone!r}; choose from {BACKBONES}")
+        from cpal_ray.models import list_backbones  # the registry owns the names
+
+        known = list_backbones()
+        _check(self.backbone in known, "model.backbone", f"unknown backbone {self.backbone!r}; choose from {known}")
         _check(self.proj_dim >= 0, "model.proj_dim", f"must be >= 0, got {self.proj_dim}")
         _check(self.tiny_width >= 4, "model.tiny_width", "must be >= 4")
 

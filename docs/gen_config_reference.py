@@ -25,12 +25,13 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from cpal_ray import config as C  # noqa: E402
+from cpal_ray.models import list_backbones  # noqa: E402
 
 OUT = REPO / "docs" / "config.md"
 # Allowed values of fields validated against a module-level constant.
 CHOICES = {
     ("data", "dataset"): C.DATASETS,
-    ("model", "backbone"): C.BACKBONES,
+    ("model", "backbone"): tuple(list_backbones()),
     ("cpal", "metric"): C.METRICS,
     ("inference", "cam_source"): C.CAM_SOURCES,
     ("pseudo", "mode"): C.PSEUDO_MODES,

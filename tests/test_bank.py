@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from cpal_ray.cpal import PrototypeBank, kmeans, kmeans_inertia
+from cpal_ray.cpal import Context, PrototypeBank, kmeans, kmeans_inertia
 
 pytestmark = pytest.mark.unit
 
@@ -28,7 +28,6 @@ def test_same_key_twice_stores_once():
     assert bank.push((1, 7, 0), [0, 2], protos) is False
     assert bank.push((1, 7, 1), [0], protos[:1]) is True  # another rank: a different key
     assert bank.counts().tolist() == [2, 0, 1] and bank.has_key((1, 7, 0))
-    assert bank.push_many([((1, 8, 0), [1], protos[:1]), ((1, 7, 0), [1], protos[:1])]) == 1
 
 
 def test_bad_pushes_raise_and_store_nothing():
@@ -47,7 +46,7 @@ def test_state_round_trip_is_exact_and_weights_only_loadable(tmp_path):
     bank = PrototypeBank(num_classes=3, dim=4, capacity=5, num_clusters=2, spherical=False)
     for i in range(9):
         bank.push((0, i, i % 2), [i % 3], rng.normal(size=(1, 4)))
-    bank.cluster("epoch1")
+    context = bank.cluster("epoch1")
     path = tmp_path / "bank.pt"
     torch.save(bank.state_dict(), path)
     restored = PrototypeBank(num_classes=3, dim=4, capacity=5, num_clusters=2, spherical=False)
@@ -55,7 +54,9 @@ def test_state_round_trip_is_exact_and_weights_only_loadable(tmp_path):
     for c in range(3):
         np.testing.assert_array_equal(restored.entries(c), bank.entries(c))
     assert restored.keys == bank.keys and restored.version == bank.version == 1
-    np.testing.assert_array_equal(restored.context, bank.context)
+    assert restored.context.version == 1 and restored.cluster("epoch1") is restored.context  # tag restored too
+    torch.testing.assert_close(restored.context.prototypes, context.prototypes, rtol=0, atol=0)
+    torch.testing.assert_close(restored.context.counts, context.counts, rtol=0, atol=0)
     # The restored bank behaves identically afterwards (FIFO head restored too).
     for b in (bank, restored):
         b.push("next", [0, 1], np.full((2, 4), 7.0))
@@ -63,6 +64,8 @@ def test_state_round_trip_is_exact_and_weights_only_loadable(tmp_path):
         np.testing.assert_array_equal(restored.entries(c), bank.entries(c))
     with pytest.raises(ValueError, match="shape"):
         PrototypeBank(num_classes=4, dim=4, capacity=5, num_clusters=2).load_state_dict(bank.state_dict())
+    restored.load_state_dict(None)  # a run starting from scratch empties the bank
+    assert restored.counts().sum() == 0 and not restored.keys and restored.context is None and restored.version == 0
 
 
 def test_kmeans_recovers_well_separated_blobs():
@@ -82,15 +85,29 @@ def test_cluster_small_and_empty_classes_and_tag_runs_once():
     for i in range(40):
         bank.push(("a", i), [0], rng.normal(size=(1, 2)))
     bank.push(("b", 0), [1, 1], np.array([[1.0, 2.0], [3.0, 4.0]]))  # fewer entries than N_p
-    ctx, counts, version = bank.cluster("epoch1")
-    assert counts.tolist() == [4, 2, 0] and version == 1
+    first = bank.cluster("epoch1")
+    ctx = first.prototypes.numpy()
+    assert first.counts.tolist() == [4, 2, 0] and first.version == 1
     np.testing.assert_allclose(ctx[1, :2], [[1.0, 2.0], [3.0, 4.0]])  # used as they are
     assert np.abs(ctx[2]).sum() == 0 and np.abs(ctx[1, 2:]).sum() == 0
     bank.push(("c", 0), [2], np.ones((1, 2)))
-    _, counts2, version2 = bank.cluster("epoch1")  # same tag: no new clustering
-    assert version2 == 1 and counts2.tolist() == [4, 2, 0]
-    _, counts3, version3 = bank.cluster("epoch2")
-    assert version3 == 2 and counts3.tolist() == [4, 2, 1]
+    again = bank.cluster("epoch1")  # same tag: no new clustering
+    assert again.version == 1 and again.counts.tolist() == [4, 2, 0]
+    third = bank.cluster("epoch2")
+    assert third.version == 2 and third.counts.tolist() == [4, 2, 1]
+
+
+def test_empty_bank_has_no_context_and_context_state_round_trips():
+    bank = PrototypeBank(num_classes=2, dim=3, capacity=4, num_clusters=2)
+    assert bank.cluster("epoch1") is None and bank.version == 0  # nothing to cluster yet
+    assert Context.from_state(None) is None
+    zero = Context(torch.zeros(2, 2, 3), torch.zeros(2, dtype=torch.long), 1)
+    assert Context.from_state(zero.state_dict()) is None  # no class with prototypes = no context
+    bank.push("k", [1], np.ones((1, 3)))
+    ctx = bank.cluster("epoch1")
+    assert ctx.counts.tolist() == [0, 1]
+    back = Context.from_state(ctx.state_dict())
+    assert back.version == ctx.version and torch.equal(back.prototypes, ctx.prototypes)
 
 
 def test_spherical_clustering_gives_unit_centroids():

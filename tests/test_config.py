@@ -1,4 +1,6 @@
 """Config: paper defaults, YAML + dotted overrides, round trip, and clear validation errors."""
+import dataclasses
+
 import pytest
 
 from cpal_ray.config import Config, ConfigError, load_config, parse_overrides, save_config
@@ -46,7 +48,7 @@ def test_yaml_overrides_and_round_trip(tmp_path):
     saved = save_config(cfg, tmp_path / "out" / "config.yaml")
     assert load_config(saved) == cfg
     assert cfg.replace(**{"cpal.tau": 0.3}).cpal.tau == 0.3 and cfg.cpal.tau == 0.2  # frozen copy
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.cpal.tau = 0.5  # frozen
 
 

@@ -89,9 +89,18 @@ def test_eq6_topk_by_cosine_ignores_padding_and_scale():
 
 
 def test_positiveness_cancels_inside_a_cosine():
-    """NOTES 3: scaling p_i by w_i > 0 changes no cosine, hence the normalised-weight reading."""
-    a, p, w = t([0.3, -1.2, 2.0]), t([1.0, 0.5, -0.2]), 0.37
-    assert torch.cosine_similarity(a, w * p, dim=0) == pytest.approx(torch.cosine_similarity(a, p, dim=0).item(), rel=1e-6)
+    """NOTES 3: scaling each p_i by w_i > 0 changes neither the top-K of Eq. 6 nor the literal
+    Eq. 13 (cosines), which is why the weights must act on the similarity maps instead."""
+    g = torch.Generator().manual_seed(5)
+    anchors, context = torch.randn(2, 3, 4, generator=g), torch.randn(3, 5, 4, generator=g)
+    counts, labels = torch.tensor([5, 5, 5]), t([[1, 1, 0], [0, 1, 1]])
+    scaled = context * (0.1 + torch.rand(3, 5, 1, generator=g) * 3)  # w_i p_i, w_i > 0
+    sel = select_neighbours(anchors, context, counts, top_k=2)
+    assert torch.equal(select_neighbours(anchors, scaled, counts, top_k=2), sel)
+    z = torch.randn(2, 4, 3, 3, generator=g)
+    uniform = neighbour_weights(torch.zeros(2, 3, 5), sel, positiveness=False)
+    torch.testing.assert_close(prototype_aware_cam(z, uniform, scaled, labels),
+                               prototype_aware_cam(z, uniform, context, labels))
 
 
 def test_normalised_positiveness_is_softmax_over_selected():

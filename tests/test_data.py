@@ -14,7 +14,7 @@ from cpal_ray.data import (COCO_CLASSES, VOC_CLASSES, COCOSegmentation, DataErro
                            VOCSegmentation, build_dataset, build_loader, class_names, collate,
                            colorize, convert_instances, resolve_root, set_epoch, voc_palette)
 from cpal_ray.data.assets import VOC12_META_DIR, VOC_MINI_DIR
-from cpal_ray.data.coco import COCO_CATEGORY_IDS, coco_key, decode_rle, rle_counts_from_string
+from cpal_ray.data.coco import COCO_CATEGORY_IDS, annotation_mask, coco_key
 from cpal_ray.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, Normalize, RandomCrop, RandomHFlip,
                                       RandomLongSideResize, TrainTransform, as_rng, resize_nearest)
 from cpal_ray.data.voc import find_split_file, normalize_voc_id
@@ -402,10 +402,10 @@ def _rle_counts(mask: np.ndarray) -> list[int]:
     return np.diff(np.concatenate([[0], edges])).tolist()
 
 
-# pycocotools.mask.encode of these masks (computed once with pycocotools 2.0.11). Neither starts
-# with a run of 0 zeros, so the delta coding of the third and later counts is exercised.
-_RLE_SMALL = "6163L00000008MH"              # (6, 9): [1:5, 2:7], (3, 8), (0, 1)
-_RLE_BIG = "f31`9`0eF" + "88HH" * 36 + "8];"  # (60, 50): [3:50, 7:44] minus rows 20:25, plus (58, 1)
+def _compressed(mask: np.ndarray) -> str:
+    from pycocotools import mask as mask_utils
+
+    return mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))["counts"].decode()
 
 
 def _small_mask():
@@ -414,23 +414,17 @@ def _small_mask():
     return m
 
 
-def test_decode_rle_uncompressed_is_column_major():
-    m = np.zeros((3, 4), dtype=bool)
-    m[0, 1:4] = m[2, 0] = True
-    assert _rle_counts(m) == [2, 2, 2, 1, 2, 1, 2]
-    np.testing.assert_array_equal(decode_rle({"size": [3, 4], "counts": _rle_counts(m)}), m)
-    with pytest.raises(DataError):
-        decode_rle({"size": [3, 4], "counts": [5, 2]})
-
-
-def test_decode_rle_compressed_matches_pycocotools():
-    np.testing.assert_array_equal(decode_rle({"size": [6, 9], "counts": _RLE_SMALL}), _small_mask())
-    big = np.zeros((60, 50), dtype=bool)
-    big[3:50, 7:44] = True
-    big[20:25] = False
-    big[58, 1] = True
-    np.testing.assert_array_equal(decode_rle({"size": [60, 50], "counts": _RLE_BIG.encode()}), big)
-    assert rle_counts_from_string(_RLE_SMALL) == _rle_counts(_small_mask())
+def test_annotation_mask_decodes_every_coco_form():
+    m = _small_mask()
+    for seg in ({"size": [6, 9], "counts": _rle_counts(m)}, {"size": [6, 9], "counts": _compressed(m)},
+                {"size": [6, 9], "counts": _compressed(m).encode()}):
+        np.testing.assert_array_equal(annotation_mask(seg, 6, 9), m)
+    square = annotation_mask([[2, 1, 6, 1, 6, 4, 2, 4]], 6, 9)  # polygon x, y pairs
+    assert square[2, 3] and square[3, 5] and not square[5, 8] and not square[0, 0]
+    with pytest.raises(DataError, match="annotation 7: RLE counts"):
+        annotation_mask({"size": [3, 4], "counts": [5, 2]}, 3, 4, ann_id=7)
+    with pytest.raises(DataError, match="RLE size"):
+        annotation_mask({"size": [6, 9], "counts": _rle_counts(m)}, 9, 6)
 
 
 def _instances(tmp_path):
@@ -449,7 +443,7 @@ def _instances(tmp_path):
             {"id": 3, "image_id": 9, "category_id": 1, "iscrowd": 1, "area": 18.0,
              "segmentation": {"size": [20, 30], "counts": _rle_counts(crowd)}},
             {"id": 4, "image_id": 42, "category_id": 90, "iscrowd": 0, "area": 14.0,
-             "segmentation": {"size": [6, 9], "counts": _RLE_SMALL}},
+             "segmentation": {"size": [6, 9], "counts": _compressed(_small_mask())}},
         ]}
     path = tmp_path / "instances_train2014.json"
     path.write_text(json.dumps(data))

@@ -1,11 +1,12 @@
-"""Single-process training (no Ray): the sampler, the schedule, and learning on the synthetic set."""
+"""Single-process training (no Ray): the sampler, the schedule, fit() and its hooks, learning."""
 import pytest
 import torch
 
 from cpal_ray.config import load_config
-from cpal_ray.engine import (build_optimizer, evaluate_seeds, fit_local, load_checkpoint, poly_scheduler,
-                             steps_per_epoch)
+from cpal_ray.engine import (Hook, build_optimizer, build_scheduler, checkpoint_context, fit, fit_local,
+                             load_checkpoint)
 from cpal_ray.engine.sampler import GlobalBatchSampler
+from cpal_ray.inference.evaluate import evaluate_seeds
 from cpal_ray.models import build_model
 
 pytestmark = pytest.mark.unit
@@ -27,27 +28,31 @@ def test_global_batches_are_the_union_of_rank_batches():
     s = GlobalBatchSampler(20, 8, 1, 0, seed=3)
     s.set_epoch(1)
     assert list(s) != single  # a new permutation each epoch
-    assert list(GlobalBatchSampler(5, 8, 2, 1))[0] != []  # smaller than a batch: wraps around
+    # Smaller than a batch: the order wraps around to fill one global batch (rank 1 takes 4..7).
+    assert list(GlobalBatchSampler(5, 8, 2, 1, shuffle=False)) == [[4, 0, 1, 2]]
     with pytest.raises(ValueError, match="divisible"):
         GlobalBatchSampler(20, 7, 2, 0)
+    # Steps per epoch: full global batches only, capped by max_steps, at least one.
+    assert [len(GlobalBatchSampler(n, 8, max_steps=m)) for n, m in ((32, 0), (33, 0), (32, 3), (3, 0))] == [4, 4, 3, 1]
 
 
 def test_param_groups_get_x10_lr_and_poly_decays_to_zero():
     cfg = tiny_cfg()
     model = build_model(cfg.model, cfg.data.num_classes)
     opt = build_optimizer(model, cfg.optim)
-    assert [g["lr"] for g in opt.param_groups] == pytest.approx([cfg.optim.lr, cfg.optim.lr * 10])
-    assert opt.defaults["momentum"] == 0.9 and opt.defaults["weight_decay"] == 1e-4
-    sched = poly_scheduler(opt, 10, 0.9)
+    lr, mult = cfg.optim.lr, cfg.optim.new_layer_lr_mult
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([lr, lr * mult])
+    assert opt.defaults["momentum"] == cfg.optim.momentum and opt.defaults["weight_decay"] == cfg.optim.weight_decay
+    sched = build_scheduler(opt, 10, 0.9)
     for _ in range(5):
         opt.step()
         sched.step()
-    assert opt.param_groups[0]["lr"] == pytest.approx(cfg.optim.lr * 0.5 ** 0.9)
+    assert opt.param_groups[0]["lr"] == pytest.approx(lr * 0.5 ** 0.9)
+    assert opt.param_groups[1]["lr"] == pytest.approx(lr * mult * 0.5 ** 0.9)
     for _ in range(5):
         opt.step()
         sched.step()
     assert opt.param_groups[0]["lr"] == pytest.approx(0.0)
-    assert steps_per_epoch(32, 8) == 4 and steps_per_epoch(32, 8, max_steps=3) == 3 and steps_per_epoch(3, 8) == 1
 
 
 def test_training_two_epochs_learns_on_synthetic(tmp_path):
@@ -60,31 +65,83 @@ def test_training_two_epochs_learns_on_synthetic(tmp_path):
     untrained = build_model(cfg.model, cfg.data.num_classes)
     before = evaluate_seeds(untrained, val, cfg, scales=(1.0,), flip=False)
     out = fit_local(cfg, out_dir=tmp_path)
-    hist = out["history"]
+    hist = out.history
     assert hist[-1]["bce"] < hist[0]["bce"] - 0.03
-    after = evaluate_seeds(out["model"], val, cfg, scales=(1.0,), flip=False)
+    after = evaluate_seeds(out.model, val, cfg, scales=(1.0,), flip=False)
     assert after["best_miou"] > before["best_miou"] + 0.08, (before["best_miou"], after["best_miou"])
     # CPAL was active: warm-up clustering gave context prototypes and L_self ran.
     assert hist[0]["context_version"] >= 1 and sum(h["self_images"] for h in hist) > 0
-    assert out["bank"].counts().sum() > 0 and out["context"] is not None
-    # A checkpoint per epoch, with the bank state and loadable weights-only.
+    assert out.bank.counts().sum() > 0 and out.context is not None
+    # A checkpoint per epoch, with the bank state, holding the context the next epoch uses.
     state = load_checkpoint(tmp_path / "epoch_001")
     assert state["epoch"] == 2 and state["bank"]["keys"]
-    pacam = evaluate_seeds(out["model"], val, cfg, context=out["context"], cam_source="pacam", scales=(1.0,), flip=False)
-    assert 0.0 < pacam["best_miou"] <= 1.0
+    assert checkpoint_context(state).version == out.context.version == hist[-1]["context_versions"][0]
+    pacam = evaluate_seeds(out.model, val, cfg, context=out.context, cam_source="pacam", scales=(1.0,), flip=False)
+    cam_only = evaluate_seeds(out.model, val, cfg, cam_source="cam", scales=(1.0,), flip=False)
+    assert pacam["cam_source"] == "pacam" and pacam["miou"] != cam_only["miou"]
 
 
 def test_baseline_trains_without_bank():
     cfg = tiny_cfg(**{"cpal.enabled": False, "train.epochs": 1, "train.max_steps_per_epoch": 2})
     out = fit_local(cfg)
-    assert out["bank"] is None and out["context"] is None
-    assert out["history"][0]["self"] == 0.0 and out["history"][0]["steps"] == 2
+    assert out.bank is None and out.context is None
+    assert out.history[0]["self"] == 0.0 and out.history[0]["steps"] == 2
+    assert "context_versions" not in out.history[0]  # no clustering without a bank
 
 
-def test_non_finite_loss_names_the_step():
-    cfg = tiny_cfg(**{"train.epochs": 1, "train.max_steps_per_epoch": 1, "optim.lr": 1e30, "optim.grad_clip": 0.0})
-    with pytest.raises(FloatingPointError, match="epoch 0 step"):
-        model = build_model(cfg.model, cfg.data.num_classes)
-        with torch.no_grad():
-            model.classifier.weight.fill_(float("nan"))
+def test_non_finite_loss_names_the_first_bad_step():
+    cfg = tiny_cfg(**{"train.epochs": 1, "train.max_steps_per_epoch": 3, "train.log_every": 100})
+    model = build_model(cfg.model, cfg.data.num_classes)
+    with torch.no_grad():
+        model.classifier.weight.fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match=r"epoch 0 step 0 \(rank 0\).*'bce': nan"):
         fit_local(cfg, model=model)
+
+
+def test_local_run_resumes_after_its_last_checkpoint(tmp_path):
+    """Stopped after epoch 0 and started again, the run continues at epoch 1 from the saved bank."""
+    class StopAtEpoch1(Hook):
+        def before_epoch(self, state):
+            if state.epoch == 1:
+                raise KeyboardInterrupt
+
+    cfg = tiny_cfg(**{"train.epochs": 2, "train.max_steps_per_epoch": 2})
+    full = fit_local(cfg, out_dir=tmp_path / "full")
+    with pytest.raises(KeyboardInterrupt):
+        fit_local(cfg, out_dir=tmp_path / "split", hooks=[StopAtEpoch1()])
+    assert not (tmp_path / "split" / "epoch_001").exists()
+    saved = load_checkpoint(tmp_path / "split" / "epoch_000")
+    resumed = fit_local(cfg, out_dir=tmp_path / "split")
+    assert [h["epoch"] for h in resumed.history] == [1]  # epoch 0 was not trained again
+    keys_after = set(load_checkpoint(tmp_path / "split" / "epoch_001")["bank"]["keys"])
+    assert set(saved["bank"]["keys"]) < keys_after  # started from the saved bank, added epoch 1
+    assert keys_after == set(load_checkpoint(tmp_path / "full" / "epoch_001")["bank"]["keys"])
+    for k, v in full.model.state_dict().items():
+        torch.testing.assert_close(resumed.model.state_dict()[k], v, rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_hooks_run_in_order_and_see_the_new_context():
+    calls = []
+
+    class Spy(Hook):
+        def before_epoch(self, state):
+            calls.append(("before", state.epoch))
+
+        def after_step(self, state, step):
+            calls.append(("step", state.epoch, step))
+
+        def after_epoch(self, state, record):
+            # The ClusterHook ran first: the record carries the clustering for the next epoch.
+            calls.append(("after", state.epoch, record["context_versions"][0], state.context.version))
+
+    cfg = tiny_cfg(**{"train.epochs": 2, "train.max_steps_per_epoch": 2, "cpal.warmup_cluster_steps": 0})
+    saved = []
+    out = fit_local(cfg, hooks=[Spy()])
+    assert calls == [("before", 0), ("step", 0, 0), ("step", 0, 1), ("after", 0, 1, 1),
+                     ("before", 1), ("step", 1, 0), ("step", 1, 1), ("after", 1, 2, 2)]
+    assert out.history[0]["self_images"] == 0 and out.history[1]["self_images"] > 0  # cold start, then L_self
+    from cpal_ray.cpal import PrototypeBank
+    from cpal_ray.models import embed_dim
+
+    fit(cfg, bank=PrototypeBank.from_config(cfg, embed_dim(cfg.model)), save_fn=lambda ck, rec: saved.append(ck))
+    assert [c["epoch"] for c in saved] == [1, 2] and all(c["bank"]["context"]["version"] == c["epoch"] for c in saved)

@@ -1,11 +1,9 @@
-"""`ray job submit` against a local head started here (token auth left on, as Ray 2.60 defaults).
+"""`ray job submit` against the session's local head (token auth left on, as Ray 2.60 defaults).
 
-This module owns its Ray session (with the dashboard, which hosts the job server) and shuts it
-down at the end; it never stops a Ray it did not start.
+The job server is the dashboard of the tests' shared Ray (``conftest.ray_session``).
 """
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,25 +14,12 @@ pytestmark = pytest.mark.ray
 REPO = Path(__file__).resolve().parents[1]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def job_server():
-    import ray
-
-    if ray.is_initialized():
-        ray.shutdown()
-    port = free_port()
-    ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_port=port, namespace="cpal-ray")
-    yield f"http://127.0.0.1:{port}"
-    ray.shutdown()
+def job_server(ray_session):
+    return ray_session.dashboard
 
 
-def test_job_submit_runs_tiny_config_to_succeeded(job_server, tmp_path):
+def test_job_submit_runs_tiny_config_to_succeeded(job_server, tmp_path, monkeypatch):
     ray_cli = Path(sys.executable).with_name("ray")
     env = {**os.environ, "RAY_AUTH_MODE": "token"}
     cmd = [str(ray_cli), "job", "submit", "--address", job_server, "--working-dir", str(REPO), "--",
@@ -47,7 +32,7 @@ def test_job_submit_runs_tiny_config_to_succeeded(job_server, tmp_path):
     job_id = next(w.strip("'") for line in out.splitlines() if "Job '" in line for w in line.split() if w.startswith("'raysubmit"))
     from ray.job_submission import JobStatus, JobSubmissionClient
 
-    os.environ["RAY_AUTH_MODE"] = "token"  # the SDK client authenticates with the same token
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")  # the SDK client authenticates with the same token
     assert JobSubmissionClient(job_server).get_job_status(job_id) == JobStatus.SUCCEEDED
     final = tmp_path / "jobrun" / "final"
     assert (final / "model.pt").is_file() and (final / "config.yaml").is_file()

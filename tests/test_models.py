@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from cpal_ray.config import BACKBONES, ModelConfig
+from cpal_ray.config import ConfigError, ModelConfig
 from cpal_ray.models import (CAMNet, build_backbone, build_model, export_weights, list_backbones,
                              load_weights, register_backbone)
 from cpal_ray.models import registry
@@ -32,8 +32,21 @@ def _images(b: int = 2, h: int = 64, w: int = 64) -> torch.Tensor:
 # --- registry ----------------------------------------------------------------------------------
 
 @pytest.mark.unit
-def test_registry_matches_config():
-    assert set(NAMES) == set(BACKBONES)
+def test_config_accepts_exactly_the_registered_backbones():
+    for name in list_backbones():
+        assert ModelConfig(backbone=name).backbone == name
+    with pytest.raises(ConfigError, match="model.backbone"):
+        ModelConfig(backbone="not_registered")
+
+
+@pytest.mark.unit
+def test_declared_channels_match_the_built_backbones():
+    from cpal_ray.models import backbone_channels, embed_dim
+
+    for name, kwargs in (("tiny", {"width": 12}), ("resnet50", {}), ("efficientnet_lite0", {})):
+        assert backbone_channels(name, **kwargs) == build_backbone(name, **kwargs).out_channels
+    assert embed_dim(ModelConfig(backbone="tiny", proj_dim=0, tiny_width=12)) == 12
+    assert embed_dim(ModelConfig(backbone="resnet50", proj_dim=64)) == 64
 
 
 @pytest.mark.unit
@@ -59,6 +72,7 @@ def test_register_and_build_new_backbone():
         assert build_backbone("_dummy_backbone", scale=2).out_channels == 2
     finally:
         registry._BACKBONES.pop("_dummy_backbone", None)
+        registry._CHANNELS.pop("_dummy_backbone", None)
 
 
 @pytest.mark.unit

@@ -47,6 +47,7 @@ def main(argv=None) -> int:
     from cpal_ray.config import save_config
     from cpal_ray.data import build_dataset
     from cpal_ray.inference.evaluate import evaluate_cam_dir
+    from cpal_ray.inference.jobs import source_dir
     from cpal_ray.inference.metrics import write_report
 
     if args.out:
@@ -61,7 +62,7 @@ def main(argv=None) -> int:
         init_ray(args.address, args.num_cpus)
         source = args.source or cfg.inference.cam_source
         summary = run_make_cams(cfg, args.checkpoint, out / "cams", split=args.split, source=source, limit=args.limit)
-        cams = out / "cams" / ("pacam" if source == "pacam" else "")
+        cams = source_dir(out / "cams", source)
         print(json.dumps({"make_cams": {k: v for k, v in summary.to_dict().items() if k != "failures"}}))
     data = dataclasses.replace(cfg.data, on_bad_sample="skip")
     dataset = build_dataset(data, args.split, train=False)

@@ -56,7 +56,7 @@ def main(argv=None) -> int:
         init_ray(args.address, args.num_cpus)
         outcome = restore_sweep(args.restore, retry_errored=args.retry_errored)
     else:
-        from tune_spaces import load_space
+        from cpal_ray.sweeps.spaces import load_space
 
         space = load_space(args.space)
         cfg = config_from_args(args)

@@ -2,7 +2,8 @@
 
 Context prototypes come padded: ``context`` (N, P, D) with ``counts`` (N,) valid rows per class
 (rows >= counts[n] are padding; counts[n] == 0 = class never seen). The readings of the literal
-equations follow ``shared/paper/NOTES.md`` and are stated in each docstring.
+equations follow docs/DESIGN.md ("Reading the paper", cited as NOTES n) and are stated in each
+docstring.
 
 Letters: B batch, N classes, P context prototypes per class, K top-K, D dim, h x w features.
 """

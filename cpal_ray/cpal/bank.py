@@ -1,15 +1,26 @@
-"""The categorical support bank (Sec. 3.2): a per-class FIFO of instance prototypes.
+"""The categorical support bank (Sec. 3.2): a per-class FIFO of instance prototypes, and the
+context prototypes (Eq. 5) clustered from it.
 
-``PrototypeBank`` is plain Python/numpy (no Ray): the Ray actor in ``cpal_ray.distributed`` only
-wraps it. Pushes are keyed — (epoch, step, rank) in training — and a key already stored is
-ignored, so a retried step never stores twice. ``cluster(tag)`` turns the bank into context
-prototypes (Eq. 5) once per tag and bumps ``version``; calling it again with the same tag returns
-the same prototypes, which is how N workers trigger a single clustering.
+The bank interface the training loop uses (``cpal_ray.engine.fit``), implemented here by
+``PrototypeBank`` (in process) and by ``cpal_ray.distributed.bank.BankClient`` (a Ray actor
+holding a ``PrototypeBank``)::
+
+    push(key, class_ids, protos)      store (M, D) prototypes of classes (M,) under a key, once
+    cluster(tag) -> Context | None    k-means once per tag; None while the bank is empty
+    state_dict() / load_state_dict(state | None)
+    stats() -> dict                   fill per class, keys, last clustering's time and device
+
+Pushes are keyed — (epoch, step, rank) in training — and a key already stored is ignored, so a
+retried step never stores twice. ``cluster(tag)`` turns the bank into context prototypes once
+per tag and bumps the version; asking again with the same tag returns the same ``Context``,
+which is how N workers trigger a single clustering. The bank's state holds its last
+``Context``: a checkpoint stores the context once, inside the bank.
 """
 from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from typing import Hashable, Iterable
 
 import numpy as np
@@ -18,6 +29,33 @@ import torch
 from cpal_ray.cpal.kmeans import kmeans
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Context:
+    """Context prototypes as a training step and the PACAM see them.
+
+    prototypes: (N, P, D) float32, rows >= counts[n] are padding; counts: (N,) int64 valid rows
+    per class (0 = no prototypes for that class); version: the clustering that made them (1, 2, …).
+    """
+    prototypes: torch.Tensor
+    counts: torch.Tensor
+    version: int
+
+    def to(self, device) -> "Context":
+        return Context(self.prototypes.to(device), self.counts.to(device), self.version)
+
+    def state_dict(self) -> dict:
+        """Tensors and an int: loadable with ``torch.load(weights_only=True)``."""
+        return {"prototypes": self.prototypes.detach().cpu(), "counts": self.counts.detach().cpu(),
+                "version": int(self.version)}
+
+    @classmethod
+    def from_state(cls, state: dict | None) -> "Context | None":
+        """Inverse of ``state_dict``; None for a missing state or one without any prototype."""
+        if not state or int(state["counts"].sum()) == 0:
+            return None
+        return cls(state["prototypes"].float(), state["counts"].long(), int(state["version"]))
 
 
 def _key_str(key: Hashable) -> str:
@@ -45,6 +83,10 @@ class PrototypeBank:
         self.num_classes, self.dim, self.capacity, self.num_clusters = num_classes, dim, capacity, num_clusters
         self.spherical, self.kmeans_iters, self.seed, self.prefer_gpu = spherical, kmeans_iters, seed, prefer_gpu
         self.kmeans_redo = kmeans_redo
+        self._reset()
+
+    def _reset(self) -> None:
+        num_classes, capacity, dim = self.num_classes, self.capacity, self.dim
         self._data = np.zeros((num_classes, capacity, dim), dtype=np.float32)
         self._size = np.zeros(num_classes, dtype=np.int64)   # entries held per class
         self._head = np.zeros(num_classes, dtype=np.int64)   # next slot to write per class
@@ -52,8 +94,7 @@ class PrototypeBank:
         self._keys: set[str] = set()
         self.version = 0
         self.cluster_tag: str | None = None
-        self.context = np.zeros((num_classes, num_clusters, dim), dtype=np.float32)
-        self.context_counts = np.zeros(num_classes, dtype=np.int64)
+        self.context: Context | None = None  # the last clustering (None before the first one)
         self.last_cluster_seconds = 0.0
         self.last_cluster_device = "none"
 
@@ -80,10 +121,6 @@ class PrototypeBank:
         self._keys.add(k)
         return True
 
-    def push_many(self, items: Iterable[tuple[Hashable, Iterable[int], object]]) -> int:
-        """Push several (key, class_ids, protos) at once; returns how many keys were new."""
-        return sum(self.push(k, c, p) for k, c, p in items)
-
     def has_key(self, key: Hashable) -> bool:
         return _key_str(key) in self._keys
 
@@ -107,17 +144,19 @@ class PrototypeBank:
         return np.concatenate([self._data[c, head:], self._data[c, :head]], axis=0)
 
     # -------------------------------------------------------------- clustering
-    def cluster(self, tag: str | None = None) -> tuple[np.ndarray, np.ndarray, int]:
-        """Eq. (5) for every class: context prototypes (N, N_p, D), counts (N,), version.
+    def cluster(self, tag: str | None = None) -> Context | None:
+        """Eq. (5) for every class: the ``Context`` (N, N_p, D) of this bank; None while it is empty.
 
-        With a ``tag`` equal to the last clustering's tag nothing runs and the same result comes
+        With a ``tag`` equal to the last clustering's tag nothing runs and the same context comes
         back (so several workers can ask and only one clustering happens). A class with fewer
         entries than N_p keeps its entries; a class with none has count 0.
         """
         if tag is not None and tag == self.cluster_tag:
-            return self.context.copy(), self.context_counts.copy(), self.version
+            return self.context
+        if self._size.sum() == 0:
+            return None
         t0 = time.perf_counter()
-        context = np.zeros_like(self.context)
+        context = np.zeros((self.num_classes, self.num_clusters, self.dim), dtype=np.float32)
         counts = np.zeros(self.num_classes, dtype=np.int64)
         devices = set()
         for c in range(self.num_classes):
@@ -129,28 +168,27 @@ class PrototypeBank:
             context[c, : len(cents)] = cents
             counts[c] = len(cents)
             devices.add(dev)
-        self.context, self.context_counts = context, counts
         self.version += 1
+        self.context = Context(torch.from_numpy(context), torch.from_numpy(counts), self.version)
         self.cluster_tag = tag
         self.last_cluster_seconds = time.perf_counter() - t0
         self.last_cluster_device = "gpu" if "gpu" in devices else ("cpu" if "cpu" in devices else "none")
         log.info("bank clustering v%d (tag=%s): %d classes with prototypes, %.3fs on %s", self.version, tag,
                  int((counts > 0).sum()), self.last_cluster_seconds, self.last_cluster_device)
-        return context.copy(), counts.copy(), self.version
-
-    def context_tensors(self) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """Current context prototypes as tensors (N, N_p, D), counts (N,), and version."""
-        return torch.from_numpy(self.context.copy()), torch.from_numpy(self.context_counts.copy()), self.version
+        return self.context
 
     def stats(self) -> dict:
+        """bank_fill / bank_pushed / context_counts per class, bank_keys, context_version, and the
+        last clustering's cluster_seconds and cluster_device."""
         return {"bank_fill": self._size.tolist(), "bank_pushed": self._pushed.tolist(), "bank_keys": len(self._keys),
-                "context_version": self.version, "cluster_seconds": self.last_cluster_seconds,
-                "cluster_device": self.last_cluster_device}
+                "context_version": self.version,
+                "context_counts": self.context.counts.tolist() if self.context is not None else [0] * self.num_classes,
+                "cluster_seconds": self.last_cluster_seconds, "cluster_device": self.last_cluster_device}
 
     # ------------------------------------------------------------------- state
     def state_dict(self) -> dict:
-        """Everything needed to rebuild the bank exactly (tensors and plain types only, so the
-        dict loads with ``torch.load(weights_only=True)``)."""
+        """Everything needed to rebuild the bank exactly, its last context included (tensors and
+        plain types only, so the dict loads with ``torch.load(weights_only=True)``)."""
         return {
             "shape": [self.num_classes, self.dim, self.capacity, self.num_clusters],
             "data": torch.from_numpy(self._data.copy()),
@@ -160,11 +198,14 @@ class PrototypeBank:
             "keys": sorted(self._keys),
             "version": self.version,
             "cluster_tag": self.cluster_tag,
-            "context": torch.from_numpy(self.context.copy()),
-            "context_counts": torch.from_numpy(self.context_counts.copy()),
+            "context": self.context.state_dict() if self.context is not None else None,
         }
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict | None) -> None:
+        """Restore ``state_dict()`` output; None empties the bank (a run starting from scratch)."""
+        if state is None:
+            self._reset()
+            return
         shape = [self.num_classes, self.dim, self.capacity, self.num_clusters]
         if list(state["shape"]) != shape:
             raise ValueError(f"bank state has shape {list(state['shape'])} (classes, dim, capacity, clusters); this bank is {shape}")
@@ -175,11 +216,12 @@ class PrototypeBank:
         self._keys = set(state["keys"])
         self.version = int(state["version"])
         self.cluster_tag = state["cluster_tag"]
-        self.context = state["context"].numpy().astype(np.float32).copy()
-        self.context_counts = state["context_counts"].numpy().astype(np.int64).copy()
+        self.context = Context.from_state(state["context"])
 
     @classmethod
-    def from_config(cls, cpal_cfg, num_classes: int, dim: int, prefer_gpu: bool = True) -> "PrototypeBank":
-        return cls(num_classes, dim, capacity=cpal_cfg.bank_size, num_clusters=cpal_cfg.num_clusters,
-                   spherical=cpal_cfg.normalize_bank, kmeans_iters=cpal_cfg.kmeans_iters,
-                   seed=cpal_cfg.kmeans_seed, prefer_gpu=prefer_gpu, kmeans_redo=cpal_cfg.kmeans_redo)
+    def from_config(cls, cfg, dim: int, prefer_gpu: bool = True) -> "PrototypeBank":
+        """The bank of a run: the one mapping from ``Config`` (``cpal`` + ``data``) to bank arguments."""
+        c = cfg.cpal
+        return cls(cfg.data.num_classes, dim, capacity=c.bank_size, num_clusters=c.num_clusters,
+                   spherical=c.normalize_bank, kmeans_iters=c.kmeans_iters, seed=c.kmeans_seed,
+                   prefer_gpu=prefer_gpu, kmeans_redo=c.kmeans_redo)

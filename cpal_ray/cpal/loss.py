@@ -84,10 +84,12 @@ def cpal_step(out: dict, labels: torch.Tensor, cfg, context: torch.Tensor | None
     """All loss terms of one training step.
 
     out: the model's dict (``cams`` raw (B, N, h, w), ``logits`` (B, N), ``z`` (B, D, h, w));
-    labels: (B, N); cfg: CPALConfig; context/counts: current context prototypes or None.
+    labels: (B, N); cfg: CPALConfig; context/counts: the current context prototypes (at least
+    one class with prototypes, as ``Context`` guarantees) or None before the first clustering.
     Returns {"loss", "bce", "self" (scalars), "protos" (B, N, D) detached, "proto_valid" (B, N),
-    "self_images" (int, images in L_self)}. With ``cfg.enabled`` False this is the plain CAM
-    baseline (BCE only, no prototypes).
+    "self_images" (images in L_self: a 0-dim tensor, or 0)}. With ``cfg.enabled`` False this is
+    the plain CAM baseline (BCE only, no prototypes). Nothing here reads a device value on the
+    host, so a step never waits for the GPU.
     """
     bce = classification_loss(out["logits"], labels)
     zero = bce.new_zeros(())
@@ -101,12 +103,11 @@ def cpal_step(out: dict, labels: torch.Tensor, cfg, context: torch.Tensor | None
         protos, valid = instance_prototypes(z.detach(), cams.detach(), labels, cfg.tau, normalize=cfg.normalize_bank)
     result["protos"], result["proto_valid"] = protos, valid
     lself = zero
-    has_context = context is not None and counts is not None and bool((counts > 0).any())
-    if cfg.self_loss and has_context:
+    if cfg.self_loss and context is not None and counts is not None:
         res = pacam_from_prototypes(z, cams, labels, protos, valid, context.to(z.dtype), counts.to(z.device), cfg)
-        if bool(res.usable.any()):
-            lself = self_loss(with_background(cams), with_background(res.pacam), res.usable)
-            result["self_images"] = int(res.usable.sum())
+        # No usable image: self_loss is 0 (still in the graph), so no host-side test is needed.
+        lself = self_loss(with_background(cams), with_background(res.pacam), res.usable)
+        result["self_images"] = res.usable.sum()
     result["self"] = lself
     result["loss"] = total_loss(bce, lself, cfg.lambda_bce, cfg.lambda_self)
     return result

@@ -33,6 +33,14 @@ COCO_CLASSES = (
 SYNTHETIC_PATTERNS = ("stripes", "checks", "dots", "rings")
 
 
+def positive_classes(label) -> np.ndarray:
+    """Multi-hot image label (N,) (numpy, list or a tensor on any device) -> (K,) int64 indices
+    in 0..N-1 of its positive classes."""
+    if hasattr(label, "detach"):
+        label = label.detach().cpu().numpy()
+    return np.flatnonzero(np.asarray(label).reshape(-1) > 0).astype(np.int64)
+
+
 def synthetic_class_names(num_classes: int) -> tuple[str, ...]:
     """Names of the procedural classes: ``("shape00_stripes", "shape01_checks", ...)``."""
     return tuple(f"shape{i:02d}_{SYNTHETIC_PATTERNS[i % len(SYNTHETIC_PATTERNS)]}"

@@ -21,7 +21,6 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
 
 from cpal_ray.data.assets import resolve_root_path
 from cpal_ray.data.base import DataError, FileDataset, load_label_dict, read_id_list
@@ -120,45 +119,31 @@ class COCOSegmentation(FileDataset):
 
 # ------------------------------------------------------------------------------------ converter
 
-def rle_counts_from_string(s: str) -> list[int]:
-    """Decode the counts of a compressed COCO RLE string (cocoapi ``rleFrString``).
+def annotation_mask(seg, height: int, width: int, ann_id=None) -> np.ndarray:
+    """One COCO segmentation -> bool mask (H, W), decoded by pycocotools (the COCO API's own
+    rasteriser): a list of polygons, an uncompressed RLE (``counts`` a list) or a compressed one."""
+    from pycocotools import mask as mask_utils
 
-    Each count is a little-endian run of 5-bit groups stored as chr(48 + group), bit 0x20
-    meaning "more groups follow", the last group's 0x10 bit the sign; from the third count on,
-    the stored value is the difference to the count two places earlier.
-    """
-    counts: list[int] = []
-    pos = 0
-    while pos < len(s):
-        value, shift, more = 0, 0, True
-        while more:
-            c = ord(s[pos]) - 48
-            value |= (c & 0x1F) << shift
-            more = bool(c & 0x20)
-            pos += 1
-            shift += 5
-            if not more and c & 0x10:
-                value |= -1 << shift
-        if len(counts) > 2:
-            value += counts[-2]
-        counts.append(value)
-    return counts
-
-
-def decode_rle(rle: dict) -> np.ndarray:
-    """COCO RLE ``{"size": [h, w], "counts": list[int] | str}`` -> bool mask (h, w).
-
-    Runs alternate 0, 1, 0, ... (starting with zeros) over the pixels in column-major order.
-    """
-    h, w = (int(v) for v in rle["size"])
-    counts = rle["counts"]
-    if isinstance(counts, (bytes, str)):
-        counts = rle_counts_from_string(counts.decode() if isinstance(counts, bytes) else counts)
-    counts = np.asarray(counts, dtype=np.int64)
-    if (counts < 0).any() or counts.sum() != h * w:
-        raise DataError(f"RLE counts sum to {int(counts.sum())}, expected {h}x{w}={h * w}")
-    flat = np.repeat(np.arange(len(counts)) % 2 == 1, counts)
-    return flat.reshape(w, h).T
+    if isinstance(seg, list):
+        polygons = [p for p in seg if len(p) >= 6]
+        if not polygons:
+            return np.zeros((height, width), dtype=bool)
+        rle = mask_utils.merge(mask_utils.frPyObjects(polygons, height, width))
+    elif isinstance(seg, dict):
+        size = tuple(int(v) for v in seg["size"])
+        if size != (height, width):
+            raise DataError(f"annotation {ann_id}: RLE size {size} != image {(height, width)}")
+        counts = seg["counts"]
+        if isinstance(counts, list):
+            if min(counts, default=0) < 0 or sum(counts) != height * width:
+                raise DataError(f"annotation {ann_id}: RLE counts sum to {sum(counts)}, expected "
+                                f"{height}x{width}={height * width}")
+            rle = mask_utils.frPyObjects(seg, height, width)
+        else:
+            rle = {"size": [height, width], "counts": counts.encode() if isinstance(counts, str) else counts}
+    else:
+        raise DataError(f"annotation {ann_id}: unknown segmentation type {type(seg).__name__}")
+    return mask_utils.decode(rle).astype(bool)
 
 
 def rasterize_annotations(anns: list[dict], height: int, width: int, cat_to_class: dict[int, int]) -> np.ndarray:
@@ -166,28 +151,15 @@ def rasterize_annotations(anns: list[dict], height: int, width: int, cat_to_clas
 
     Crowd regions (``iscrowd=1``) become 255 first; object regions are then painted from the
     largest to the smallest (so small objects stay visible) with their class 1..80 and win over
-    crowd pixels. Polygons are filled with PIL; RLE segmentations are decoded.
+    crowd pixels.
     """
-    canvas = Image.new("L", (width, height), 0)
-    draw = ImageDraw.Draw(canvas)
+    canvas = np.zeros((height, width), dtype=np.uint8)
     crowd = [a for a in anns if a.get("iscrowd", 0)]
     objects = sorted((a for a in anns if not a.get("iscrowd", 0)), key=lambda a: -float(a.get("area", 0.0)))
     for ann in crowd + objects:
         value = IGNORE_INDEX if ann.get("iscrowd", 0) else cat_to_class[ann["category_id"]]
-        seg = ann.get("segmentation")
-        if isinstance(seg, dict):
-            region = decode_rle(seg)
-            if region.shape != (height, width):
-                raise DataError(f"annotation {ann.get('id')}: RLE size {region.shape} != image {(height, width)}")
-            arr = np.array(canvas)
-            arr[region] = value
-            canvas = Image.fromarray(arr)
-            draw = ImageDraw.Draw(canvas)
-        elif isinstance(seg, list):
-            for poly in seg:
-                if len(poly) >= 6:
-                    draw.polygon([(float(poly[i]), float(poly[i + 1])) for i in range(0, len(poly) - 1, 2)], fill=value)
-    return np.array(canvas)
+        canvas[annotation_mask(ann.get("segmentation"), height, width, ann.get("id"))] = value
+    return canvas
 
 
 def convert_instances(instances_json: str | os.PathLike, out_root: str | os.PathLike, split: str = "train") -> dict:

@@ -24,7 +24,8 @@ from collections import deque
 import numpy as np
 import ray
 
-from cpal_ray.cpal import PrototypeBank
+from cpal_ray.config import Config, from_dict
+from cpal_ray.cpal.bank import Context, PrototypeBank
 
 log = logging.getLogger(__name__)
 NAMESPACE = "cpal-ray"
@@ -41,17 +42,15 @@ def bank_actor_name(run_name: str) -> str:
 class BankActor:
     """Thin actor around ``PrototypeBank`` (all methods run one at a time, in call order)."""
 
-    def __init__(self, bank_kwargs: dict):
-        self._kwargs = dict(bank_kwargs)
-        self.bank = PrototypeBank(**self._kwargs)
-        if self._kwargs.get("prefer_gpu"):
+    def __init__(self, cfg_dict: dict, dim: int, prefer_gpu: bool):
+        self.bank = PrototypeBank.from_config(from_dict(cfg_dict), dim, prefer_gpu=prefer_gpu)
+        if prefer_gpu:
             from cpal_ray.cpal.kmeans import faiss_device
 
             if faiss_device() != "gpu":
                 log.warning("bank actor was given a GPU but faiss sees none (faiss-cpu installed, or no CUDA "
                             "in this process): k-means will run on the CPU")
-        ctx = ray.get_runtime_context()
-        self.restarted = bool(ctx.was_current_actor_reconstructed)
+        self.restarted = bool(ray.get_runtime_context().was_current_actor_reconstructed)
         if self.restarted:
             log.warning("bank actor was restarted: state lost, refusing pushes until restored from a checkpoint")
 
@@ -66,47 +65,33 @@ class BankActor:
         self._guard()
         return self.bank.push(key, class_ids, protos)
 
-    def cluster(self, tag: str):
+    def cluster(self, tag: str) -> Context | None:
         self._guard()
         return self.bank.cluster(tag)
 
-    def context(self):
-        return self.bank.context.copy(), self.bank.context_counts.copy(), self.bank.version
-
     def stats(self) -> dict:
         return {**self.bank.stats(), "restarted": self.restarted}
-
-    def keys(self) -> list[str]:
-        return sorted(self.bank.keys)
 
     def state_dict(self) -> dict:
         return self.bank.state_dict()
 
     def load_state_dict(self, state: dict | None) -> int:
         """Restore from a checkpoint's bank state (None = start empty); re-enables pushes."""
-        self.bank = PrototypeBank(**self._kwargs)
-        if state is not None:
-            self.bank.load_state_dict(state)
+        self.bank.load_state_dict(state)
         self.restarted = False
         return self.bank.version
 
 
-def bank_kwargs_from_config(cfg, dim: int, prefer_gpu: bool) -> dict:
-    c = cfg.cpal
-    return {"num_classes": cfg.data.num_classes, "dim": dim, "capacity": c.bank_size, "num_clusters": c.num_clusters,
-            "spherical": c.normalize_bank, "kmeans_iters": c.kmeans_iters, "seed": c.kmeans_seed,
-            "kmeans_redo": c.kmeans_redo,
-            "prefer_gpu": prefer_gpu}
-
-
-def create_bank_actor(cfg, dim: int, name: str):
+def create_bank_actor(cfg: Config, name: str):
     """Create (or reuse) the run's named bank actor. Resources from ``cfg.dist``; restarts allowed,
     task retries not (a push to a restarted actor must fail, not land in an empty bank)."""
+    from cpal_ray.models import embed_dim
+
     opts = dict(name=name, namespace=NAMESPACE, get_if_exists=True, num_cpus=cfg.dist.bank_cpus,
                 max_restarts=-1, max_task_retries=0)
     if cfg.dist.bank_gpus > 0:
         opts["num_gpus"] = cfg.dist.bank_gpus
-    actor = ray.remote(BankActor).options(**opts).remote(bank_kwargs_from_config(cfg, dim, cfg.dist.bank_gpus > 0))
+    actor = ray.remote(BankActor).options(**opts).remote(cfg.to_dict(), embed_dim(cfg.model), cfg.dist.bank_gpus > 0)
     ray.get(actor.ready.remote())
     return actor
 
@@ -122,16 +107,21 @@ def remove_bank_actor(name: str) -> bool:
 
 
 class BankClient:
-    """Worker-side handle: fire-and-forget pushes with a bounded number in flight.
+    """The bank interface of ``cpal_ray.cpal.bank`` for a worker of a Ray Train group, over the actor.
 
-    ``push`` returns at once; when more than ``max_in_flight`` pushes are pending it waits for
-    the oldest. Errors of a push (``BankLostError``, a dead actor) surface at the next push or
-    at ``flush`` and fail the worker, which is what triggers recovery from the checkpoint.
+    ``push`` is fire-and-forget with at most ``max_in_flight`` pending (then it waits for the
+    oldest). Errors of a push (``BankLostError``, a dead actor) surface at the next push or at
+    ``flush`` and fail the worker, which is what triggers recovery from the checkpoint.
+    ``cluster`` and ``load_state_dict`` are collective: every rank calls them at the same point;
+    pushes are flushed and the ranks meet at ``barrier`` first, so the clustering sees every
+    rank's pushes, and only rank 0 restores the state.
     """
 
-    def __init__(self, actor, max_in_flight: int = 4):
+    def __init__(self, actor, max_in_flight: int = 4, rank: int = 0, barrier=lambda: None):
         self.actor = actor
         self.max_in_flight = max_in_flight
+        self.rank = rank
+        self.barrier = barrier
         self._pending: deque = deque()
         self.bytes_sent = 0
         self.pushes = 0
@@ -149,6 +139,20 @@ class BankClient:
         while self._pending:
             ray.get(self._pending.popleft())
 
-    def cluster(self, tag: str):
+    def cluster(self, tag: str) -> Context | None:
         self.flush()
+        self.barrier()
         return ray.get(self.actor.cluster.remote(tag))
+
+    def stats(self) -> dict:
+        return {**ray.get(self.actor.stats.remote()),
+                "bank_bytes_per_step": self.bytes_sent / max(self.pushes, 1)}
+
+    def state_dict(self) -> dict:
+        self.flush()
+        return ray.get(self.actor.state_dict.remote())
+
+    def load_state_dict(self, state: dict | None) -> None:
+        if self.rank == 0:
+            ray.get(self.actor.load_state_dict.remote(state))
+        self.barrier()

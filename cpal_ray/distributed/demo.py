@@ -21,6 +21,7 @@ from cpal_ray.distributed.trainer import run_training
 from cpal_ray.engine.checkpoint import load_checkpoint
 from cpal_ray.inference.evaluate import evaluate_cam_dir, evaluate_labels, write_json
 from cpal_ray.inference.io import load_cams_npz, load_label_png
+from cpal_ray.inference.jobs import cam_path, source_dir
 from cpal_ray.inference.metrics import write_report
 from cpal_ray.inference.report import console_summary, write_demo_report
 from cpal_ray.inference.visuals import bank_plot, image_grid, iou_bars, max_map, miou_curves
@@ -59,7 +60,8 @@ def _grid_rows(cfg: Config, cam_dir: Path, label_dir: Path, n: int) -> list[dict
         sid = ds.ids[i]
         rgb, mask, _ = ds.read(i)
         row = {"id": sid, "photo": rgb, "gt": np.asarray(mask)}
-        for key, path in (("cam", cam_dir / f"{sid}.npz"), ("pacam", cam_dir / "pacam" / f"{sid}.npz")):
+        for key in ("cam", "pacam"):
+            path = cam_path(cam_dir, sid, key)
             if path.is_file():
                 row[key] = max_map(load_cams_npz(path)[1], rgb.shape[:2])
         if (label_dir / f"{sid}.png").is_file():
@@ -94,7 +96,7 @@ def run_demo(cfg: Config, out_dir: str | Path, *, fresh: bool = True, grid_image
             r["seeds_val"] = evaluate_cam_dir(out / run / "cams_val", val_eval, rcfg)
             write_report(r["seeds_val"], out / run / "seeds_val", r["seeds_val"]["class_names"])
             if rcfg.cpal.enabled:
-                r["pacam_val"] = evaluate_cam_dir(out / run / "cams_val" / "pacam", val_eval, rcfg)
+                r["pacam_val"] = evaluate_cam_dir(source_dir(out / run / "cams_val", "pacam"), val_eval, rcfg)
                 write_report(r["pacam_val"], out / run / "pacam_val", r["pacam_val"]["class_names"])
         with _stage(timings, f"{run}: train CRF pseudo-labels + mIoU", say):
             run_pseudo_labels(rcfg, out / run / "pseudo_train", checkpoint=result.final_dir, split="train")
@@ -125,7 +127,7 @@ def _figures(cfg, out: Path, runs: dict, names, grid_images: int, timings: dict,
             figs["val images: photo, CAM, PACAM, pseudo-label, ground truth (CPAL)"] = \
                 image_grid(rows, out / "figures" / "val_grid.png").relative_to(out).as_posix()
             state = load_checkpoint(cp["final"])
-            figs["support bank (PCA)"] = bank_plot(state["bank"], state["context"], names,
+            figs["support bank (PCA)"] = bank_plot(state["bank"], names,
                                                    out / "figures" / "bank_pca.png").relative_to(out).as_posix()
         seeds = {k: v["seeds_val"] for k, v in runs.items()}
         figs["per-class IoU of the val seeds"] = iou_bars(seeds, names, out / "figures" / "iou_bars.png").relative_to(out).as_posix()

@@ -34,7 +34,7 @@ from ray.data import ActorPoolStrategy
 from cpal_ray.config import Config, save_config
 from cpal_ray.data import build_dataset
 from cpal_ray.inference.jobs import (CAM_SCHEMA, LABEL_SCHEMA, ManifestWriter, cam_job, check_run_spec,
-                                     consolidate_manifest, failed_row, pseudo_label_job, rows_to_table)
+                                     consolidate_manifest, failed_row, pseudo_label_job, rows_to_table, source_dir)
 
 log = logging.getLogger(__name__)
 
@@ -248,8 +248,8 @@ def run_make_cams(cfg: Config, checkpoint: str | Path, out_dir: str | Path, *, s
     if source not in SOURCES:
         raise ValueError(f"source must be one of {tuple(SOURCES)}, got {source!r}")
     if source != "cam":
-        from cpal_ray.engine.checkpoint import context_from_state, load_checkpoint
-        if context_from_state(load_checkpoint(checkpoint)) is None:
+        from cpal_ray.engine.checkpoint import checkpoint_context, load_checkpoint
+        if checkpoint_context(load_checkpoint(checkpoint)) is None:
             raise ValueError(f"{checkpoint}: no context prototypes in this checkpoint; source={source!r} needs them")
     check_run_spec(out_dir, _spec(cfg, split, **_cam_spec(cfg, checkpoint)), overwrite)
     save_config(cfg, out_dir / "config.yaml")
@@ -293,7 +293,7 @@ def run_pseudo_labels(cfg: Config, out_dir: str | Path, *, cam_dir: str | Path |
         if on_the_fly:
             source = cfg.inference.cam_source
             cam_root = out_dir / "cams"
-            cam_dir = cam_root / "pacam" if source == "pacam" else cam_root
+            cam_dir = source_dir(cam_root, source)
             ds = _add_cam_stage(ds, cfg, checkpoint, cam_root, split, source, skip_existing, out_dir, use_gpu,
                                 cam_actors, cam_cpus, -1)
         per_task = cfg.pseudo.cpus_per_task

@@ -9,7 +9,6 @@ bank from it).
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import shutil
@@ -24,7 +23,7 @@ from ray.train.torch import TorchTrainer
 from cpal_ray.config import Config, save_config
 from cpal_ray.distributed.bank import bank_actor_name, create_bank_actor, remove_bank_actor
 from cpal_ray.distributed.train_loop import train_loop_per_worker
-from cpal_ray.engine.checkpoint import CONFIG_FILE, MODEL_FILE, STATE_FILE, load_checkpoint
+from cpal_ray.engine.checkpoint import CONFIG_FILE, MODEL_FILE, STATE_FILE, checkpoint_context, load_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -41,15 +40,6 @@ class TrainingResult:
 def resolve_storage(path: str) -> str:
     """Absolute local path (Ray needs one) or a URI left as it is."""
     return path if "://" in path else str(Path(path).expanduser().resolve())
-
-
-def prototype_dim(cfg: Config) -> int:
-    """D of the bank: the projection dim, or the backbone's channels when proj_dim == 0."""
-    if cfg.model.proj_dim > 0:
-        return cfg.model.proj_dim
-    from cpal_ray.models import build_model
-
-    return build_model(dataclasses.replace(cfg.model, pretrained=False, weights=""), cfg.data.num_classes).embed_dim
 
 
 def build_trainer(cfg: Config, *, bank_actor: str | None, callbacks=None, storage_path: str | None = None,
@@ -82,7 +72,7 @@ def run_training(cfg: Config, *, callbacks=None, storage_path: str | None = None
     save_config(cfg, run_dir / CONFIG_FILE)
     actor_name = bank_actor_name(name) if cfg.cpal.enabled else None
     # Keep the handle for the whole fit: a non-detached actor dies with its last handle.
-    actor = create_bank_actor(cfg, prototype_dim(cfg), actor_name) if actor_name else None
+    actor = create_bank_actor(cfg, actor_name) if actor_name else None
     try:
         trainer = build_trainer(cfg, bank_actor=actor_name, callbacks=callbacks, storage_path=storage, name=name)
         result = trainer.fit()
@@ -114,7 +104,7 @@ def export_final(checkpoint_folder: Path, out: Path, history: list | None = None
         shutil.copy2(checkpoint_folder / f, out / f)
     state = load_checkpoint(checkpoint_folder)
     summary = {"epochs_completed": state["epoch"], "global_step": state["global_step"],
-               "context_version": int(state["context"]["version"]) if state.get("context") else 0,
+               "context_version": context.version if (context := checkpoint_context(state)) else 0,
                "metrics": state.get("metrics", {})}
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     if history is not None:

@@ -12,7 +12,7 @@ Experiment folder ``<storage>/<name>/``:
   <Tune's trial dirs>   Tune's own files (params.json, result.json, experiment state)
   trials/trial-<id>/    the trial's Ray Train run (checkpoints, final/), ``runs.log`` (one line per
                         start of the trial) and ``seeds.json`` (the evaluation)
-  results.csv / results.md / best_config.yaml / heatmap_k_tau.png / bars.png  (``sweep_report``)
+  results.csv / results.md / best_config.yaml / heatmap_k_tau.png / bars.png  (``cpal_ray.sweeps.report``)
 
 Resources: the trial function asks ``{"cpu": 0.01}`` (plus the bank actor's share, which runs in
 the trial's placement group); its workers ask ``dist.cpus_per_worker`` each, outside it. Tune
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,9 +33,10 @@ import ray.tune as tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from cpal_ray.config import Config, from_dict
-from cpal_ray.distributed.sweep_report import SPEC_FILE, trial_records, write_results
 from cpal_ray.distributed.trainer import resolve_storage, run_training
-from tune_spaces import ROW_KEY, point_overrides, required_overrides, smoke_space, space_spec
+from cpal_ray.numbers import finite_or_none
+from cpal_ray.sweeps.report import SPEC_FILE, trial_records, write_results
+from cpal_ray.sweeps.spaces import ROW_KEY, point_overrides, required_overrides, smoke_space, space_spec
 
 log = logging.getLogger(__name__)
 DRIVER_CPU = 0.01          # the trial function itself (0 is rejected by Tune)
@@ -165,7 +165,8 @@ def _evaluate_remote(final_dir: str, cfg_dict: dict, max_images: int) -> dict:
     import torch
 
     from cpal_ray.data import build_dataset
-    from cpal_ray.engine import evaluate_seeds, load_trained
+    from cpal_ray.engine import load_trained
+    from cpal_ray.inference.evaluate import evaluate_seeds
 
     cfg = from_dict(cfg_dict)
     device = "cuda" if cfg.dist.use_gpu and torch.cuda.is_available() else "cpu"
@@ -186,10 +187,6 @@ def _wait_for_progress_reports(timeout_s: float = 30.0) -> None:
             time.sleep(0.05)
     except Exception as e:  # private API: never fail a finished trial on it
         log.debug("could not check the progress queue: %s", e)
-
-
-def _finite(values: list) -> list:
-    return [v if isinstance(v, (int, float)) and math.isfinite(v) else None for v in values]
 
 
 def sweep_trial(config: dict, spec: dict) -> None:
@@ -214,10 +211,10 @@ def sweep_trial(config: dict, spec: dict) -> None:
     seeds = ray.get(_evaluate_remote.options(**opts).remote(str(result.final_dir), cfg.to_dict(),
                                                             spec["eval_max_images"]))
     metrics = {"seed_miou": float(seeds["best_miou"]), "best_threshold": float(seeds["best_threshold"]),
-               "wall_seconds": time.time() - start, "train_seconds": train_seconds, "iou": _finite(seeds["iou"]),
+               "wall_seconds": time.time() - start, "train_seconds": train_seconds, "iou": finite_or_none(seeds["iou"]),
                "cam_source": seeds["cam_source"], "eval_images": seeds["images"], "phase": "final",
                "point": point.get(ROW_KEY) or json.dumps(point)}
-    (run_dir / "seeds.json").write_text(json.dumps({**metrics, "curve": _finite(seeds["miou"])}, indent=2))
+    (run_dir / "seeds.json").write_text(json.dumps({**metrics, "curve": finite_or_none(seeds["miou"])}, indent=2))
     _wait_for_progress_reports()
     tune.report(metrics)
 

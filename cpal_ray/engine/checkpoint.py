@@ -1,13 +1,21 @@
-"""Checkpoint files: the whole run in one folder, loadable with ``torch.load(weights_only=True)``.
+"""Checkpoints: one definition of what a checkpoint holds, one folder layout, weights-only loading.
 
-Layout of a checkpoint folder:
-  state.pt     model, optimizer, scheduler, epoch (completed), global step, config dict,
-               bank state (``PrototypeBank.state_dict()``) and the context prototypes
-  model.pt     the unwrapped model's weights only (the exported artefact)
+A checkpoint (``checkpoint_state``) is a dict of tensors and plain types:
+  model      the unwrapped model's weights          optimizer, scheduler   their state dicts
+  epoch      epochs completed                       global_step            steps completed
+  config     the resolved config (dict)             metrics                the epoch's scalar metrics
+  bank       the bank's ``state_dict()`` — its entries, keys and the context prototypes of the
+             clustering made at the end of this epoch (None for the BCE baseline)
+
+A checkpoint folder (``write_checkpoint``; Ray Train's checkpoint folders, ``epoch_NNN/`` of a
+local run and every ``final/`` hold the same files):
+  state.pt     the checkpoint dict (``torch.load(weights_only=True)``)
+  model.pt     the weights alone (the exported artefact)
   config.yaml  the resolved config
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -20,34 +28,37 @@ MODEL_FILE = "model.pt"
 CONFIG_FILE = "config.yaml"
 
 
+def checkpoint_state(*, model: torch.nn.Module, cfg: Config, epoch: int, global_step: int = 0, optimizer=None,
+                     scheduler=None, bank=None, metrics: dict | None = None) -> dict:
+    """The checkpoint dict (see the module docstring). ``epoch`` = epochs completed; ``model`` may be
+    DDP-wrapped; ``bank``: anything with ``state_dict()`` (None for the baseline)."""
+    from cpal_ray.models import unwrap
+
+    return {
+        "model": {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()},
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "epoch": int(epoch),
+        "global_step": int(global_step),
+        "config": cfg.to_dict(),
+        "bank": bank.state_dict() if bank is not None else None,
+        "metrics": {k: v for k, v in (metrics or {}).items() if isinstance(v, (int, float, str))},
+    }
+
+
 def _atomic_save(obj, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)
 
 
-def save_checkpoint(folder: str | os.PathLike, *, model: torch.nn.Module, optimizer=None, scheduler=None,
-                    epoch: int, global_step: int, cfg: Config, bank_state: dict | None = None,
-                    context: dict | None = None, metrics: dict | None = None) -> Path:
-    """Write a checkpoint folder (files replaced atomically). ``epoch`` = epochs completed."""
+def write_checkpoint(folder: str | os.PathLike, checkpoint: dict) -> Path:
+    """Write a checkpoint folder (each file replaced atomically); returns the folder."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    net = model.module if hasattr(model, "module") else model
-    weights = {k: v.detach().cpu() for k, v in net.state_dict().items()}
-    state = {
-        "model": weights,
-        "optimizer": optimizer.state_dict() if optimizer is not None else None,
-        "scheduler": scheduler.state_dict() if scheduler is not None else None,
-        "epoch": int(epoch),
-        "global_step": int(global_step),
-        "config": cfg.to_dict(),
-        "bank": bank_state,
-        "context": context,
-        "metrics": {k: v for k, v in (metrics or {}).items() if isinstance(v, (int, float, str))},
-    }
-    _atomic_save(state, folder / STATE_FILE)
-    _atomic_save(weights, folder / MODEL_FILE)
-    save_config(cfg, folder / CONFIG_FILE)
+    _atomic_save(checkpoint, folder / STATE_FILE)
+    _atomic_save(checkpoint["model"], folder / MODEL_FILE)
+    save_config(from_dict(checkpoint["config"]), folder / CONFIG_FILE)
     return folder
 
 
@@ -61,14 +72,12 @@ def load_checkpoint(folder: str | os.PathLike, map_location="cpu") -> dict:
     return state
 
 
-def context_from_state(state: dict):
-    """The checkpoint's context prototypes as an engine ``Context`` (None if there were none)."""
-    from cpal_ray.engine.loop import Context
+def checkpoint_context(state: dict):
+    """The context prototypes a checkpoint holds (inside its bank state), or None."""
+    from cpal_ray.cpal.bank import Context
 
-    ctx = state.get("context")
-    if not ctx or int(ctx.get("version", 0)) == 0:
-        return None
-    return Context(ctx["prototypes"].float(), ctx["counts"].long(), int(ctx["version"]))
+    bank = state.get("bank")
+    return Context.from_state(bank["context"]) if bank else None
 
 
 def load_trained(folder: str | os.PathLike, map_location="cpu", cfg: Config | None = None):
@@ -77,8 +86,6 @@ def load_trained(folder: str | os.PathLike, map_location="cpu", cfg: Config | No
     Returns (model in eval mode, Config (the saved one unless ``cfg`` is given), Context or None).
     No ImageNet weights are loaded (the checkpoint has all of them).
     """
-    import dataclasses
-
     from cpal_ray.models import build_model
 
     state = load_checkpoint(folder, map_location=map_location)
@@ -86,4 +93,4 @@ def load_trained(folder: str | os.PathLike, map_location="cpu", cfg: Config | No
     model = build_model(dataclasses.replace(cfg.model, pretrained=False, weights=""), cfg.data.num_classes)
     model.load_state_dict(state["model"])
     model.eval()
-    return model, cfg, context_from_state(state)
+    return model, cfg, checkpoint_context(state)

@@ -1,91 +1,45 @@
-"""Train in one process (no Ray): the reference the distributed run is checked against.
+"""Training in one process (no Ray): ``fit`` with an in-process ``PrototypeBank``.
 
-Per epoch: cluster the bank into context prototypes (Eq. 5) at the start of the epoch (the
-paper's schedule; epoch 0 starts empty, see ``cpal_ray.cpal.loss`` on the cold start), then
-``train_one_epoch``. The bank here is an in-process ``PrototypeBank``.
+Checkpoints go to ``<out_dir>/epoch_NNN/`` (the files of ``cpal_ray.engine.checkpoint``); run
+again into the same ``out_dir`` and training resumes after the newest one.
 """
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
-
-import torch
-from torch.utils.data import DataLoader
 
 from cpal_ray.config import Config
 from cpal_ray.cpal import PrototypeBank
-from cpal_ray.engine.checkpoint import save_checkpoint
-from cpal_ray.engine.loop import Context, train_one_epoch
-from cpal_ray.engine.optim import build_optimizer, poly_scheduler, steps_per_epoch
-from cpal_ray.engine.sampler import GlobalBatchSampler
+from cpal_ray.engine.checkpoint import load_checkpoint, write_checkpoint
+from cpal_ray.engine.fit import FitResult, fit
 
 log = logging.getLogger(__name__)
+EPOCH_DIR = re.compile(r"epoch_(\d{3,})$")
 
 
-def build_bank(cfg: Config, model) -> PrototypeBank | None:
-    """The support bank for this config (None for the BCE baseline)."""
-    if not cfg.cpal.enabled:
-        return None
-    return PrototypeBank.from_config(cfg.cpal, cfg.data.num_classes, model.embed_dim)
+def latest_epoch_dir(out_dir: str | Path) -> Path | None:
+    """The ``epoch_NNN`` folder of ``out_dir`` with the highest N, or None."""
+    found = [(int(m.group(1)), p) for p in Path(out_dir).glob("epoch_*") if (m := EPOCH_DIR.match(p.name))]
+    return max(found)[1] if found else None
 
 
-def cluster_context(bank: PrototypeBank | None, tag: str) -> Context | None:
-    """Cluster the bank (once per tag) and return the context, or None while it is empty."""
-    if bank is None or bank.counts().sum() == 0:
-        return None
-    ctx, counts, version = bank.cluster(tag)
-    return Context.from_numpy(ctx, counts, version)
+def fit_local(cfg: Config, out_dir: str | Path | None = None, device: str = "cpu", model=None, dataset=None,
+              hooks=()) -> FitResult:
+    """Train ``cfg.train.epochs`` epochs in this process, checkpointing into ``out_dir`` when given."""
+    from cpal_ray.models import embed_dim
 
+    bank = PrototypeBank.from_config(cfg, embed_dim(cfg.model)) if cfg.cpal.enabled else None
+    save_fn = resume = None
+    if out_dir is not None:
+        out = Path(out_dir)
+        last = latest_epoch_dir(out)
+        if last is not None:
+            log.info("resuming from %s", last)
+            resume = load_checkpoint(last)
 
-def warmup_hook(cfg: Config, epoch: int, cluster):
-    """on_step hook for the optional warm start: cluster once after step s of epoch 0."""
-    s = cfg.cpal.warmup_cluster_steps
-    if not cfg.cpal.enabled or s <= 0 or epoch != 0:
-        return None
-    return lambda step, done: cluster("warmup") if done == s else None
+        def save_fn(checkpoint, record):
+            write_checkpoint(out / f"epoch_{record['epoch']:03d}", checkpoint)
 
-
-def fit_local(cfg: Config, out_dir: str | Path | None = None, device: str = "cpu", model=None, dataset=None) -> dict:
-    """Train ``cfg.train.epochs`` epochs in this process; returns model, bank, context, history."""
-    from cpal_ray.data import build_dataset
-    from cpal_ray.models import build_model
-
-    torch.manual_seed(cfg.train.seed)
-    dataset = dataset if dataset is not None else build_dataset(cfg.data, "train", train=True)
-    model = model if model is not None else build_model(cfg.model, cfg.data.num_classes)
-    model.to(device)
-    n_steps = steps_per_epoch(len(dataset), cfg.train.batch_size, cfg.train.max_steps_per_epoch)
-    optimizer = build_optimizer(model, cfg.optim)
-    scheduler = poly_scheduler(optimizer, n_steps * cfg.train.epochs, cfg.optim.poly_power)
-    bank = build_bank(cfg, model)
-    context, history = None, []
-    for epoch in range(cfg.train.epochs):
-        context = cluster_context(bank, f"epoch{epoch}") or context
-        sampler = GlobalBatchSampler(len(dataset), cfg.train.batch_size, seed=cfg.train.seed, max_steps=n_steps)
-        sampler.set_epoch(epoch)
-        if hasattr(dataset, "set_epoch"):
-            dataset.set_epoch(epoch)
-        loader = DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.data.loader_workers)
-        hook = warmup_hook(cfg, epoch, lambda tag: cluster_context(bank, tag))
-        stats = train_one_epoch(model, loader, optimizer, scheduler, cfg, epoch=epoch, device=device, bank=bank,
-                                context=context, max_steps=n_steps, on_step=hook)
-        stats["epoch"] = epoch
-        if bank is not None:
-            stats.update(bank.stats())
-        history.append(stats)
-        log.info("epoch %d: %s", epoch, {k: v for k, v in stats.items() if isinstance(v, float)})
-        if out_dir is not None:
-            save_checkpoint(Path(out_dir) / f"epoch_{epoch:03d}", model=model, optimizer=optimizer,
-                            scheduler=scheduler, epoch=epoch + 1, global_step=(epoch + 1) * n_steps, cfg=cfg,
-                            bank_state=bank.state_dict() if bank else None,
-                            context=_context_dict(bank))
-    # The prototypes used for inference (PACAM): a clustering of the final bank.
-    final_ctx = cluster_context(bank, f"epoch{cfg.train.epochs}")
-    return {"model": model, "bank": bank, "context": final_ctx, "history": history}
-
-
-def _context_dict(bank: PrototypeBank | None) -> dict | None:
-    if bank is None:
-        return None
-    ctx, counts, version = bank.context_tensors()
-    return {"prototypes": ctx, "counts": counts, "version": version}
+    return fit(cfg, bank=bank, device=device, save_fn=save_fn, resume=resume, hooks=list(hooks), model=model,
+               dataset=dataset)

@@ -1,16 +1,19 @@
-"""Single-process training and seed evaluation: plain PyTorch, no Ray.
+"""One epoch of CPAL training: plain PyTorch, the same code in one process and in a Ray worker.
 
-``train_one_epoch`` is what each Ray Train worker runs (``cpal_ray.distributed``); the worker
-only wraps the model with DDP, gives it its shard of the data and a bank client. Here the bank
-is anything with ``push(key, class_ids, protos)``: a ``PrototypeBank`` in one process, or the
-actor client in a cluster. Pushes are keyed (epoch, step, rank).
+``train_one_epoch`` runs the steps of one epoch on a ``TrainState`` (``cpal_ray.engine.fit``):
+forward, the CPAL loss terms, backward, SGD + poly step, the push of the instance prototypes to
+the bank (keyed (epoch, step, rank)), then every hook's ``after_step``.
+
+No host synchronisation per step beyond the bank push (the prototypes must reach the bank):
+loss terms, the L_self image count and the first non-finite loss are accumulated on the device
+and read every ``train.log_every`` steps and at the end of the epoch. A non-finite loss raises
+``FloatingPointError`` naming the epoch, the step where it first happened and its loss terms
+(at the next read, so at most ``log_every - 1`` steps later).
 """
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
@@ -18,144 +21,103 @@ import torch
 from cpal_ray.cpal import cpal_step
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Context:
-    """Context prototypes as the training step sees them: (N, P, D), counts (N,), version."""
-    prototypes: torch.Tensor
-    counts: torch.Tensor
-    version: int
-
-    @classmethod
-    def from_numpy(cls, ctx: np.ndarray, counts: np.ndarray, version: int) -> "Context":
-        # Copies: arrays from Ray's object store are read-only.
-        return cls(torch.from_numpy(np.array(ctx, dtype=np.float32)), torch.from_numpy(np.array(counts)), int(version))
-
-    def to(self, device) -> "Context":
-        return Context(self.prototypes.to(device), self.counts.to(device), self.version)
-
-
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return model.module if hasattr(model, "module") else model
+LOSS_TERMS = ("loss", "bce", "self")
 
 
 def push_prototypes(bank, key: tuple, protos: torch.Tensor | None, valid: torch.Tensor | None) -> dict[int, int]:
-    """Send the valid instance prototypes of one step to the bank; returns {class: count} pushed."""
+    """Send the valid instance prototypes of one step to the bank; returns {class: count} pushed.
+
+    protos: (B, N, D); valid: (B, N) bool. One device-to-host copy (the bank lives on the host).
+    """
     if bank is None or protos is None:
         return {}
-    idx = valid.nonzero(as_tuple=False)  # (M, 2): (image, class)
-    class_ids = idx[:, 1].cpu().numpy()
-    vectors = protos[idx[:, 0], idx[:, 1]].detach().cpu().numpy().astype(np.float32)
+    idx = valid.nonzero(as_tuple=False).cpu()  # (M, 2): (image, class)
+    class_ids = idx[:, 1].numpy()
+    vectors = protos.detach()[idx[:, 0], idx[:, 1]].cpu().numpy().astype(np.float32)
     bank.push(key, class_ids, vectors)
     u, c = np.unique(class_ids, return_counts=True)
     return {int(a): int(b) for a, b in zip(u, c)}
 
 
-def train_one_epoch(model: torch.nn.Module, loader, optimizer: torch.optim.Optimizer, scheduler, cfg, *,
-                    epoch: int, device: torch.device | str = "cpu", bank=None, context: Context | None = None,
-                    rank: int = 0, max_steps: int = 0, on_step: Callable[[int, int], Context | None] | None = None,
-                    logger: Callable[[str], None] | None = None) -> dict:
+class _NonFiniteWatch:
+    """Remembers, on the device, the first step whose loss terms were not all finite."""
+
+    def __init__(self, device):
+        self.step = torch.full((), -1, dtype=torch.long, device=device)
+        self.values = torch.zeros(len(LOSS_TERMS), device=device)
+
+    def update(self, step: int, values: torch.Tensor) -> None:
+        first = (self.step < 0) & ~torch.isfinite(values).all()
+        self.step = torch.where(first, torch.full_like(self.step, step), self.step)
+        self.values = torch.where(first, values, self.values)
+
+    def check(self, epoch: int, rank: int) -> None:
+        step = int(self.step)  # the only read: a host sync every log_every steps
+        if step >= 0:
+            terms = dict(zip(LOSS_TERMS, self.values.tolist()))
+            raise FloatingPointError(f"non-finite loss at epoch {epoch} step {step} (rank {rank}): {terms}")
+
+
+def train_one_epoch(state, loader, hooks=()) -> dict:
     """One epoch of CPAL (or the BCE baseline when ``cfg.cpal.enabled`` is False).
 
-    Args:
-        model: CAMNet, possibly DDP-wrapped (its forward returns the dict of DESIGN.md).
-        loader: yields dicts with "image" (B, 3, H, W) and "label" (B, N).
-        optimizer, scheduler: from ``cpal_ray.engine.optim``; the scheduler steps every step.
-        cfg: the full Config.
-        epoch: epoch index (part of every bank key).
-        bank: receives ``push((epoch, step, rank), class_ids, protos)``; None = no bank.
-        context: context prototypes for this epoch (None before the first clustering).
-        max_steps: stop after this many steps (0 = whole loader).
-        on_step: called as ``on_step(step, n_steps_done)`` after each step; may return a new
-            Context (warm-up clustering) or raise (fault injection).
-    Returns a dict of epoch means and counters (loss, bce, self, steps, images, pushed per class,
-    data/step seconds).
+    state: the ``TrainState`` (model, possibly DDP-wrapped; optimizer; scheduler stepped every
+        step; cfg; device; bank (``push`` per step, None = no bank); context (None before the
+        first clustering, may be replaced by a hook mid-epoch); epoch; rank; steps_per_epoch).
+    loader: yields dicts with "image" (B, 3, H, W) and "label" (B, N).
+    hooks: objects with ``after_step(state, step)``.
+    Returns epoch means of loss/bce/self, and steps, images, self_images (images in L_self),
+    pushed ({class: count}), data_seconds, step_seconds, context_version (at the epoch's end).
     """
+    cfg, model, optimizer, device = state.cfg, state.model, state.optimizer, state.device
     model.train()
-    say = logger or log.info
-    ctx = context.to(device) if context is not None else None
-    sums = {"loss": 0.0, "bce": 0.0, "self": 0.0}
-    pushed: dict[int, int] = {}
-    steps = images = self_images = 0
-    data_time = step_time = 0.0
+    sums = torch.zeros(len(LOSS_TERMS), device=device)
+    self_images = torch.zeros((), dtype=torch.long, device=device)
+    watch = _NonFiniteWatch(device)
     params = [p for g in optimizer.param_groups for p in g["params"]]
+    pushed: dict[int, int] = {}
+    steps = images = 0
+    data_time = step_time = 0.0
     t_data = time.perf_counter()
     for step, batch in enumerate(loader):
-        if max_steps and step >= max_steps:
+        if step >= state.steps_per_epoch:
             break
         t_step = time.perf_counter()
         data_time += t_step - t_data
         x = batch["image"].to(device, non_blocking=True)
         labels = batch["label"].to(device, non_blocking=True)
         out = model(x)
+        ctx = state.context
         terms = cpal_step(out, labels, cfg.cpal, ctx.prototypes if ctx else None, ctx.counts if ctx else None)
         # Keep every parameter in the graph (the projection head is idle in the baseline and
         # before the first clustering) so DDP needs no unused-parameter search.
         loss = terms["loss"] + 0.0 * out["z"].sum()
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss at epoch {epoch} step {step} (rank {rank}): "
-                                     f"{ {k: float(terms[k].detach()) for k in ('loss', 'bce', 'self')} }")
+        values = torch.stack([terms[k].detach() for k in LOSS_TERMS])
+        watch.update(step, values)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.optim.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
         optimizer.step()
-        scheduler.step()
-        for c, n in push_prototypes(bank, (epoch, step, rank), terms["protos"], terms["proto_valid"]).items():
+        state.scheduler.step()
+        for c, n in push_prototypes(state.bank, (state.epoch, step, state.rank), terms["protos"],
+                                    terms["proto_valid"]).items():
             pushed[c] = pushed.get(c, 0) + n
-        values = {k: float(terms[k].detach()) for k in sums}
-        for k in sums:
-            sums[k] += values[k]
+        sums += values
+        self_images += terms["self_images"]
         steps += 1
         images += x.shape[0]
-        self_images += terms["self_images"]
         step_time += time.perf_counter() - t_step
         if step % cfg.train.log_every == 0:
-            say(f"epoch {epoch} step {step} rank {rank}: loss {values['loss']:.4f} "
-                f"bce {values['bce']:.4f} self {values['self']:.4f} lr {optimizer.param_groups[0]['lr']:.2e}")
-        if on_step is not None:
-            new_ctx = on_step(step, steps)
-            if new_ctx is not None:
-                ctx = new_ctx.to(device)
+            watch.check(state.epoch, state.rank)
+            v = dict(zip(LOSS_TERMS, values.tolist()))
+            log.info(f"epoch {state.epoch} step {step} rank {state.rank}: loss {v['loss']:.4f} bce {v['bce']:.4f} "
+                     f"self {v['self']:.4f} lr {optimizer.param_groups[0]['lr']:.2e}")
+        for hook in hooks:
+            hook.after_step(state, step)
         t_data = time.perf_counter()
-    n = max(steps, 1)
-    return {**{k: v / n for k, v in sums.items()}, "steps": steps, "images": images, "self_images": self_images,
+    watch.check(state.epoch, state.rank)
+    means = (sums / max(steps, 1)).tolist()
+    return {**dict(zip(LOSS_TERMS, means)), "steps": steps, "images": images, "self_images": int(self_images),
             "pushed": pushed, "data_seconds": data_time, "step_seconds": step_time,
-            "context_version": ctx.version if ctx else 0}
-
-
-@torch.inference_mode()
-def evaluate_seeds(model: torch.nn.Module, dataset, cfg, *, device: torch.device | str = "cpu",
-                   context: Context | None = None, max_images: int = 0, scales=None, flip=None,
-                   cam_source: str | None = None) -> dict:
-    """Seed mIoU of multi-scale CAMs (or PACAMs) over ``dataset`` with the background-threshold sweep.
-
-    Uses ``cpal_ray.inference`` (one ConfusionMatrix per threshold). ``scales``/``flip``/
-    ``cam_source`` override ``cfg.inference``. Returns the sweep's results dict (``best_miou``,
-    ``best_threshold``, curve, per-class IoU).
-    """
-    from cpal_ray.inference.metrics import ThresholdSweep, thresholds_from_config
-    from cpal_ray.inference.multiscale import multiscale_cams
-
-    net = _unwrap(model)
-    net.eval()
-    source = cam_source or cfg.inference.cam_source
-    if source == "pacam" and context is None:
-        raise ValueError("cam_source='pacam' needs context prototypes (a CPAL checkpoint after one clustering)")
-    sweep = ThresholdSweep(cfg.data.num_classes + 1, thresholds_from_config(cfg.inference))
-    n = len(dataset) if not max_images else min(max_images, len(dataset))
-    for i in range(n):
-        item = dataset[i]
-        ctx = context.to(device) if (context is not None and source == "pacam") else None
-        res = multiscale_cams(net, item["image"].to(device), item["label"],
-                              scales=tuple(scales or cfg.inference.scales),
-                              flip=cfg.inference.flip if flip is None else flip,
-                              context=ctx.prototypes if ctx else None, counts=ctx.counts if ctx else None,
-                              cpal_cfg=cfg.cpal)
-        cams = res["pacam"] if source == "pacam" else res["cam"]
-        sweep.update(cams, res["classes"], item["mask"].numpy())
-    out = sweep.results()
-    out["images"] = n
-    out["cam_source"] = source
-    return out
+            "context_version": state.context.version if state.context else 0}

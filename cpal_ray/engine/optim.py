@@ -7,6 +7,7 @@ runs everywhere and matches a single process with batch B.
 from __future__ import annotations
 
 import torch
+from torch.optim.lr_scheduler import PolynomialLR
 
 
 def build_optimizer(model: torch.nn.Module, optim_cfg) -> torch.optim.SGD:
@@ -20,18 +21,6 @@ def build_optimizer(model: torch.nn.Module, optim_cfg) -> torch.optim.SGD:
                            weight_decay=optim_cfg.weight_decay)
 
 
-def poly_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, power: float) -> torch.optim.lr_scheduler.LambdaLR:
-    """lr_t = lr_0 * (1 - t / total_steps) ** power, one step per global batch."""
-    total = max(1, int(total_steps))
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: max(0.0, 1.0 - min(t, total) / total) ** power)
-
-
-def steps_per_epoch(num_images: int, global_batch: int, max_steps: int = 0) -> int:
-    """Global batches per epoch (the last partial batch is dropped, as IRN/SIPE do)."""
-    n = max(1, num_images // global_batch) if num_images >= global_batch else 1
-    return min(n, max_steps) if max_steps > 0 else n
-
-
-def total_steps(num_images: int, global_batch: int, epochs: int, max_steps: int = 0) -> int:
-    return steps_per_epoch(num_images, global_batch, max_steps) * epochs
-
+def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, power: float) -> PolynomialLR:
+    """Poly decay lr_t = lr_0 (1 - t / total_steps) ** power, one step per global batch, 0 at the end."""
+    return PolynomialLR(optimizer, total_iters=max(1, int(total_steps)), power=power)

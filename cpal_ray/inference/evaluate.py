@@ -1,5 +1,7 @@
-"""Scoring saved outputs against the ground truth (no Ray): one dataset-level confusion matrix.
+"""Scoring against the ground truth (no Ray): one dataset-level confusion matrix.
 
+- ``evaluate_seeds``: seed mIoU of a model's multi-scale CAMs (or PACAMs) over a dataset,
+  computed in memory (training-time checks, sweeps).
 - ``evaluate_cam_dir``: seed mIoU of a folder of CAM files (``<dir>/<id>.npz``) with the
   background-threshold sweep of ``InferenceConfig`` (or its fixed threshold).
 - ``evaluate_labels``: mIoU of a folder of label PNGs (``<dir>/<id>.png``). Pixels whose ground
@@ -17,10 +19,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from cpal_ray.inference.io import atomic_write_bytes, load_cams_npz, load_label_png
-from cpal_ray.inference.jobs import cam_path, positive_classes
-from cpal_ray.inference.metrics import ConfusionMatrix, ThresholdSweep, _json_safe, thresholds_from_config
+from cpal_ray.data.classes import positive_classes
+from cpal_ray.inference.jobs import cam_path
+from cpal_ray.inference.metrics import ConfusionMatrix, ThresholdSweep, thresholds_from_config
+from cpal_ray.inference.multiscale import multiscale_cams
+from cpal_ray.numbers import json_safe
 from cpal_ray.inference.pseudo import IGNORE
 
 # Errors kept in a result (the count is always complete).
@@ -35,6 +41,36 @@ def _record(errors: list, n_errors: int, sid: str, e: BaseException) -> int:
     if len(errors) < MAX_LISTED_ERRORS:
         errors.append(f"id {sid}: {type(e).__name__}: {e}")
     return n_errors + 1
+
+
+@torch.inference_mode()
+def evaluate_seeds(model: torch.nn.Module, dataset, cfg, *, device: torch.device | str = "cpu", context=None,
+                   max_images: int = 0, scales=None, flip=None, cam_source: str | None = None) -> dict[str, Any]:
+    """Seed mIoU of multi-scale CAMs (or PACAMs) over ``dataset`` with the background-threshold sweep.
+
+    model: CAMNet (unwrapped, on ``device``); context: ``Context`` (needed for the PACAM);
+    ``scales``/``flip``/``cam_source`` override ``cfg.inference``. Returns the sweep's results
+    (``best_miou``, ``best_threshold``, curve, per-class IoU) plus ``images`` and ``cam_source``.
+    """
+    model.eval()
+    source = cam_source or cfg.inference.cam_source
+    if source == "pacam" and context is None:
+        raise ValueError("cam_source='pacam' needs context prototypes (a CPAL checkpoint after one clustering)")
+    ctx = context.to(device) if (context is not None and source == "pacam") else None
+    sweep = ThresholdSweep(cfg.data.num_classes + 1, thresholds_from_config(cfg.inference))
+    n = len(dataset) if not max_images else min(max_images, len(dataset))
+    for i in range(n):
+        item = dataset[i]
+        res = multiscale_cams(model, item["image"].to(device), item["label"],
+                              scales=tuple(scales or cfg.inference.scales),
+                              flip=cfg.inference.flip if flip is None else flip,
+                              context=ctx.prototypes if ctx else None, counts=ctx.counts if ctx else None,
+                              cpal_cfg=cfg.cpal)
+        sweep.update(res[source], res["classes"], item["mask"].numpy())
+    out = sweep.results()
+    out["images"] = n
+    out["cam_source"] = source
+    return out
 
 
 def evaluate_cam_dir(cam_dir: str | os.PathLike, dataset, cfg, max_images: int = 0) -> dict[str, Any]:
@@ -106,4 +142,4 @@ def evaluate_labels(label_dir: str | os.PathLike, dataset, num_classes: int | No
 
 def write_json(result: dict[str, Any], path: str | os.PathLike) -> Path:
     """Save a result dict as indented strict JSON (NaN -> null), atomically."""
-    return atomic_write_bytes(path, json.dumps(_json_safe(result), indent=2, default=str).encode())
+    return atomic_write_bytes(path, json.dumps(json_safe(result), indent=2, default=str).encode())

@@ -23,7 +23,6 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -32,6 +31,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from cpal_ray.data.base import DataError, read_rgb as read_image_file
+from cpal_ray.data.classes import positive_classes
 from cpal_ray.inference.io import LabelFileError, atomic_write_bytes, load_cams_npz, load_label_png, save_cams_npz, \
     save_label_png
 from cpal_ray.inference.pseudo import IGNORE, pseudo_label_from_config
@@ -46,14 +46,17 @@ LABEL_SCHEMA = pa.schema(_COMMON + [("frac_ignored", pa.float64()), ("sha256", p
 PNG_END = b"IEND\xaeB`\x82"
 
 
+PACAM_DIR = "pacam"  # the PACAM files of a CAM folder live in this subfolder
+
+
+def source_dir(cam_dir: str | os.PathLike, source: str = "cam") -> Path:
+    """The folder of one map's files: ``<cam_dir>`` for the CAM, ``<cam_dir>/pacam`` for the PACAM."""
+    return Path(cam_dir) / PACAM_DIR if source == "pacam" else Path(cam_dir)
+
+
 def cam_path(cam_dir: str | os.PathLike, sample_id: str, source: str = "cam") -> Path:
     """``<cam_dir>/<id>.npz`` for the CAM, ``<cam_dir>/pacam/<id>.npz`` for the PACAM."""
-    return Path(cam_dir) / ("pacam" if source == "pacam" else "") / f"{sample_id}.npz"
-
-
-def positive_classes(label: Any) -> np.ndarray:
-    """Multi-hot (N,) -> (K,) int64 foreground indices in 0..N-1."""
-    return np.flatnonzero(np.asarray(label).reshape(-1) > 0).astype(np.int64)
+    return source_dir(cam_dir, source) / f"{sample_id}.npz"
 
 
 def image_hw(dataset, index: int) -> tuple[int, int]:

@@ -23,6 +23,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from cpal_ray.inference.io import atomic_write_bytes
+from cpal_ray.numbers import json_safe, pct
 
 
 def _to_numpy(x: Any) -> np.ndarray:
@@ -243,21 +244,6 @@ class ThresholdSweep:
         }
 
 
-def _json_safe(x: Any) -> Any:
-    """NaN -> None (strict JSON), recursively."""
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_json_safe(v) for v in x]
-    return x
-
-
-def _pct(x: float) -> str:
-    return "—" if x is None or not math.isfinite(x) else f"{100 * x:.2f}"
-
-
 def write_report(results: dict[str, Any], out_dir: str | os.PathLike, class_names: list[str]) -> dict[str, Path]:
     """Save ``ThresholdSweep.results()`` as ``seeds.json``, ``seeds.md`` and ``miou_vs_threshold.png``.
 
@@ -270,21 +256,21 @@ def write_report(results: dict[str, Any], out_dir: str | os.PathLike, class_name
     out.mkdir(parents=True, exist_ok=True)
     payload = dict(results, class_names=list(class_names))
     paths = {"json": out / "seeds.json", "md": out / "seeds.md", "png": out / "miou_vs_threshold.png"}
-    atomic_write_bytes(paths["json"], json.dumps(_json_safe(payload), indent=2).encode())
+    atomic_write_bytes(paths["json"], json.dumps(json_safe(payload), indent=2).encode())
 
     lines = [
         "# Seed mIoU",
         "",
-        f"- best mIoU: **{_pct(results['best_miou'])}** at background threshold "
+        f"- best mIoU: **{pct(results['best_miou'], 2)}** at background threshold "
         f"**{results['best_threshold']:.2f}**",
-        f"- pixel accuracy at that threshold: {_pct(results['pixel_acc'])}",
+        f"- pixel accuracy at that threshold: {pct(results['pixel_acc'], 2)}",
         f"- thresholds evaluated: {len(results['thresholds'])} "
         f"({results['thresholds'][0]:.2f} .. {results['thresholds'][-1]:.2f})",
         "",
         "| class | IoU (%) |",
         "|---|---:|",
     ]
-    lines += [f"| {name} | {_pct(v)} |" for name, v in zip(class_names, results["iou"])]
+    lines += [f"| {name} | {pct(v, 2)} |" for name, v in zip(class_names, results["iou"])]
     atomic_write_bytes(paths["md"], ("\n".join(lines) + "\n").encode())
 
     # Figure + Agg canvas directly: no pyplot, so no global backend switch in library code.
@@ -298,7 +284,7 @@ def write_report(results: dict[str, Any], out_dir: str | os.PathLike, class_name
     ax.axvline(results["best_threshold"], color="gray", linestyle="--", linewidth=1)
     ax.set_xlabel("background threshold")
     ax.set_ylabel("mIoU (%)")
-    ax.set_title(f"best {_pct(results['best_miou'])} at {results['best_threshold']:.2f}")
+    ax.set_title(f"best {pct(results['best_miou'], 2)} at {results['best_threshold']:.2f}")
     ax.grid(True, alpha=0.3)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)

@@ -31,8 +31,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from cpal_ray.cpal.cams import CAM_EPS
+from cpal_ray.data.classes import positive_classes
+
 FEATURE_STRIDE = 16
-CAM_EPS = 1e-5
 
 PacamFn = Callable[..., torch.Tensor]
 
@@ -52,12 +54,6 @@ def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     if tuple(x.shape[-2:]) == tuple(size):
         return x
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-
-
-def _positive_classes(label: Any) -> torch.Tensor:
-    """Multi-hot (N,) -> (K,) int64 indices of the positive classes (on CPU)."""
-    label = torch.as_tensor(label).detach().cpu().reshape(-1)
-    return torch.nonzero(label > 0, as_tuple=False).reshape(-1)
 
 
 def _model_device(model: torch.nn.Module) -> torch.device:
@@ -177,7 +173,7 @@ def batched_multiscale_cams(model: torch.nn.Module, images: Sequence[torch.Tenso
                         m = _resize(m, grid)
                         acc[name] = acc[name] + m if name in acc else m
                 for row, i in enumerate(chunk):
-                    classes = _positive_classes(labels[i])
+                    classes = torch.from_numpy(positive_classes(labels[i]))
                     if classes.numel() == 0:
                         results[i] = _empty_result(size, pacam is not None)
                         continue
@@ -217,7 +213,7 @@ def naive_multiscale_cams(model: torch.nn.Module, image: torch.Tensor, label: An
     device = _model_device(model)
     pacam = _Pacam(context, counts, cpal_cfg, pacam_fn, device) if context is not None else None
     size = tuple(image.shape[-2:])
-    classes = _positive_classes(label)
+    classes = torch.from_numpy(positive_classes(label))
     if classes.numel() == 0:
         return _empty_result(size, pacam is not None)
     cls_dev = classes.to(device)

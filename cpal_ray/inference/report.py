@@ -7,11 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-
-
-def _pct(x) -> str:
-    return "—" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{100 * float(x):.1f}"
+from cpal_ray.numbers import pct
 
 
 def summary_rows(runs: dict[str, dict]) -> list[list[str]]:
@@ -21,10 +17,10 @@ def summary_rows(runs: dict[str, dict]) -> list[list[str]]:
         sv, st, pl = r.get("seeds_val"), r.get("seeds_train"), r.get("pseudo_train")
         rows.append([
             name,
-            f"{_pct(sv['best_miou'])} @ {sv['best_threshold']:.2f}" if sv else "—",
-            f"{_pct(st['best_miou'])} @ {st['best_threshold']:.2f}" if st else "—",
-            _pct(pl["miou"]) if pl else "—",
-            _pct(pl.get("frac_ignored")) if pl else "—",
+            f"{pct(sv['best_miou'])} @ {sv['best_threshold']:.2f}" if sv else "—",
+            f"{pct(st['best_miou'])} @ {st['best_threshold']:.2f}" if st else "—",
+            pct(pl["miou"]) if pl else "—",
+            pct(pl.get("frac_ignored")) if pl else "—",
             f"{r.get('timings', {}).get('train', 0):.0f}",
         ])
     return rows
@@ -34,7 +30,7 @@ def per_class_rows(runs: dict[str, dict], class_names, key: str = "seeds_val") -
     names = ["background", *class_names]
     rows = []
     for c, cname in enumerate(names):
-        cells = [_pct(r[key]["iou"][c]) if r.get(key) else "—" for r in runs.values()]
+        cells = [pct(r[key]["iou"][c]) if r.get(key) else "—" for r in runs.values()]
         if all(v == "—" for v in cells):
             continue
         rows.append([cname, *cells])

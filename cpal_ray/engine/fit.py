@@ -1,0 +1,189 @@
+"""``fit``: the one training loop of cpal-ray, for one process and for every Ray Train worker.
+
+    fit_local(cfg)      = fit(cfg, bank=PrototypeBank, save_fn=<write epoch_NNN/>)
+    Ray Train worker    = fit(cfg, bank=BankClient, prepare_model=ray.train.torch.prepare_model,
+                              save_fn=<ray.train.report>)
+
+The bank is anything with the interface of ``cpal_ray.cpal.bank`` (``push``, ``cluster(tag)``,
+``state_dict``, ``load_state_dict``, ``stats``). Work around the epochs is done by hooks, called
+in this order (detectron2's pattern, without the framework)::
+
+    resume (model, optimizer, scheduler, epoch, bank with its context) or empty the bank
+    for epoch in range(start, cfg.train.epochs):
+        hook.before_epoch(state)              for every hook
+        for step, batch in loader:            train_one_epoch
+            …one SGD step, push prototypes…
+            hook.after_step(state, step)      ClusterHook (warm-up), FaultHook (tests)
+        hook.after_epoch(state, record)       ClusterHook (k-means for the next epoch), then the
+                                              caller's hooks, then CheckpointHook (save_fn) last
+        state.history.append(record)
+
+Clustering: the context prototypes of epoch e+1 are clustered from the bank at the end of epoch
+e (tag ``epoch<e+1>``) — the paper's "once at the beginning of each epoch", run before the
+checkpoint so that the checkpoint of epoch e holds the context its next epoch (and inference)
+uses, whichever path wrote it. Epoch 0 starts without context (BCE only) unless
+``cpal.warmup_cluster_steps`` clusters early.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch.utils.data import DataLoader
+
+from cpal_ray.config import Config
+from cpal_ray.cpal.bank import Context
+from cpal_ray.engine.checkpoint import checkpoint_state
+from cpal_ray.engine.comm import all_gather_object
+from cpal_ray.engine.loop import train_one_epoch
+from cpal_ray.engine.optim import build_optimizer, build_scheduler
+from cpal_ray.engine.sampler import GlobalBatchSampler
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainState:
+    """What the loop and its hooks share. ``model`` may be DDP-wrapped (``unwrap`` it to save)."""
+    cfg: Config
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    bank: object | None
+    context: Context | None
+    device: torch.device | str
+    rank: int
+    world_size: int
+    steps_per_epoch: int
+    epoch: int = 0
+    history: list = field(default_factory=list)
+
+    @property
+    def global_step(self) -> int:
+        """Steps completed when the current epoch ends."""
+        return (self.epoch + 1) * self.steps_per_epoch
+
+
+class Hook:
+    """Base class: override what you need. ``record`` is the epoch's metrics dict (add to it)."""
+
+    def before_epoch(self, state: TrainState) -> None:
+        pass
+
+    def after_step(self, state: TrainState, step: int) -> None:
+        pass
+
+    def after_epoch(self, state: TrainState, record: dict) -> None:
+        pass
+
+
+class ClusterHook(Hook):
+    """Eq. 5 on schedule: after step ``warmup_steps`` of epoch 0 (0 = never) and at every epoch's end.
+
+    Every rank calls ``bank.cluster`` at the same point (the bank runs k-means once per tag and
+    all ranks get the same version). Adds ``context_versions`` (one per rank) and the bank's
+    ``stats()`` to the record.
+    """
+
+    def __init__(self, warmup_steps: int = 0):
+        self.warmup_steps = warmup_steps
+
+    def _cluster(self, state: TrainState, tag: str) -> None:
+        context = state.bank.cluster(tag)
+        if context is not None:
+            state.context = context
+
+    def after_step(self, state: TrainState, step: int) -> None:
+        if self.warmup_steps > 0 and state.epoch == 0 and step + 1 == self.warmup_steps:
+            self._cluster(state, "warmup")
+
+    def after_epoch(self, state: TrainState, record: dict) -> None:
+        self._cluster(state, f"epoch{state.epoch + 1}")
+        record["context_versions"] = all_gather_object(state.context.version if state.context else 0)
+        record.update(state.bank.stats())
+
+
+class CheckpointHook(Hook):
+    """Hands the epoch's checkpoint (rank 0; None on the other ranks) and record to ``save_fn``.
+
+    ``save_fn(checkpoint, record)`` is called on every rank (Ray's ``report`` is a barrier);
+    ``checkpoint`` is ``engine.checkpoint.checkpoint_state``, the one definition of a checkpoint.
+    """
+
+    def __init__(self, save_fn: Callable[[dict | None, dict], None]):
+        self.save_fn = save_fn
+
+    def after_epoch(self, state: TrainState, record: dict) -> None:
+        checkpoint = None
+        if state.rank == 0:
+            checkpoint = checkpoint_state(model=state.model, cfg=state.cfg, epoch=state.epoch + 1,
+                                          global_step=state.global_step, optimizer=state.optimizer,
+                                          scheduler=state.scheduler, bank=state.bank, metrics=record)
+        self.save_fn(checkpoint, record)
+
+
+@dataclass
+class FitResult:
+    model: torch.nn.Module      # unwrapped, on its training device
+    bank: object | None
+    context: Context | None     # the last clustering: what inference (PACAM) uses
+    history: list               # one record per epoch trained by this call
+
+
+def fit(cfg: Config, *, bank=None, device: torch.device | str = "cpu", rank: int = 0, world_size: int = 1,
+        prepare_model: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
+        save_fn: Callable[[dict | None, dict], None] | None = None, resume: dict | None = None,
+        hooks: list[Hook] = (), model: torch.nn.Module | None = None, dataset=None) -> FitResult:
+    """Train ``cfg.train.epochs`` epochs (from ``resume["epoch"]`` when resuming).
+
+    bank: the bank interface (None for the BCE baseline); device: where the model trains;
+    rank / world_size: this worker's shard of every global batch (``GlobalBatchSampler``);
+    prepare_model: wraps the model for data parallelism (default: ``model.to(device)``);
+    save_fn: receives each epoch's checkpoint (see ``CheckpointHook``); resume: a loaded
+    checkpoint (``load_checkpoint``); hooks: run after the clustering, before the checkpoint;
+    model / dataset: built from ``cfg`` (seeded with ``train.seed``) when not given.
+    """
+    from cpal_ray.data import build_dataset
+    from cpal_ray.models import build_model, unwrap
+
+    torch.manual_seed(cfg.train.seed)
+    dataset = dataset if dataset is not None else build_dataset(cfg.data, "train", train=True)
+    model = model if model is not None else build_model(cfg.model, cfg.data.num_classes)
+    sampler = GlobalBatchSampler(len(dataset), cfg.train.batch_size, world_size, rank, seed=cfg.train.seed,
+                                 max_steps=cfg.train.max_steps_per_epoch)
+    # Not persistent: loader workers must see dataset.set_epoch() (the augmentation stream).
+    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.data.loader_workers)
+    optimizer = build_optimizer(model, cfg.optim)
+    scheduler = build_scheduler(optimizer, len(sampler) * cfg.train.epochs, cfg.optim.poly_power)
+    start_epoch, context = 0, None
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        start_epoch = int(resume["epoch"])
+    if bank is not None:  # the bank always equals the state saved with the model
+        bank_state = resume["bank"] if resume is not None else None
+        bank.load_state_dict(bank_state)
+        context = Context.from_state(bank_state["context"]) if bank_state else None
+    model = prepare_model(model) if prepare_model is not None else model.to(device)
+    state = TrainState(cfg, model, optimizer, scheduler, bank, context, device, rank, world_size, len(sampler),
+                       epoch=start_epoch)
+    all_hooks = [*([ClusterHook(cfg.cpal.warmup_cluster_steps)] if bank is not None else []), *hooks,
+                 *([CheckpointHook(save_fn)] if save_fn is not None else [])]
+    for epoch in range(start_epoch, cfg.train.epochs):
+        state.epoch = epoch
+        sampler.set_epoch(epoch)
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(epoch)
+        for hook in all_hooks:
+            hook.before_epoch(state)
+        record = train_one_epoch(state, loader, all_hooks)
+        record["epoch"] = epoch
+        record["pushed_per_rank"] = [{str(k): v for k, v in p.items()} for p in all_gather_object(record.pop("pushed"))]
+        for hook in all_hooks:
+            hook.after_epoch(state, record)
+        state.history.append(record)
+        log.info("epoch %d (rank %d): %s", epoch, rank, {k: v for k, v in record.items() if isinstance(v, float)})
+    return FitResult(model=unwrap(state.model), bank=bank, context=state.context, history=state.history)
