@@ -4,10 +4,12 @@ Validation is offline: Ray's ``prepare_config`` (merge with the AWS provider def
 ``validate_config`` (jsonschema against ``ray/autoscaler/ray-schema.json`` plus Ray's own
 cross-field checks), the same two steps ``ray up`` runs before it talks to AWS.
 """
+import ast
 import copy
 import json
 import os
 import re
+import tomllib
 from pathlib import Path
 
 import jsonschema
@@ -94,8 +96,9 @@ def test_corrupted_copies_fail_validation(corrupt):
 
 def test_docker_image_is_ray_gpu_for_installed_ray_and_py311():
     image = load_cluster()["docker"]["image"]
-    m = re.fullmatch(r"rayproject/ray:(\d+)\.(\d+)\.(\d+)-py311-(gpu|cu\d+)", image)
-    assert m, f"{image!r} is not an official rayproject/ray py311 GPU image tag"
+    # An explicit CUDA platform: the "-gpu" alias follows whichever CUDA build Ray chose.
+    m = re.fullmatch(r"rayproject/ray:(\d+)\.(\d+)\.(\d+)-py311-(cu\d+)", image)
+    assert m, f"{image!r} is not an official rayproject/ray py311 image with an explicit -cuXY platform"
     major, minor = ray.__version__.split(".")[:2]
     assert (m.group(1), m.group(2)) == (major, minor) == ("2", "60"), \
         f"image {image} does not match ray {ray.__version__} pinned by pyproject (2.60.*)"
@@ -140,10 +143,68 @@ def test_setup_installs_the_project_with_its_gpu_extra_from_the_synced_repo():
     assert installs, "no `pip install -e '.[gpu]'` in setup_commands"
     assert any(f"cd {d}" in c for c in installs for d in remote_dirs), "install does not run in the synced repo"
     assert ".gitignore" in config.get("rsync_filter", []), "the .venv and results would be synced"
-    # faiss-cpu (base dependency) would shadow the GPU build; setup must leave faiss-gpu-cu12 alone.
-    assert any("uninstall" in c and "faiss-cpu" in c and "install faiss-gpu-cu12" in c
-               for c in config["setup_commands"])
+    # The gpu extra alone brings faiss: no CPU build to shadow it, and no uninstall workaround.
+    commands = all_commands(config)
+    assert not [c for c in commands if "faiss-cpu" in c or "uninstall" in c or re.search(r"\[[^]]*\bcpu\b", c)]
     assert any("boto3" in c for c in config["head_setup_commands"]), "the autoscaler needs boto3 on the head"
+
+
+def cuda_major(tag: str) -> int:
+    """'cu126' -> 12, 'cu130' -> 13, 'cu12' -> 12 (CUDA majors have two digits since CUDA 10)."""
+    digits = re.fullmatch(r"cu(\d+)", tag).group(1)
+    return int(digits[:2])
+
+
+def test_one_cuda_major_for_torch_faiss_and_the_image():
+    """torch's wheel index, the faiss-gpu-cuXX of the `gpu` extra and the Ray image: one CUDA major."""
+    config = load_cluster()
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    setup = config["setup_commands"]
+    torch_installs = [i for i, c in enumerate(setup) if re.search(r"pip install .*\btorch==", c)]
+    assert len(torch_installs) == 1, "setup_commands must install torch once, from a CUDA wheel index"
+    torch_cmd = setup[torch_installs[0]]
+    index = re.search(r"--index-url https://download\.pytorch\.org/whl/(cu\d+)\b", torch_cmd)
+    assert index, f"torch is not installed from a PyTorch CUDA index: {torch_cmd!r}"
+    # The same pins as the project, so the later `pip install -e '.[gpu]'` keeps this build.
+    for pin in (d for d in project["dependencies"] if d.startswith(("torch==", "torchvision=="))):
+        assert pin in torch_cmd.split(), f"{pin} missing from {torch_cmd!r}"
+    project_install = next(i for i, c in enumerate(setup) if "pip install -e '.[gpu]'" in c)
+    assert torch_installs[0] < project_install, "torch must come first, or pip installs the PyPI (CUDA 13) build"
+
+    gpu_extra = project["optional-dependencies"]["gpu"]
+    faiss = [re.fullmatch(r"faiss-gpu-(cu\d+)", d) for d in gpu_extra]
+    assert [m for m in faiss if m], f"the gpu extra has no faiss-gpu-cuXX: {gpu_extra}"
+    image = re.search(r"-(cu\d+)$", config["docker"]["image"])
+    assert image, config["docker"]["image"]
+    majors = {"torch index": cuda_major(index.group(1)), "gpu extra": cuda_major(next(m for m in faiss if m).group(1)),
+              "ray image": cuda_major(image.group(1))}
+    assert len(set(majors.values())) == 1, f"CUDA majors differ: {majors}"
+
+
+def rays_default_amis() -> tuple[str, set[str]]:
+    """Ray's `latest_dlami` fallback: its AMI name and per-region ids, read from the installed
+    Ray's AWS config module without importing it (that needs boto3)."""
+    src = (Path(ray.autoscaler.__file__).parent / "_private" / "aws" / "config.py").read_text()
+    values = {}
+    for node in ast.parse(src).body:
+        if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name):
+            if node.targets[0].id in ("DEFAULT_AMI_NAME", "DEFAULT_AMI"):
+                values[node.targets[0].id] = ast.literal_eval(node.value)
+    return values["DEFAULT_AMI_NAME"], set(values["DEFAULT_AMI"].values())
+
+
+def test_nodes_do_not_fall_back_to_rays_default_dlami():
+    name, default_ids = rays_default_amis()
+    assert default_ids, "Ray's default AMI table was not found"
+    for key, node in load_cluster()["available_node_types"].items():
+        ami = node["node_config"].get("ImageId", "")
+        # Ray replaces "" and "latest_dlami" (any case) by its default, today: `name`.
+        assert ami.lower() not in ("", "latest_dlami"), f"{key} would get Ray's default AMI {name!r}"
+        assert ami not in default_ids, f"{key}: {ami} is Ray's default AMI {name!r}"
+        assert re.fullmatch(r"ami-([0-9a-f]{8}|[0-9a-f]{17}|REPLACE-ME)", ami), f"{key}: {ami!r}"
+    text = CLUSTER_YAML.read_text()
+    assert "/aws/service/deeplearning/ami/x86_64/base-oss-nvidia-driver-gpu-ubuntu-22.04/latest/ami-id" in text, \
+        "cluster.yaml must say where the AMI id comes from"
 
 
 def test_token_auth_on_every_node():

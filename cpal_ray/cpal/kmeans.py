@@ -1,22 +1,62 @@
 """Eq. (5): context prototypes p_i = mean of the bank entries in k-means cluster G_i, via faiss.
 
-faiss runs on the GPU when ``faiss.get_num_gpus() > 0`` (the ``gpu`` extra installs
-faiss-gpu-cu12), on the CPU otherwise. The device that actually ran is returned and logged:
-faiss-gpu imports without a GPU and then silently runs on the CPU, so never assume.
+faiss is not a base dependency: the ``cpu`` extra installs faiss-cpu, the ``gpu`` extra
+faiss-gpu-cu12, and exactly one of them belongs in an environment (both provide the ``faiss``
+module). faiss runs on the GPU when ``faiss.get_num_gpus() > 0``, on the CPU otherwise. The
+device that actually ran is returned and logged: faiss-gpu imports without a GPU and then
+silently runs on the CPU, so never assume.
 """
 from __future__ import annotations
 
+import functools
 import logging
 
 import numpy as np
 
 log = logging.getLogger(__name__)
 
+FAISS_MISSING = ("faiss is not installed: pip install 'cpal-ray[cpu]' (CPU) or 'cpal-ray[gpu]' (CUDA 12); "
+                 "from a checkout: pip install -e '.[cpu]' or -e '.[gpu]' (one of the two, not both)")
+
+
+class FaissNotInstalledError(ImportError):
+    """No faiss build is installed; the message names the two extras that bring one."""
+
+
+def installed_faiss_builds() -> list[str]:
+    """Names of the installed distributions that provide ``faiss`` (faiss-cpu, faiss-gpu-cu12, ...)."""
+    from importlib import metadata
+
+    names = {(d.metadata["Name"] or "").lower() for d in metadata.distributions()}
+    return sorted(n for n in names if n == "faiss" or n.startswith("faiss-"))
+
+
+@functools.cache
+def _warn_if_several_builds() -> None:
+    builds = installed_faiss_builds()
+    if len(builds) > 1:
+        log.warning("several faiss builds are installed (%s); they share the `faiss` module and one shadows the "
+                    "other: keep one extra, cpal-ray[cpu] or cpal-ray[gpu]", ", ".join(builds))
+
+
+def import_faiss():
+    """The ``faiss`` module, or FaissNotInstalledError naming the ``cpu`` and ``gpu`` extras.
+
+    Only a missing module is translated; a faiss that is installed but fails to load (e.g. a
+    CUDA library not found) raises its own error unchanged."""
+    try:
+        import faiss
+    except ModuleNotFoundError as e:
+        if e.name != "faiss":
+            raise
+        raise FaissNotInstalledError(FAISS_MISSING) from e
+    _warn_if_several_builds()
+    return faiss
+
 
 def faiss_device(prefer_gpu: bool = True) -> str:
     """'gpu' when faiss sees a GPU (and it is wanted), else 'cpu'."""
-    import faiss
-
+    faiss = import_faiss()
     n = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
     return "gpu" if prefer_gpu and n > 0 else "cpu"
 
@@ -37,8 +77,7 @@ def kmeans(x: np.ndarray, k: int, niter: int = 20, seed: int = 1234, spherical: 
         raise ValueError(f"kmeans expects (M, D), got shape {x.shape}")
     if x.shape[0] <= k:
         return x.copy(), "none"
-    import faiss
-
+    faiss = import_faiss()
     device = faiss_device(prefer_gpu)
     extra = {}
     if hasattr(faiss, "ClusteringInitMethod_KMEANS_PLUS_PLUS"):  # faiss >= 1.13
