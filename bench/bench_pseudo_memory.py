@@ -42,8 +42,9 @@ def child(args) -> None:
     cfg = bench_config(args.n, args.size)
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     t0 = time.monotonic()
+    cfg = cfg.replace(**{"pseudo.max_crf_actors": 2, "inference.cam_cpus": 0.5})
     summary = run_pseudo_labels(cfg, Path(args.workdir) / f"out_{args.n}", checkpoint=Path(args.workdir) / "ckpt",
-                                split="train", crf_actors=2, cam_cpus=0.5)
+                                split="train")
     seconds = time.monotonic() - t0
     ray.shutdown()
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB

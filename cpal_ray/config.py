@@ -7,10 +7,8 @@ Every invalid value raises ``ConfigError`` naming the field and what is allowed.
 from __future__ import annotations
 
 import dataclasses
-import os
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import yaml
@@ -216,6 +214,9 @@ class DistConfig:
     max_pushes_in_flight: int = 4
     # Ray Train FailureConfig(max_failures); -1 = retry forever.
     max_failures: int = 0
+    # Tune trials run at once by a sweep; 0 = what the cluster holds when the sweep starts (an
+    # autoscaling cluster that starts from zero must set it: e.g. its max worker nodes).
+    max_concurrent_trials: int = 0
     # Fault injection for tests: crash rank `crash_rank` once at global step `crash_step` (-1 = off).
     crash_rank: int = -1
     crash_step: int = -1
@@ -226,6 +227,7 @@ class DistConfig:
         _check(self.bank_cpus >= 0 and self.bank_gpus >= 0, "dist.bank_cpus/bank_gpus", "must be >= 0")
         _check(self.max_pushes_in_flight >= 1, "dist.max_pushes_in_flight", "must be >= 1")
         _check(self.max_failures >= -1, "dist.max_failures", "must be >= -1")
+        _check(self.max_concurrent_trials >= 0, "dist.max_concurrent_trials", "must be >= 0 (0 = what the cluster holds)")
 
 
 @dataclass(frozen=True)
@@ -242,6 +244,12 @@ class InferenceConfig:
     fixed_threshold: float = -1.0
     # dtype of the CAMs saved in .npz files.
     save_dtype: str = "float16"
+    # Ray Data CAM actors (make_cams, pseudo_labels): on GPUs or not, CAM actors sharing one GPU,
+    # CPUs per actor, and the most actors (0 = as many as the cluster gives: the pool grows with it).
+    use_gpu: bool = False
+    cam_actors_per_gpu: int = 1
+    cam_cpus: float = 1.0
+    max_cam_actors: int = 0
 
     def __post_init__(self):
         _check(len(self.scales) >= 1 and all(s > 0 for s in self.scales), "inference.scales",
@@ -252,6 +260,9 @@ class InferenceConfig:
         _check(self.threshold_step > 0, "inference.threshold_step", "must be > 0")
         _check(self.fixed_threshold < 0 or self.fixed_threshold <= 1, "inference.fixed_threshold", "must be <= 1 (or < 0 = sweep)")
         _check(self.save_dtype in ("float16", "float32"), "inference.save_dtype", "must be float16 or float32")
+        _check(self.cam_actors_per_gpu >= 1, "inference.cam_actors_per_gpu", "must be >= 1")
+        _check(self.cam_cpus > 0, "inference.cam_cpus", "must be > 0")
+        _check(self.max_cam_actors >= 0, "inference.max_cam_actors", "must be >= 0 (0 = grow with the cluster)")
 
 
 @dataclass(frozen=True)
@@ -272,8 +283,9 @@ class PseudoLabelConfig:
     bilateral_srgb: float = 5.0
     bilateral_compat: float = 10.0
     crf_iters: int = 10
-    # Ray Data: CPU share per CRF task.
+    # Ray Data: CPUs per CRF actor, and the most CRF actors (0 = grow with the cluster).
     cpus_per_task: float = 0.5
+    max_crf_actors: int = 0
 
     def __post_init__(self):
         _check(self.mode in PSEUDO_MODES, "pseudo.mode", f"must be one of {PSEUDO_MODES}")
@@ -282,6 +294,7 @@ class PseudoLabelConfig:
         _check(0 < self.gt_prob < 1, "pseudo.gt_prob", "must be in (0, 1)")
         _check(self.crf_iters >= 1, "pseudo.crf_iters", "must be >= 1")
         _check(self.cpus_per_task > 0, "pseudo.cpus_per_task", "must be > 0")
+        _check(self.max_crf_actors >= 0, "pseudo.max_crf_actors", "must be >= 0 (0 = grow with the cluster)")
 
     @property
     def thresholds(self) -> tuple[float, float]:
@@ -388,11 +401,15 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return parsed
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: list[str] | dict[str, Any] | None = None) -> Config:
-    """Load YAML (or defaults when ``path`` is None), apply dotted overrides, validate."""
+def load_config(path=None, overrides: list[str] | dict[str, Any] | None = None) -> Config:
+    """Load YAML (or defaults when ``path`` is None), apply dotted overrides, validate.
+
+    path: a local path, a URI (``s3://…/config.yaml``) or a ``cpal_ray.storage.Location``."""
+    from cpal_ray.storage import location
+
     values: dict[str, Any] = {}
     if path is not None:
-        p = Path(path)
+        p = location(path)
         if not p.is_file():
             raise ConfigError(f"{p}: config file not found")
         try:
@@ -407,9 +424,8 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | di
         raise ConfigError(f"{path}: {e}" if path is not None else str(e)) from None
 
 
-def save_config(cfg: Config, path: str | os.PathLike) -> Path:
-    """Write the resolved config as YAML (creating parent folders)."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    return p
+def save_config(cfg: Config, path):
+    """Write the resolved config as YAML to a local path or URI (atomically); returns its Location."""
+    from cpal_ray.storage import location
+
+    return location(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -46,3 +46,51 @@ def _repo_cwd():
     os.chdir(REPO)
     yield
     os.chdir(old)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A local S3-compatible server (moto's standalone mode) started for this session and stopped
+    at its end. Sets the AWS variables (fake credentials, ``AWS_ENDPOINT_URL``) for this process
+    and the processes it starts; yields ``.endpoint`` and ``.bucket(name)`` (creates a bucket)."""
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "w")
+    server = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "moto_server"), "-H", "127.0.0.1",
+                               "-p", str(port)], stdout=log, stderr=subprocess.STDOUT)
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": endpoint, "AWS_EC2_METADATA_DISABLED": "true"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(endpoint, timeout=1)
+                break
+            except Exception:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"moto_server did not start on {endpoint}")
+                time.sleep(0.2)
+
+        def bucket(name: str) -> str:
+            import pyarrow.fs as pafs
+
+            pafs.S3FileSystem(endpoint_override=endpoint, allow_bucket_creation=True).create_dir(name)
+            return f"s3://{name}"
+
+        yield SimpleNamespace(endpoint=endpoint, bucket=bucket)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        log.close()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

@@ -189,3 +189,25 @@ def test_pacam_no_positiveness_equals_literal_eq13_mean_over_topk():
     sims = torch.stack([torch.cosine_similarity(zpix, context[n, i][None], dim=1) for i in top]).mean(0)
     assert torch.allclose(pacam[b, n].flatten(), sims.clamp(min=0), atol=1e-5)
     assert pacam[0, 2].abs().sum() == 0  # absent class
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cpal_step_and_backward_never_wait_for_the_gpu():
+    """No host synchronisation in the CPAL terms or their backward (the bank push, one copy to the
+    host per step, is the loop's only one): torch raises on any sync in "error" mode."""
+    dev = torch.device("cuda")
+    out, labels = _outputs(B=4, D=8, h=8, w=8), t([[1, 0, 1], [0, 1, 0], [1, 1, 0], [0, 0, 1]]).to(dev)
+    out = {k: v.detach().to(dev).requires_grad_() for k, v in out.items()}
+    out["logits"] = out["cams"].mean((2, 3))
+    cfg = CPALConfig(num_clusters=4, top_k=2)
+    context = torch.randn(3, 4, 8, device=dev)
+    counts = torch.tensor([4, 2, 4], device=dev)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        r = cpal_step(out, labels, cfg, context, counts)
+        (r["loss"] + 0.0 * out["z"].sum()).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert int(r["self_images"]) > 0 and out["z"].grad is not None

@@ -45,7 +45,8 @@ def trained(tmp_path_factory):
         fit_local(cfg, out_dir=out)
     finally:
         torch.set_num_threads(threads)
-    infer = cfg.replace(**{"data.synthetic_images": N_IMAGES})
+    # Pipelines: half a CPU per CAM actor and at most 2 CRF actors on the shared 2-CPU Ray.
+    infer = cfg.replace(**{"data.synthetic_images": N_IMAGES, "inference.cam_cpus": 0.5, "pseudo.max_crf_actors": 2})
     return SimpleNamespace(cfg=cfg, infer=infer, ckpt=out / "epoch_003", overrides=[f"data.synthetic_images={N_IMAGES}"])
 
 
@@ -165,7 +166,7 @@ def cams(trained, ray_start_2_cpus, tmp_path_factory):
     from cpal_ray.distributed.pipelines import run_make_cams
 
     out = tmp_path_factory.mktemp("cams")
-    summary = run_make_cams(trained.infer, trained.ckpt, out, split="train", source="both", cam_cpus=0.5)
+    summary = run_make_cams(trained.infer, trained.ckpt, out, split="train", source="both")
     return SimpleNamespace(dir=out, summary=summary)
 
 
@@ -174,7 +175,7 @@ def uninterrupted(trained, cams, tmp_path_factory):
     from cpal_ray.distributed.pipelines import run_pseudo_labels
 
     out = tmp_path_factory.mktemp("pseudo_ref")
-    summary = run_pseudo_labels(trained.infer, out, cam_dir=cams.dir, split="train", crf_actors=2)
+    summary = run_pseudo_labels(trained.infer, out, cam_dir=cams.dir, split="train")
     assert summary.counts == {"done": N_IMAGES, "skipped": 0, "failed": 0}
     return out
 
@@ -197,7 +198,7 @@ def test_make_cams_writes_one_valid_npz_per_id_and_resumes(trained, cams):
     victim = cams.dir / f"{dataset.ids[2]}.npz"
     good = victim.read_bytes()
     victim.write_bytes(good[:100])
-    summary = run_make_cams(trained.infer, trained.ckpt, cams.dir, split="train", source="both", cam_cpus=0.5)
+    summary = run_make_cams(trained.infer, trained.ckpt, cams.dir, split="train", source="both")
     assert summary.counts == {"done": 1, "skipped": N_IMAGES - 1, "failed": 0}
     assert victim.read_bytes() == good
     _no_partial_files(cams.dir)
@@ -209,7 +210,8 @@ def test_pseudo_labels_after_crash_resume_to_identical_bytes(trained, cams, unin
 
     out = tmp_path / "pseudo"
     with pytest.raises(Exception, match="crash_after"):
-        run_pseudo_labels(trained.infer, out, cam_dir=cams.dir, split="train", crf_actors=1, crash_after=4)
+        run_pseudo_labels(trained.infer.replace(**{"pseudo.max_crf_actors": 1}), out, cam_dir=cams.dir, split="train",
+                          crash_after=4)
     dataset = build_dataset(trained.infer.data, "train", train=False)
     written = _pngs(out)
     assert 1 <= len(written) < N_IMAGES
@@ -217,7 +219,7 @@ def test_pseudo_labels_after_crash_resume_to_identical_bytes(trained, cams, unin
     # A damaged PNG (as a copy tool or disk might leave) must not count as done.
     damaged = out / written[0]
     damaged.write_bytes(damaged.read_bytes()[:-20])
-    summary = run_pseudo_labels(trained.infer, out, cam_dir=cams.dir, split="train", crf_actors=2)
+    summary = run_pseudo_labels(trained.infer, out, cam_dir=cams.dir, split="train")
     assert summary.counts == {"done": N_IMAGES - len(written) + 1, "skipped": len(written) - 1, "failed": 0}
     assert _pngs(out) == _pngs(uninterrupted) == [f"{sid}.png" for sid in dataset.ids]
     for name in _pngs(out):

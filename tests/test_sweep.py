@@ -1,17 +1,13 @@
 """Tune sweeps: space modules, result tables, a real 2-point sweep, interrupt + restore, no leaks.
 
-The Ray tests train the tiny synthetic config for one epoch of two steps with one Ray Train
-worker (0.5 CPU) per trial and evaluate single-scale seeds on 8 val images, so a trial costs
-mostly Ray start-up (~30-50 s on 2 cores). The interrupted sweep runs the CLI in a subprocess
-(its own local Ray), gets SIGINT once its first trial finished, and is restored in this process.
+The Ray test trains the tiny synthetic config for one epoch of two steps with one Ray Train
+worker (0.5 CPU) per trial and evaluates single-scale seeds on 8 val images, so a trial costs
+mostly Ray start-up (~30-50 s on 2 cores). A sweep interrupted by `ray job stop` and restored
+from a bucket is in the cluster suite (tests/test_cluster.py).
 """
 import csv
 import importlib.util
 import json
-import os
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -149,7 +145,14 @@ def test_spec_resources_gpus_and_smoke(tmp_path):
         build_spec(tiny, load_space("table3"), tmp_path, seeds=2, search="optuna", max_concurrent=1)
     assert default_concurrency(tiny, {"CPU": 2.0}) == 3  # 0.51 CPU per trial on 2 cores
     gpu = tiny.replace(**{"dist.use_gpu": True, "dist.num_workers": 2, "dist.cpus_per_worker": 4.0})
-    assert default_concurrency(gpu, {"CPU": 64.0, "GPU": 8.0}) == 4 and default_concurrency(gpu, {"CPU": 8.0}) == 1
+    assert default_concurrency(gpu, {"CPU": 64.0, "GPU": 8.0}) == 4
+    # A cluster scaling from zero (a head with 0 CPUs for work, no worker yet) holds no trial: the
+    # default must not silently become "one at a time"; it asks, and follows the config when set.
+    for scale_from_zero in ({"CPU": 0.0}, {"CPU": 8.0}):
+        with pytest.raises(ConfigError, match="dist.max_concurrent_trials"):
+            default_concurrency(gpu, scale_from_zero)
+    assert default_concurrency(gpu.replace(**{"dist.max_concurrent_trials": 2}), {"CPU": 0.0}) == 2
+    assert load_config("configs/voc_resnet50_8gpu.yaml").dist.max_concurrent_trials == 2
     assert trial_resources(tiny.replace(**{"dist.bank_cpus": 0.5}))["cpu"] == pytest.approx(0.51)
     # Trials run in their own working directory: relative paths that exist here become absolute.
     rel = tiny.replace(**{"model.weights": TINY, "data.val_split": "cpal_ray/assets/voc12_meta/val.txt"})
@@ -166,6 +169,26 @@ def fake_result(point, seed, miou=None, error=None, thr=0.3, wall=10.0):
                                        "phase": "final", "trial_id": f"t{point['cpal.tau']}-{seed}"}
     return SimpleNamespace(config={**point, "train.seed": seed}, metrics=metrics, error=error,
                            path=f"/x/trial_{point['cpal.tau']}_{seed}")
+
+
+@pytest.mark.unit
+def test_final_report_is_found_whatever_order_tune_received_the_rows():
+    """A training-progress row may reach Tune after the trial's final report: the final one is
+    read from the trial's metrics rows by its tag, never assumed to be the last row."""
+    import pandas as pd
+
+    from cpal_ray.sweeps.report import trial_records
+
+    spec = {"space": {"cpal.tau": [0.1]}, "seeds": [0]}
+    final = {"seed_miou": 0.42, "best_threshold": 0.3, "wall_seconds": 9.0, "phase": "final", "trial_id": "t1"}
+    late_progress = {"seed_miou": float("nan"), "phase": "train", "loss": 0.5, "trial_id": "t1"}
+    late = SimpleNamespace(config={"cpal.tau": 0.1}, metrics=late_progress, error=None, path="/x/t1",
+                           metrics_dataframe=pd.DataFrame([late_progress, final, late_progress]))
+    (record,) = trial_records([late], spec)
+    assert record["status"] == "ok" and record["seed_miou"] == 0.42 and record["best_threshold"] == 0.3
+    never = SimpleNamespace(config={"cpal.tau": 0.1}, metrics=late_progress, error=None, path="/x/t2",
+                            metrics_dataframe=pd.DataFrame([late_progress]))
+    assert trial_records([never], spec)[0]["status"] == "unfinished"
 
 
 @pytest.mark.unit
@@ -198,83 +221,40 @@ def test_results_tables_mean_std_errors_and_plots(tmp_path):
 
 @pytest.mark.ray
 def test_two_point_sweep_with_a_failing_point(ray_start_2_cpus, tmp_path):
-    from cpal_ray.distributed.tune import run_sweep
+    from cpal_ray.distributed.tune import restore_sweep, run_sweep
 
     ray = ray_start_2_cpus
     space = SimpleNamespace(__name__="two_tau", __doc__="Fig. 4(a) in two points, plus an invalid tau.",
                             param_space=lambda: {"cpal.top_k": [2], "cpal.tau": [0.1, 0.2, 1.5]})
     out = run_sweep(load_config(TINY, FAST), space, tmp_path / "two", max_concurrent=2, eval_max_images=8)
     assert out.summary == {"ok": 2, "error": 1, "unfinished": 0, "trials": 3}
-    rows = read_csv(out.experiment_dir / "results.csv")
+    exp = out.experiment_dir.local_path
+    rows = read_csv(exp / "results.csv")
     assert [r["cpal.tau"] for r in rows] == ["0.1", "0.2", "1.5"]
     mious = [float(r["seed_miou_mean"]) for r in rows[:2]]
     evaluated = [json.loads((t / "seeds.json").read_text())["seed_miou"]
-                 for t in (out.experiment_dir / "trials").iterdir() if (t / "seeds.json").exists()]
+                 for t in (exp / "trials").iterdir() if (t / "seeds.json").exists()]
     assert sorted(mious) == pytest.approx(sorted(evaluated), abs=1e-4), (rows, evaluated)  # the trials' own numbers
     assert rows[2]["seed_miou_mean"] == "" and "cpal.tau: must be in (0, 1)" in rows[2]["errors"], rows[2]
-    md = (out.experiment_dir / "results.md").read_text()
+    md = (exp / "results.md").read_text()
     assert "cpal.top_k=2, cpal.tau=0.1" in md and "Failed trials" in md
     for key in ("bars", "heatmap"):
         assert_png(out.files[key])
     assert load_config(out.files["best_config"]).cpal.tau in (0.1, 0.2)
-    for trial in (out.experiment_dir / "trials").iterdir():  # one Ray Train run per trial, named per trial
+    for trial in (exp / "trials").iterdir():  # one Ray Train run per trial, named per trial
         if (trial / "seeds.json").exists():
             assert (trial / "final" / "model.pt").is_file()
             assert json.loads((trial / "seeds.json").read_text())["phase"] == "final"
     best = out.result_grid.get_best_result()
     assert best.metrics["seed_miou"] == pytest.approx(max(mious), abs=1e-4)
     assert_no_bank_actor(ray)
-
-
-def _wait_for(cond, timeout_s, proc=None, log=None):
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        if proc is not None and proc.poll() is not None:
-            pytest.fail(f"sweep exited early ({proc.returncode}):\n{Path(log).read_text()[-3000:]}")
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out:\n{Path(log).read_text()[-3000:] if log else ''}")
-        time.sleep(0.5)
-
-
-@pytest.mark.ray
-def test_interrupted_sweep_restores_only_unfinished_trials(ray_start_2_cpus, tmp_path):
-    from cpal_ray.distributed.tune import restore_sweep
-
-    ray = ray_start_2_cpus
-    exp = tmp_path / "interrupted"
-    trials = exp / "trials"
-    log = tmp_path / "sweep.log"
-    cmd = [sys.executable, "-m", "workflows.sweep", "--space", "tune_spaces.table3", "--search", "random",
-           "--num-samples", "3", "--max-concurrent", "1", "--eval-max-images", "8", "--num-cpus", "2",
-           "--config", TINY, "--storage", str(tmp_path), "--name", "interrupted",
-           *(f"{k}={json.dumps(v)}" for k, v in FAST.items())]
-    env = {**os.environ, "PYTHONPATH": REPO, "RAY_ADDRESS": ""}
-    with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
-    try:
-        # One trial at a time: a second run folder means Tune has finished the first trial.
-        _wait_for(lambda: trials.is_dir() and len(list(trials.iterdir())) >= 2, 420, proc, log)
-        done = [t for t in trials.iterdir() if (t / "seeds.json").exists()]
-        assert len(done) == 1
-        first = done[0]
-        stamp = (first / "seeds.json").stat().st_mtime_ns
-        proc.send_signal(signal.SIGINT)  # Ctrl+C: Tune saves its state and stops
-        proc.wait(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert "--restore" in log.read_text()
-
-    out = restore_sweep(exp)
-    assert out.summary == {"ok": 3, "error": 0, "unfinished": 0, "trials": 3}
-    runs = {t.name: (t / "runs.log").read_text().count("start") for t in trials.iterdir()}
-    assert len(runs) == 3 and runs[first.name] == 1, runs  # the finished trial was not run again
-    assert (first / "seeds.json").stat().st_mtime_ns == stamp
-    assert all((t / "seeds.json").exists() for t in trials.iterdir())
-    rows = read_csv(exp / "results.csv")
-    assert rows and sum(int(r["seeds_ok"]) for r in rows) == 3
-    evaluated = sorted(json.loads((t / "seeds.json").read_text())["seed_miou"] for t in trials.iterdir())
-    assert sorted(float(r["seed_miou_mean"]) for r in rows) == pytest.approx(evaluated, abs=1e-4), rows
-    assert_png(out.files["bars"])
-    assert_no_bank_actor(ray)
+    # Restoring a finished sweep runs nothing again: finished trials stay, the failed one stays
+    # failed. (An interrupted sweep restored after `ray job stop`: tests/test_cluster.py.)
+    stamps = {t.name: (t / "seeds.json").stat().st_mtime_ns for t in (exp / "trials").iterdir()
+              if (t / "seeds.json").exists()}
+    again = restore_sweep(out.experiment_dir)
+    assert again.summary == out.summary
+    assert {t.name: (t / "seeds.json").stat().st_mtime_ns for t in (exp / "trials").iterdir()
+            if (t / "seeds.json").exists()} == stamps
+    assert all((t / "runs.log").read_text().count("start") == 1 for t in (exp / "trials").iterdir()
+               if (t / "runs.log").exists())

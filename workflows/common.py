@@ -3,18 +3,40 @@ from __future__ import annotations
 
 import argparse
 import logging
-from pathlib import Path
 
 from cpal_ray.config import Config, load_config
 
 
 def base_parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
-    p.add_argument("--config", default=None, help="YAML config (default: the embedded defaults)")
-    p.add_argument("--address", default=None, help="Ray address to join (default: $RAY_ADDRESS, else a local Ray)")
-    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray (default: all)")
+    p.add_argument("--config", default=None, help="YAML config, local or a URI (default: the embedded defaults)")
+    p.add_argument("--address", default=None,
+                   help="Ray to join (default: $RAY_ADDRESS, else a cluster running on this machine, else a new "
+                        "local Ray); 'local' = always a private local Ray")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of a private local Ray (implies --address local)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. cpal.tau=0.2 train.epochs=2")
     return p
+
+
+def add_cam_actor_flags(p: argparse.ArgumentParser) -> None:
+    """Resources of the Ray Data CAM actors (shortcuts for the inference.* config fields)."""
+    p.add_argument("--gpu", action=argparse.BooleanOptionalAction, default=None,
+                   help="CAM actors on GPUs or not (default: inference.use_gpu of the config)")
+    p.add_argument("--actors-per-gpu", type=int, default=None, help="CAM actors sharing one GPU (inference.cam_actors_per_gpu)")
+    p.add_argument("--cam-cpus", type=float, default=None, help="CPUs per CAM actor (inference.cam_cpus)")
+    p.add_argument("--cam-actors", type=int, default=None,
+                   help="the most CAM actors; the pool grows with the cluster up to it (inference.max_cam_actors, 0 = no limit)")
+
+
+def cam_actor_overrides(args) -> list[str]:
+    """The CAM actor flags that were given, as dotted overrides (``--gpu`` -> inference.use_gpu=true)."""
+    out = []
+    for flag, field in (("gpu", "use_gpu"), ("actors_per_gpu", "cam_actors_per_gpu"), ("cam_cpus", "cam_cpus"),
+                        ("cam_actors", "max_cam_actors")):
+        value = getattr(args, flag, None)
+        if value is not None:
+            out.append(f"inference.{field}={str(value).lower() if isinstance(value, bool) else value}")
+    return out
 
 
 def config_from_args(args) -> Config:
@@ -22,12 +44,15 @@ def config_from_args(args) -> Config:
 
 
 def config_from_folders(args, *folders) -> Config:
-    """``--config`` when given, else the ``config.yaml`` saved in the first of ``folders`` that has
-    one (a checkpoint, a CAM folder), else the defaults; then the dotted overrides."""
+    """``--config`` when given, else the ``config.yaml`` saved in the first of ``folders`` (local
+    paths or URIs: a checkpoint, a CAM folder) that has one, else the defaults; then the dotted
+    overrides."""
+    from cpal_ray.storage import location
+
     path = args.config
     for folder in folders if path is None else ():
-        if folder and (Path(folder) / "config.yaml").is_file():
-            path = Path(folder) / "config.yaml"
+        if folder and (location(folder) / "config.yaml").is_file():
+            path = location(folder) / "config.yaml"
             break
     return load_config(path, list(args.overrides))
 

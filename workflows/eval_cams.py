@@ -3,24 +3,24 @@
     python -m workflows.eval_cams --cams out/cams --out out/seeds              # saved CAM files
     python -m workflows.eval_cams --cams out/cams/pacam --out out/seeds-pacam  # saved PACAM files
     python -m workflows.eval_cams --checkpoint <run>/final --split val --out out/seeds --threshold 0.25
-    ray job submit --working-dir . -- python -m workflows.eval_cams --checkpoint <run>/final --out out/seeds
+    ray job submit --working-dir . -- python -m workflows.eval_cams --cams s3://bucket/cams/<name>-val \
+        --out s3://bucket/seeds/<name>-val
 
 The config is ``--config`` if given, else the ``config.yaml`` of the CAM folder (written by
 make_cams) or of the checkpoint, plus the overrides. With ``--checkpoint`` the CAMs are first
 computed on Ray Data into ``<out>/cams`` (``--source`` picks CAM or PACAM); with only ``--cams``
-no Ray is started. Writes (``--out``, default ``<run>/seeds-<split>`` beside the checkpoint
-folder, or ``<cams>/seeds``) ``<out>/seeds.json``, ``seeds.md``, ``miou_vs_threshold.png`` and
-``config.yaml``. Images without a usable CAM file are listed and left out; the exit status is
-then 1.
+no Ray is started. Folders are local paths or URIs. Writes (``--out``, default
+``<run>/seeds-<split>`` beside the checkpoint folder, or ``<cams>/seeds``) ``<out>/seeds.json``,
+``seeds.md``, ``miou_vs_threshold.png`` and ``config.yaml``. Images without a usable CAM file are
+listed and left out; the exit status is then 1.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import sys
-from pathlib import Path
 
-from workflows.common import base_parser, config_from_folders, setup_logging
+from workflows.common import add_cam_actor_flags, base_parser, cam_actor_overrides, config_from_folders, setup_logging
 
 
 def build_parser():
@@ -34,15 +34,19 @@ def build_parser():
                    help="with --checkpoint: which map (default inference.cam_source)")
     p.add_argument("--threshold", type=float, default=None, help="evaluate this background threshold only")
     p.add_argument("--limit", type=int, default=0, help="only the first N images (0 = all)")
+    add_cam_actor_flags(p)
     return p
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging()
+    args.overrides = [*args.overrides, *cam_actor_overrides(args)]
     if args.threshold is not None:
         args.overrides = [*args.overrides, f"inference.fixed_threshold={args.threshold}"]
-    cams = Path(args.cams) if args.cams else None
+    from cpal_ray.storage import location
+
+    cams = location(args.cams) if args.cams else None
     cfg = config_from_folders(args, cams, cams.parent if cams else None, args.checkpoint)
     from cpal_ray.config import save_config
     from cpal_ray.data import build_dataset
@@ -50,20 +54,22 @@ def main(argv=None) -> int:
     from cpal_ray.inference.jobs import source_dir
     from cpal_ray.inference.metrics import write_report
 
-    if args.out:
-        out = Path(args.out)
-    else:
-        out = Path(args.checkpoint).resolve().parent / f"seeds-{args.split}" if args.checkpoint else cams / "seeds"
-    save_config(cfg, out / "config.yaml")
+    from cpal_ray.distributed.runtime import output_location
+
     if args.checkpoint:
         from cpal_ray.distributed.pipelines import run_make_cams
         from cpal_ray.distributed.runtime import init_ray
 
         init_ray(args.address, args.num_cpus)
+        out = output_location(args.out, "--out") if args.out else \
+            location(args.checkpoint).parent / f"seeds-{args.split}"
         source = args.source or cfg.inference.cam_source
         summary = run_make_cams(cfg, args.checkpoint, out / "cams", split=args.split, source=source, limit=args.limit)
         cams = source_dir(out / "cams", source)
         print(json.dumps({"make_cams": {k: v for k, v in summary.to_dict().items() if k != "failures"}}))
+    else:
+        out = output_location(args.out, "--out") if args.out else cams / "seeds"
+    save_config(cfg, out / "config.yaml")
     data = dataclasses.replace(cfg.data, on_bad_sample="skip")
     dataset = build_dataset(data, args.split, train=False)
     results = evaluate_cam_dir(cams, dataset, cfg, max_images=args.limit)

@@ -2,47 +2,51 @@
 
     python -m workflows.make_cams --checkpoint results/synthetic-tiny/final --split val --out out/cams
     python -m workflows.make_cams --checkpoint <run>/final --source both --out out/cams inference.scales=[1.0]
-    ray job submit --working-dir . -- python -m workflows.make_cams --checkpoint <run>/final --out out/cams
+    ray job submit --working-dir . -- python -m workflows.make_cams --checkpoint s3://bucket/runs/<name>/final \
+        --out s3://bucket/cams/<name>-val --gpu --actors-per-gpu 2
 
 The config is ``--config`` if given, else the checkpoint's ``config.yaml``, plus the overrides.
-Writes (``--out``, default ``<run>/cams-<split>`` beside the checkpoint folder) ``<out>/<id>.npz`` (CAM) and/or ``<out>/pacam/<id>.npz`` (PACAM; arrays ``classes``,
-``cams``, ``size``, no pickle), ``<out>/manifest.parquet`` and ``<out>/config.yaml``. Running
-again skips the files that validate. Images that fail (missing, corrupt) are listed in the JSON
-summary and the manifest; the others are written, and the exit status is then 1.
+Checkpoint and output are local paths or URIs (s3://…). Writes (``--out``, default
+``<run>/cams-<split>`` beside the checkpoint folder) ``<out>/<id>.npz`` (CAM) and/or
+``<out>/pacam/<id>.npz`` (PACAM; arrays ``classes``, ``cams``, ``size``, no pickle),
+``<out>/manifest.parquet`` and ``<out>/config.yaml``. The CAM actors' resources come from the
+flags or ``inference.*``; their pool grows with the cluster. Running again skips the files that
+validate. Images that fail (missing, corrupt) are listed in the JSON summary and the manifest;
+the others are written, and the exit status is then 1.
 """
 from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
-from workflows.common import base_parser, config_from_folders, setup_logging
+from workflows.common import add_cam_actor_flags, base_parser, cam_actor_overrides, config_from_folders, setup_logging
 
 
 def build_parser():
     p = base_parser(__doc__.splitlines()[0])
-    p.add_argument("--checkpoint", required=True, help="checkpoint or final/ folder of a training run")
+    p.add_argument("--checkpoint", required=True, help="checkpoint or final/ folder of a training run (path or URI)")
     p.add_argument("--out", default=None, help="output folder of the CAM files (default <run>/cams-<split>)")
     p.add_argument("--split", default="val", help="dataset split: train, val or an id-list name (default val)")
     p.add_argument("--source", choices=("cam", "pacam", "both"), default="cam", help="which maps to save")
     p.add_argument("--limit", type=int, default=0, help="only the first N images (0 = all)")
     p.add_argument("--overwrite", action="store_true", help="recompute every file, even with other settings")
-    p.add_argument("--cam-actors", type=int, default=None, help="model replicas (default: GPUs, else 1)")
-    p.add_argument("--cam-cpus", type=float, default=1.0, help="CPUs per model replica")
+    add_cam_actor_flags(p)
     return p
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging()
+    args.overrides = [*args.overrides, *cam_actor_overrides(args)]
     cfg = config_from_folders(args, args.checkpoint)
     from cpal_ray.distributed.pipelines import run_make_cams
-    from cpal_ray.distributed.runtime import init_ray
+    from cpal_ray.distributed.runtime import init_ray, output_location
+    from cpal_ray.storage import location
 
     init_ray(args.address, args.num_cpus)
-    out = args.out or Path(args.checkpoint).resolve().parent / f"cams-{args.split}"
+    out = output_location(args.out, "--out") if args.out else location(args.checkpoint).parent / f"cams-{args.split}"
     summary = run_make_cams(cfg, args.checkpoint, out, split=args.split, source=args.source, limit=args.limit,
-                            overwrite=args.overwrite, cam_actors=args.cam_actors, cam_cpus=args.cam_cpus)
+                            overwrite=args.overwrite)
     print(json.dumps(summary.to_dict()))
     return 0 if summary.ok else 1
 

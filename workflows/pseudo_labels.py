@@ -3,24 +3,26 @@
     python -m workflows.pseudo_labels --cams out/cams-train --split train --out out/pseudo
     python -m workflows.pseudo_labels --checkpoint <run>/final --split train --out out/pseudo --preset amn
     python -m workflows.pseudo_labels --checkpoint <run>/final --out out/pseudo --mode crf_argmax pseudo.bg_threshold=0.2
-    ray job submit --working-dir . -- python -m workflows.pseudo_labels --checkpoint <run>/final --out out/pseudo
+    ray job submit --working-dir . -- python -m workflows.pseudo_labels --checkpoint s3://bucket/runs/<name>/final \
+        --out s3://bucket/pseudo/<name> --gpu
 
 CAMs come from ``--cams`` (make_cams files) or are computed from ``--checkpoint`` into
 ``<out>/cams``; ``--out`` defaults to ``<run>/pseudo-labels-<split>`` beside the checkpoint (or
-CAM) folder. The config is ``--config`` if given, else the ``config.yaml`` of the CAM folder
-or of the checkpoint, plus the overrides. Writes ``<out>/<id>.png`` (VOC palette, 255 =
-ignore), ``<out>/manifest.parquet`` (one row per id), ``<out>/pseudo_labels_miou.json`` and
-``config.yaml``. Killed and started again, it skips the PNGs that validate and ends with the
-same files. Images that fail are listed in the summary and the manifest; the exit status is then 1.
+CAM) folder; all of them are local paths or URIs. The config is ``--config`` if given, else the
+``config.yaml`` of the CAM folder or of the checkpoint, plus the overrides. Writes
+``<out>/<id>.png`` (VOC palette, 255 = ignore), ``<out>/manifest.parquet`` (one row per id),
+``<out>/pseudo_labels_miou.json`` and ``config.yaml``. CRF actors take ``pseudo.cpus_per_task``
+CPUs each and their pool grows with the cluster (up to ``--crf-actors``). Killed and started
+again, it skips the PNGs that validate and ends with the same files. Images that fail are listed
+in the summary and the manifest; the exit status is then 1.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import sys
-from pathlib import Path
 
-from workflows.common import base_parser, config_from_folders, setup_logging
+from workflows.common import add_cam_actor_flags, base_parser, cam_actor_overrides, config_from_folders, setup_logging
 
 
 def build_parser():
@@ -33,8 +35,11 @@ def build_parser():
     p.add_argument("--mode", choices=("irn", "crf_argmax"), default=None, help="pseudo-label rule")
     p.add_argument("--limit", type=int, default=0, help="only the first N images (0 = all)")
     p.add_argument("--overwrite", action="store_true", help="redo every file, even with other settings")
-    p.add_argument("--crf-actors", type=int, default=None, help="most CRF actors (default CPUs / cpus_per_task)")
+    p.add_argument("--crf-actors", type=int, default=None,
+                   help="the most CRF actors; the pool grows with the cluster up to it (pseudo.max_crf_actors, 0 = no limit)")
+    p.add_argument("--cpus-per-crf", type=float, default=None, help="CPUs per CRF actor (pseudo.cpus_per_task)")
     p.add_argument("--no-eval", action="store_true", help="skip the mIoU evaluation")
+    add_cam_actor_flags(p)
     return p
 
 
@@ -43,20 +48,24 @@ def main(argv=None) -> int:
     setup_logging()
     if args.cams is None and args.checkpoint is None:
         raise SystemExit("pseudo_labels: give --cams or --checkpoint")
-    args.overrides = [*args.overrides, *(f"pseudo.{k}={getattr(args, k)}" for k in ("preset", "mode")
-                                         if getattr(args, k) is not None)]
-    cams = Path(args.cams) if args.cams else None
-    cfg = config_from_folders(args, cams, cams.parent if cams else None, args.checkpoint)
+    pseudo = {"preset": args.preset, "mode": args.mode, "max_crf_actors": args.crf_actors,
+              "cpus_per_task": args.cpus_per_crf}
+    args.overrides = [*args.overrides, *cam_actor_overrides(args),
+                      *(f"pseudo.{k}={v}" for k, v in pseudo.items() if v is not None)]
+    from cpal_ray.storage import location
+
+    cams_parent = location(args.cams).parent if args.cams else None  # a pacam/ folder: the config is above it
+    cfg = config_from_folders(args, args.cams, cams_parent, args.checkpoint)
     from cpal_ray.data import build_dataset
     from cpal_ray.distributed.pipelines import run_pseudo_labels
-    from cpal_ray.distributed.runtime import init_ray
+    from cpal_ray.distributed.runtime import init_ray, output_location
     from cpal_ray.inference.evaluate import evaluate_labels, write_json
 
-    out = Path(args.out) if args.out else \
-        Path(args.checkpoint or cams).resolve().parent / f"pseudo-labels-{args.split}"
     init_ray(args.address, args.num_cpus)
-    summary = run_pseudo_labels(cfg, out, cam_dir=cams, checkpoint=args.checkpoint, split=args.split,
-                                overwrite=args.overwrite, limit=args.limit, crf_actors=args.crf_actors)
+    out = output_location(args.out, "--out") if args.out else \
+        location(args.checkpoint or args.cams).parent / f"pseudo-labels-{args.split}"
+    summary = run_pseudo_labels(cfg, out, cam_dir=args.cams, checkpoint=args.checkpoint, split=args.split,
+                                overwrite=args.overwrite, limit=args.limit)
     report = {"run": summary.to_dict()}
     if not args.no_eval:
         dataset = build_dataset(dataclasses.replace(cfg.data, on_bad_sample="skip"), args.split, train=False)

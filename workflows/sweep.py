@@ -6,17 +6,19 @@
     python -m workflows.sweep --space tune_spaces.bank --search random --num-samples 4 --config configs/x.yaml
     python -m workflows.sweep --restore results/sweeps/sweep-k_tau
     ray job submit --working-dir . -- \
-        python -m workflows.sweep --space tune_spaces.table3 --config configs/voc_resnet50_8gpu.yaml
+        python -m workflows.sweep --space tune_spaces.table3 --config configs/voc_resnet50_8gpu.yaml \
+        --storage s3://bucket/sweeps --max-concurrent 2
 
-Results go to <storage>/<name>/ (results.md, results.csv, best_config.yaml, bars.png, heatmap_k_tau.png).
-An interrupted sweep (Ctrl+C, a lost driver) continues with --restore <that folder>: finished
-trials are kept, unfinished ones run.
+Results go to <storage>/<name>/ (results.md, results.csv, best_config.yaml, bars.png, heatmap_k_tau.png);
+<storage> is a local path or a URI, by default <train.storage_path>/sweeps. Trials at once:
+--max-concurrent, else dist.max_concurrent_trials, else what the cluster holds at the start (a
+cluster scaling from zero must be told). An interrupted sweep (Ctrl+C, a lost driver, `ray job
+stop`) continues with --restore <that folder>: finished trials are kept, unfinished ones run.
 """
 from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 from workflows.common import base_parser, config_from_args, setup_logging
 
@@ -31,11 +33,12 @@ def parse_args(argv=None):
                         "every seed); optuna: needs `pip install optuna`")
     p.add_argument("--num-samples", type=int, default=8, help="points drawn by --search random/optuna")
     p.add_argument("--gpus-per-trial", type=int, default=0, help="GPUs per trial = Ray Train workers with 1 GPU each")
-    p.add_argument("--max-concurrent", type=int, default=None, help="trials at once (default: what the cluster holds)")
+    p.add_argument("--max-concurrent", type=int, default=None,
+                   help="trials at once (default: dist.max_concurrent_trials, else what the cluster holds now)")
     p.add_argument("--eval-max-images", type=int, default=0, help="evaluate seeds on the first N val images (0 = all)")
     p.add_argument("--name", default=None, help="experiment name (default: sweep-<space>)")
     p.add_argument("--storage", default=None,
-                   help="folder holding the experiment (default: <train.storage_path>/sweeps)")
+                   help="folder (path or URI) holding the experiment (default: <train.storage_path>/sweeps)")
     p.add_argument("--restore", default=None, help="continue the sweep in this experiment folder")
     p.add_argument("--retry-errored", action="store_true", help="with --restore: run failed trials again from scratch")
     p.add_argument("--smoke-test", action="store_true",
@@ -49,7 +52,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     setup_logging()
-    from cpal_ray.distributed.runtime import init_ray
+    from cpal_ray.distributed.runtime import init_ray, output_location
     from cpal_ray.distributed.tune import restore_sweep, run_sweep
 
     if args.restore:
@@ -60,9 +63,10 @@ def main(argv=None) -> int:
 
         space = load_space(args.space)
         cfg = config_from_args(args)
-        storage = Path(args.storage or Path(cfg.train.storage_path) / "sweeps")
         name = args.name or f"sweep-{space.__name__.rsplit('.', 1)[-1]}"
         init_ray(args.address, args.num_cpus)
+        storage = output_location(args.storage, "--storage") if args.storage else \
+            output_location(cfg.train.storage_path, "train.storage_path") / "sweeps"
         outcome = run_sweep(cfg, space, storage / name, seeds=args.seeds, search=args.search,
                             num_samples=args.num_samples, gpus_per_trial=args.gpus_per_trial,
                             max_concurrent=args.max_concurrent, eval_max_images=args.eval_max_images,
@@ -70,7 +74,7 @@ def main(argv=None) -> int:
     report = {"experiment": str(outcome.experiment_dir), **outcome.summary, "files": outcome.files}
     if outcome.summary["unfinished"]:
         report["restore"] = f"python -m workflows.sweep --restore {outcome.experiment_dir}"
-    print(json.dumps(report, indent=2))
+    print(json.dumps(report))
     return 0
 
 

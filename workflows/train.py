@@ -1,9 +1,12 @@
 """Train CPAL (or the BCE baseline with cpal.enabled=false) on Ray Train.
 
     python -m workflows.train --config configs/synthetic_tiny.yaml train.epochs=2
-    ray job submit --working-dir . -- python -m workflows.train --config configs/voc_resnet50_8gpu.yaml
+    ray job submit --working-dir . -- python -m workflows.train --config configs/voc_resnet50_8gpu.yaml \
+        train.storage_path=s3://bucket/cpal-results
 
-Re-running with the same train.name and train.storage_path resumes from the last checkpoint.
+train.storage_path is an absolute path every node shares or a URI (s3://…; a custom endpoint from
+AWS_ENDPOINT_URL). Re-running with the same train.name and train.storage_path resumes from the
+last checkpoint.
 """
 from __future__ import annotations
 

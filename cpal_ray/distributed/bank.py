@@ -26,9 +26,9 @@ import ray
 
 from cpal_ray.config import Config, from_dict
 from cpal_ray.cpal.bank import Context, PrototypeBank
+from cpal_ray.distributed.runtime import NAMESPACE
 
 log = logging.getLogger(__name__)
-NAMESPACE = "cpal-ray"
 
 
 class BankLostError(RuntimeError):
@@ -70,7 +70,7 @@ class BankActor:
         return self.bank.cluster(tag)
 
     def stats(self) -> dict:
-        return {**self.bank.stats(), "restarted": self.restarted}
+        return {**self.bank.stats(), "restarted": self.restarted, "bank_node": ray.get_runtime_context().get_node_id()}
 
     def state_dict(self) -> dict:
         return self.bank.state_dict()

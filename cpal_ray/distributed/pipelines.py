@@ -1,9 +1,16 @@
 """Ray Data pipelines: CAM files and CRF pseudo-labels over a whole dataset, streaming.
 
-    ids ─► CamPredictor  (actor pool; the model is loaded once per actor, on a GPU when the
-    │                     cluster has one)                      ─► <cams>/<id>.npz, pacam/<id>.npz
+    ids ─► CamPredictor  (actor pool; the model is loaded once per actor; ``inference.cam_cpus``
+    │                     CPUs and, with ``inference.use_gpu``, 1/``cam_actors_per_gpu`` GPU each)
+    │                                                           ─► <cams>/<id>.npz, pacam/<id>.npz
     └──► PseudoLabeler   (actor pool, ``pseudo.cpus_per_task`` CPUs per actor, one CRF at a
                           time)                                  ─► <out>/<id>.png
+
+Resources come from the config (and the workflows' flags), never from what the cluster holds
+when the run starts: both pools are elastic (one actor, growing while work waits, up to
+``inference.max_cam_actors`` / ``pseudo.max_crf_actors``, 0 = no limit), so on a cluster that
+scales from zero they grow as the autoscaler adds nodes. Output folders are local paths or
+object-store URIs (``cpal_ray.storage``).
     rows ─► driver: ``ManifestWriter`` parquet parts in <out>/manifest/ ─► <out>/manifest.parquet
 
 The per-image work (``cam_job``, ``pseudo_label_job``) lives in ``cpal_ray.inference.jobs`` and
@@ -24,7 +31,6 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -32,6 +38,7 @@ import ray
 from ray.data import ActorPoolStrategy
 
 from cpal_ray.config import Config, save_config
+from cpal_ray.storage import Location, location
 from cpal_ray.data import build_dataset
 from cpal_ray.inference.jobs import (CAM_SCHEMA, LABEL_SCHEMA, ManifestWriter, cam_job, check_run_spec,
                                      consolidate_manifest, failed_row, pseudo_label_job, rows_to_table, source_dir)
@@ -45,8 +52,8 @@ MANIFEST_DIR, MANIFEST_FILE = "manifest", "manifest.parquet"
 @dataclass
 class RunSummary:
     """What a pipeline run did. counts: {"done", "skipped", "failed"}; failures: (id, error), first 100."""
-    out_dir: Path
-    manifest: Path
+    out_dir: Location
+    manifest: Location
     total: int
     counts: dict
     failures: list
@@ -184,18 +191,28 @@ def _id_dataset(ids: list[str], rows_per_block: int):
     return ray.data.from_items([{"id": sid} for sid in ids], override_num_blocks=n_blocks)
 
 
-def _add_cam_stage(ds, cfg: Config, checkpoint: str, out_dir: Path, split: str, source: str, skip_existing: bool,
-                   label_dir: Path | None, use_gpu: bool | None, cam_actors: int | None, cam_cpus: float,
-                   crash_after: int):
-    gpus = ray.cluster_resources().get("GPU", 0)
-    use_gpu = gpus >= 1 if use_gpu is None else use_gpu
-    resources = {"num_gpus": 1, "num_cpus": cam_cpus} if use_gpu else {"num_cpus": cam_cpus}
-    size = cam_actors or (max(1, int(gpus)) if use_gpu else 1)
+def cam_actor_resources(inference) -> dict:
+    """Resources of one CAM actor, from the config alone (never from what the cluster has now):
+    ``cam_cpus`` CPUs and, with ``use_gpu``, 1 / ``cam_actors_per_gpu`` of a GPU."""
+    res = {"num_cpus": inference.cam_cpus}
+    if inference.use_gpu:
+        res["num_gpus"] = 1.0 / inference.cam_actors_per_gpu
+    return res
+
+
+def elastic_pool(max_actors: int) -> ActorPoolStrategy:
+    """An actor pool that starts with one actor and grows while work waits and the cluster
+    (or its autoscaler) gives resources, up to ``max_actors`` (0 = no limit)."""
+    return ActorPoolStrategy(min_size=1, max_size=max_actors or None)
+
+
+def _add_cam_stage(ds, cfg: Config, checkpoint, out_dir: Location, split: str, source: str, skip_existing: bool,
+                   label_dir: Location | None, crash_after: int):
     kwargs = dict(checkpoint_dir=str(checkpoint), cfg=cfg, out_dir=str(out_dir), split=split, source=source,
                   skip_existing=skip_existing, label_dir=str(label_dir) if label_dir else None,
                   crash_after=crash_after)
-    return ds.map_batches(CamPredictor, fn_constructor_kwargs=kwargs, compute=ActorPoolStrategy(size=size),
-                          batch_size=1, batch_format="pyarrow", **resources)
+    return ds.map_batches(CamPredictor, fn_constructor_kwargs=kwargs, compute=elastic_pool(cfg.inference.max_cam_actors),
+                          batch_size=1, batch_format="pyarrow", **cam_actor_resources(cfg.inference))
 
 
 def _drain(ds, writer: ManifestWriter, total: int, name: str, progress_every: float = 10.0) -> None:
@@ -211,7 +228,7 @@ def _drain(ds, writer: ManifestWriter, total: int, name: str, progress_every: fl
         writer.flush()
 
 
-def _finish(writer: ManifestWriter, out_dir: Path, schema: pa.Schema, total: int, t0: float, name: str) -> RunSummary:
+def _finish(writer: ManifestWriter, out_dir: Location, schema: pa.Schema, total: int, t0: float, name: str) -> RunSummary:
     manifest = out_dir / MANIFEST_FILE
     consolidate_manifest(out_dir / MANIFEST_DIR, manifest, schema)
     summary = RunSummary(out_dir, manifest, total, dict(writer.counts), list(writer.failures), time.monotonic() - t0)
@@ -229,22 +246,23 @@ def _spec(cfg: Config, split: str, **extra) -> dict:
 
 def _cam_spec(cfg: Config, checkpoint) -> dict:
     inf = cfg.inference
-    return {"checkpoint": str(Path(checkpoint).resolve()), "scales": list(inf.scales), "flip": inf.flip,
+    return {"checkpoint": str(location(checkpoint)), "scales": list(inf.scales), "flip": inf.flip,
             "save_dtype": inf.save_dtype}
 
 
-def run_make_cams(cfg: Config, checkpoint: str | Path, out_dir: str | Path, *, split: str = "val",
-                  source: str = "cam", skip_existing: bool = True, overwrite: bool = False, limit: int = 0,
-                  use_gpu: bool | None = None, cam_actors: int | None = None, cam_cpus: float = 1.0,
-                  rows_per_block: int = 8, crash_after: int = -1) -> RunSummary:
+def run_make_cams(cfg: Config, checkpoint, out_dir, *, split: str = "val", source: str = "cam",
+                  skip_existing: bool = True, overwrite: bool = False, limit: int = 0, rows_per_block: int = 8,
+                  crash_after: int = -1) -> RunSummary:
     """CAM files for every image of ``split``: ``<out>/<id>.npz`` and/or ``<out>/pacam/<id>.npz``,
     ``<out>/manifest.parquet``, ``<out>/config.yaml`` (the resolved config) and ``run_spec.json``.
 
-    cfg: inference settings and data (``model`` must match the checkpoint); source: "cam",
-    "pacam", "both"; overwrite: recompute everything, even files made with other settings;
-    limit: only the first ``limit`` ids (0 = all); use_gpu: None = when the cluster has GPUs.
+    cfg: data, inference settings and the CAM actors' resources (``inference.use_gpu``,
+    ``cam_actors_per_gpu``, ``cam_cpus``, ``max_cam_actors``; ``model`` must match the
+    checkpoint); checkpoint, out_dir: local paths or URIs; source: "cam", "pacam", "both";
+    overwrite: recompute everything, even files made with other settings; limit: only the first
+    ``limit`` ids (0 = all).
     """
-    t0, out_dir = time.monotonic(), Path(out_dir)
+    t0, out_dir = time.monotonic(), location(out_dir)
     if source not in SOURCES:
         raise ValueError(f"source must be one of {tuple(SOURCES)}, got {source!r}")
     if source != "cam":
@@ -258,32 +276,32 @@ def run_make_cams(cfg: Config, checkpoint: str | Path, out_dir: str | Path, *, s
     writer.add(rows_to_table([failed_row(CAM_SCHEMA, sid, reason) for sid, reason in rejected], CAM_SCHEMA))
     if ids:
         ds = _add_cam_stage(_id_dataset(ids, rows_per_block), cfg, checkpoint, out_dir, split, source,
-                            skip_existing and not overwrite, None, use_gpu, cam_actors, cam_cpus, crash_after)
+                            skip_existing and not overwrite, None, crash_after)
         _drain(ds, writer, len(ids) + len(rejected), "make_cams")
     return _finish(writer, out_dir, CAM_SCHEMA, len(ids) + len(rejected), t0, "make_cams")
 
 
-def run_pseudo_labels(cfg: Config, out_dir: str | Path, *, cam_dir: str | Path | None = None,
-                      checkpoint: str | Path | None = None, split: str = "train", skip_existing: bool = True,
-                      overwrite: bool = False, limit: int = 0, use_gpu: bool | None = None,
-                      cam_actors: int | None = None, cam_cpus: float = 1.0, crf_actors: int | None = None,
-                      rows_per_block: int = 8, crash_after: int = -1) -> RunSummary:
+def run_pseudo_labels(cfg: Config, out_dir, *, cam_dir=None, checkpoint=None, split: str = "train",
+                      skip_existing: bool = True, overwrite: bool = False, limit: int = 0, rows_per_block: int = 8,
+                      crash_after: int = -1) -> RunSummary:
     """Pseudo-label PNGs ``<out>/<id>.png`` for every image of ``split`` + ``<out>/manifest.parquet``.
 
     CAMs come from ``cam_dir`` (files of ``run_make_cams``) or, without it, are computed from
-    ``checkpoint`` (``cfg.inference.cam_source``) into ``<out>/cams``. cfg.pseudo: mode, preset,
-    CRF parameters and ``cpus_per_task`` (CPUs per CRF actor). crf_actors: the most CRF actors
-    (default cluster CPUs / cpus_per_task). A folder made with other settings is refused
-    unless ``overwrite`` (which also redoes every file). Other arguments as ``run_make_cams``.
+    ``checkpoint`` (``cfg.inference.cam_source``, CAM actors as in ``run_make_cams``) into
+    ``<out>/cams``. cfg.pseudo: mode, preset, CRF parameters, ``cpus_per_task`` (CPUs per CRF
+    actor) and ``max_crf_actors``. A folder made with other settings is refused unless
+    ``overwrite`` (which also redoes every file). Other arguments as ``run_make_cams``.
     """
-    t0, out_dir = time.monotonic(), Path(out_dir)
+    t0, out_dir = time.monotonic(), location(out_dir)
     if cam_dir is None and checkpoint is None:
         raise ValueError("pseudo-labels need saved CAMs (cam_dir) or a checkpoint to compute them")
     skip_existing = skip_existing and not overwrite
     on_the_fly = cam_dir is None
     cams_spec = _cam_spec(cfg, checkpoint) | {"cam_source": cfg.inference.cam_source} if on_the_fly else \
-        {"cam_dir": str(Path(cam_dir).resolve())}
-    check_run_spec(out_dir, _spec(cfg, split, pseudo=dataclasses.asdict(cfg.pseudo), **cams_spec), overwrite)
+        {"cam_dir": str(location(cam_dir))}
+    # The settings that decide the PNGs (not the CRF actors' resources).
+    pseudo = {k: v for k, v in dataclasses.asdict(cfg.pseudo).items() if k not in ("cpus_per_task", "max_crf_actors")}
+    check_run_spec(out_dir, _spec(cfg, split, pseudo=pseudo, **cams_spec), overwrite)
     save_config(cfg, out_dir / "config.yaml")
     cfg, ids, rejected = list_ids(cfg, split, limit)
     writer = ManifestWriter(out_dir / MANIFEST_DIR, LABEL_SCHEMA)
@@ -294,13 +312,10 @@ def run_pseudo_labels(cfg: Config, out_dir: str | Path, *, cam_dir: str | Path |
             source = cfg.inference.cam_source
             cam_root = out_dir / "cams"
             cam_dir = source_dir(cam_root, source)
-            ds = _add_cam_stage(ds, cfg, checkpoint, cam_root, split, source, skip_existing, out_dir, use_gpu,
-                                cam_actors, cam_cpus, -1)
-        per_task = cfg.pseudo.cpus_per_task
-        max_size = crf_actors or max(1, int(ray.cluster_resources().get("CPU", 1) // per_task))
+            ds = _add_cam_stage(ds, cfg, checkpoint, cam_root, split, source, skip_existing, out_dir, -1)
         kwargs = dict(cfg=cfg, out_dir=str(out_dir), cam_dir=str(cam_dir), split=split, skip_existing=skip_existing,
                       crash_after=crash_after)
         ds = ds.map_batches(PseudoLabeler, fn_constructor_kwargs=kwargs, batch_size=1, batch_format="pyarrow",
-                            compute=ActorPoolStrategy(min_size=1, max_size=max_size), num_cpus=per_task)
+                            compute=elastic_pool(cfg.pseudo.max_crf_actors), num_cpus=cfg.pseudo.cpus_per_task)
         _drain(ds, writer, len(ids) + len(rejected), "pseudo_labels")
     return _finish(writer, out_dir, LABEL_SCHEMA, len(ids) + len(rejected), t0, "pseudo_labels")

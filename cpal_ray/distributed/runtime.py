@@ -1,31 +1,57 @@
-"""Connecting to Ray from a workflow (library code never calls ``ray.init`` on its own).
+"""Connecting to Ray from a workflow, and checking where its outputs go (library code never calls
+``ray.init`` on its own).
 
-Inside ``ray job submit`` Ray sets ``RAY_ADDRESS`` and ``ray.init()`` joins that cluster. Run
-directly, a workflow starts its own local Ray (``address="local"``), so a stale
-``ray_current_cluster`` file of a crashed head is never picked up by accident; pass
-``--address auto`` (or an address) to join a running cluster instead.
+Ray's own rule: a driver joins the cluster it is pointed at (``--address`` / ``$RAY_ADDRESS``;
+inside ``ray job submit`` Ray sets it), else a cluster running on this machine (``ray start``
+on a head node), else it starts a local Ray. ``--address local`` (or ``--num-cpus``) asks for a
+private local Ray even where a cluster runs, as tests do.
 """
 from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
 import ray
 
+from cpal_ray.config import ConfigError
+from cpal_ray.storage import Location, is_uri, location
+
 log = logging.getLogger(__name__)
+NAMESPACE = "cpal-ray"
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: int | None = None) -> str:
-    """Join ``address`` / ``$RAY_ADDRESS`` if given, else start a local Ray. Returns how it connected."""
+    """Connect as described in the module docstring. Returns how it connected."""
     if ray.is_initialized():
         return "already initialised"
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, namespace="cpal-ray", log_to_driver=True)
-        how = f"joined Ray at {address}"
-    else:
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address is None and (num_cpus is not None or num_gpus is not None):
+        address = "local"  # resources can only be given to a Ray we start
+    if address == "local":
         kwargs = {k: v for k, v in (("num_cpus", num_cpus), ("num_gpus", num_gpus)) if v is not None}
-        ray.init(address="local", namespace="cpal-ray", **kwargs)
-        how = "started a local Ray"
+        ray.init(address="local", namespace=NAMESPACE, **kwargs)
+        how = "started a private local Ray"
+    elif address is not None:
+        ray.init(address=address, namespace=NAMESPACE)
+        how = f"joined the Ray cluster at {address}"
+    else:
+        ray.init(namespace=NAMESPACE)  # a running cluster of this machine if there is one, else a new local Ray
+        how = f"connected to Ray (gcs {ray.get_runtime_context().gcs_address})"
     log.info(how)
     return how
+
+
+def output_location(where: str, field: str) -> Location:
+    """The ``Location`` of an output path or URI given by config field / flag ``field``.
+
+    A relative path inside a Ray job that has a ``working_dir`` would land in the job's temporary
+    copy of that folder and be lost when the job ends: refused with a message naming ``field``.
+    """
+    if not is_uri(where) and not Path(where).expanduser().is_absolute() and ray.is_initialized():
+        working_dir = (ray.get_runtime_context().runtime_env or {}).get("working_dir")
+        if working_dir:
+            raise ConfigError(f"{field}={where!r} is a relative path: inside `ray job submit --working-dir` it "
+                              "would be written into the job's temporary copy of the working directory and lost; "
+                              "give an absolute path on storage every node shares, or a URI (s3://bucket/runs)")
+    return location(where)

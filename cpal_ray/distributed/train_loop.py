@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-from pathlib import Path
 
 import ray
 import ray.train
@@ -20,7 +19,8 @@ import ray.train.torch
 from cpal_ray.config import from_dict
 from cpal_ray.distributed.bank import NAMESPACE, BankClient
 from cpal_ray.engine import Hook, fit, load_checkpoint, write_checkpoint
-from cpal_ray.engine.comm import barrier
+from cpal_ray.engine.comm import all_gather_object, barrier
+from cpal_ray.storage import location
 
 log = logging.getLogger(__name__)
 
@@ -30,10 +30,10 @@ class FaultHook(Hook):
     ``dist.crash_rank/crash_step`` kills that worker process at that global step;
     ``crash_rank = -2`` kills the bank actor instead (from rank 0)."""
 
-    def __init__(self, cfg, bank_actor):
+    def __init__(self, cfg, bank_actor, run_dir: str):
         self.d, self.bank_actor = cfg.dist, bank_actor
         kind = "bank" if self.d.crash_rank == -2 else "worker"
-        self.marker = Path(cfg.train.storage_path).expanduser().resolve() / cfg.train.name / f".fault_{kind}_done"
+        self.marker = location(run_dir) / f".fault_{kind}_done"
 
     def after_step(self, state, step: int) -> None:
         target_rank = 0 if self.d.crash_rank == -2 else self.d.crash_rank
@@ -41,7 +41,6 @@ class FaultHook(Hook):
             return
         if self.marker.exists():
             return
-        self.marker.parent.mkdir(parents=True, exist_ok=True)
         self.marker.write_text(f"epoch {state.epoch} step {step}\n")
         if self.d.crash_rank == -2:
             log.warning("fault injection: killing the bank actor at global step %d", self.d.crash_step)
@@ -49,6 +48,13 @@ class FaultHook(Hook):
             return
         log.warning("fault injection: killing rank %d at global step %d", state.rank, self.d.crash_step)
         os._exit(1)
+
+
+class NodeHook(Hook):
+    """Adds ``node_ids`` (the Ray node of every rank) to each epoch's record."""
+
+    def after_epoch(self, state, record: dict) -> None:
+        record["node_ids"] = all_gather_object(ray.get_runtime_context().get_node_id())
 
 
 def report(checkpoint: dict | None, record: dict) -> None:
@@ -72,7 +78,7 @@ def train_loop_per_worker(config: dict) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             resume = load_checkpoint(folder)
-    hooks = [FaultHook(cfg, actor)] if cfg.dist.crash_step >= 0 else []
+    hooks = [NodeHook(), *([FaultHook(cfg, actor, config["run_dir"])] if cfg.dist.crash_step >= 0 else [])]
     fit(cfg, bank=bank, device=ray.train.torch.get_device(), rank=rank, world_size=world,
         prepare_model=ray.train.torch.prepare_model,  # (3) DDP (gloo on CPU, nccl on GPU), on the device
         save_fn=report, resume=resume, hooks=hooks)

@@ -6,7 +6,8 @@ of the exported weights on the val split, run as a Ray task with one worker's re
 when ``dist.use_gpu``). Training progress reaches Tune through ``TuneReportCallback``; the last
 report of a trial is the evaluation (``seed_miou``, ``best_threshold``, ``wall_seconds``, ``iou``).
 
-Experiment folder ``<storage>/<name>/``:
+Experiment folder ``<storage>/<name>/`` (a local folder on shared storage or a URI, handed to Tune
+as ``storage_path`` + ``storage_filesystem``; ``cpal_ray.storage``):
   sweep.json            the sweep as plain data (base config, space, rows, seeds, resources):
                         ``restore_sweep`` rebuilds the trainable from it
   <Tune's trial dirs>   Tune's own files (params.json, result.json, experiment state)
@@ -16,8 +17,13 @@ Experiment folder ``<storage>/<name>/``:
 
 Resources: the trial function asks ``{"cpu": 0.01}`` (plus the bank actor's share, which runs in
 the trial's placement group); its workers ask ``dist.cpus_per_worker`` each, outside it. Tune
-cannot see the workers' needs, so ``max_concurrent_trials`` defaults to what the cluster holds
-(CPUs // CPUs per trial, GPUs // GPUs per trial) and nothing waits forever on a small machine.
+cannot see the workers' needs, so trials at once = ``dist.max_concurrent_trials`` (set it on an
+autoscaling cluster: what the cluster holds at its largest), else what the cluster holds when
+the sweep starts (CPUs // CPUs per trial, GPUs // GPUs per trial). A cluster that holds no trial
+yet (scaling from zero) and no setting is an error that says so, not a sweep of one trial at a time.
+
+Each trial's result is read from its final report (the row tagged ``phase == "final"`` in
+``ResultGrid``'s per-trial metrics), whatever order Tune received the progress reports in.
 """
 from __future__ import annotations
 
@@ -32,10 +38,12 @@ import ray
 import ray.tune as tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from cpal_ray.config import Config, from_dict
-from cpal_ray.distributed.trainer import resolve_storage, run_training
+from cpal_ray.config import Config, ConfigError, from_dict
+from cpal_ray.distributed.runtime import output_location
+from cpal_ray.distributed.trainer import run_training
 from cpal_ray.numbers import finite_or_none
 from cpal_ray.sweeps.report import SPEC_FILE, trial_records, write_results
+from cpal_ray.storage import Location, location
 from cpal_ray.sweeps.spaces import ROW_KEY, point_overrides, required_overrides, smoke_space, space_spec
 
 log = logging.getLogger(__name__)
@@ -78,7 +86,7 @@ def _dotted(cfg: Config) -> dict[str, Any]:
     return {f"{section}.{key}": value for section, values in cfg.to_dict().items() for key, value in values.items()}
 
 
-def build_spec(base_cfg: Config, space_module, experiment_dir: Path, *, seeds: int = 1, search: str = "grid",
+def build_spec(base_cfg: Config, space_module, experiment_dir: Location, *, seeds: int = 1, search: str = "grid",
                num_samples: int = 1, gpus_per_trial: int = 0, eval_max_images: int = 0, smoke_test: bool = False,
                max_concurrent: int | None = None) -> dict:
     """The sweep as plain data: base config (space minimums and GPU settings applied), space, rows."""
@@ -118,15 +126,23 @@ def trial_resources(cfg: Config) -> dict[str, float]:
 
 
 def default_concurrency(cfg: Config, total: dict | None = None) -> int:
-    """Trials the cluster can train at once: CPUs // CPUs per trial (and GPUs // GPUs per trial).
-    ``total`` defaults to ``ray.cluster_resources()`` (what is up now: an autoscaler may add more)."""
-    total = ray.cluster_resources() if total is None else total
+    """Trials at once: ``dist.max_concurrent_trials`` when set, else the trials that fit in the
+    cluster now (``total``, default ``ray.cluster_resources()``): CPUs // CPUs per trial and
+    GPUs // GPUs per trial. Raises ConfigError when none fits now (a cluster scaling from zero)."""
     d = cfg.dist
-    n = total.get("CPU", 1.0) // (DRIVER_CPU + d.bank_cpus + d.num_workers * d.cpus_per_worker)
+    if d.max_concurrent_trials > 0:
+        return d.max_concurrent_trials
+    total = ray.cluster_resources() if total is None else total
+    n = total.get("CPU", 0.0) // (DRIVER_CPU + d.bank_cpus + d.num_workers * d.cpus_per_worker)
     gpus = (d.num_workers if d.use_gpu else 0) + d.bank_gpus
     if gpus > 0:
         n = min(n, total.get("GPU", 0.0) // gpus)
-    return max(1, int(n))
+    if n < 1:
+        raise ConfigError(f"dist.max_concurrent_trials: the cluster holds no trial now ({dict(total)}; one trial needs "
+                          f"{d.num_workers} x {d.cpus_per_worker} CPU{f' + {gpus} GPU' if gpus else ''}): on a cluster "
+                          "that scales from zero, set how many trials run at once (dist.max_concurrent_trials=N or "
+                          "--max-concurrent N, e.g. the worker nodes it can start for one-node trials)")
+    return int(n)
 
 
 def tune_param_space(spec: dict) -> dict:
@@ -176,34 +192,23 @@ def _evaluate_remote(final_dir: str, cfg_dict: dict, max_images: int) -> dict:
                           cam_source=cfg.inference.cam_source)
 
 
-def _wait_for_progress_reports(timeout_s: float = 30.0) -> None:
-    """Let Tune take the last training report before the final one, so the evaluation is last."""
-    try:
-        from ray.train._internal.session import get_session
-
-        queue = getattr(get_session(), "_inter_actor_queue", None)
-        deadline = time.monotonic() + timeout_s
-        while queue is not None and not queue.empty() and time.monotonic() < deadline:
-            time.sleep(0.05)
-    except Exception as e:  # private API: never fail a finished trial on it
-        log.debug("could not check the progress queue: %s", e)
-
-
 def sweep_trial(config: dict, spec: dict) -> None:
     """The Tune trainable: train one point with Ray Train, evaluate its seeds, report."""
     start = time.time()
     trial_id = tune.get_context().get_trial_id()
     name = f"trial-{trial_id}"
-    trials_dir = Path(spec["experiment_dir"]) / "trials"
+    trials_dir = location(spec["experiment_dir"]) / "trials"
     run_dir = trials_dir / name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / "runs.log", "a") as f:  # one line per start: restore must not re-run finished trials
-        f.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} start\n")
+    runs_log = run_dir / "runs.log"  # one line per start: restore must not re-run finished trials
+    runs_log.write_text((runs_log.read_text() if runs_log.is_file() else "")
+                        + f"{time.strftime('%Y-%m-%dT%H:%M:%S')} start\n")
     point = {k: config[k] for k in spec["space"]}
     seed = int(config.get("train.seed", spec["seeds"][0]))
     cfg = from_dict(spec["base"]).replace(**point_overrides(point, spec["rows"]), **{
         "train.seed": seed, "train.name": name, "train.storage_path": str(trials_dir)})
-    result = run_training(cfg, callbacks=[SweepProgressCallback()], storage_path=str(trials_dir), name=name)
+    # Optuna learns from a trial's last report: it then gets the evaluation only.
+    progress = [SweepProgressCallback()] if spec["search"] != "optuna" else []
+    result = run_training(cfg, callbacks=progress, storage_path=str(trials_dir), name=name)
     train_seconds = time.time() - start
     opts = {"num_cpus": cfg.dist.cpus_per_worker, "scheduling_strategy": "DEFAULT"}  # outside the trial's group
     if cfg.dist.use_gpu:
@@ -213,9 +218,9 @@ def sweep_trial(config: dict, spec: dict) -> None:
     metrics = {"seed_miou": float(seeds["best_miou"]), "best_threshold": float(seeds["best_threshold"]),
                "wall_seconds": time.time() - start, "train_seconds": train_seconds, "iou": finite_or_none(seeds["iou"]),
                "cam_source": seeds["cam_source"], "eval_images": seeds["images"], "phase": "final",
+               "started_at": start, "finished_at": time.time(),
                "point": point.get(ROW_KEY) or json.dumps(point)}
     (run_dir / "seeds.json").write_text(json.dumps({**metrics, "curve": finite_or_none(seeds["miou"])}, indent=2))
-    _wait_for_progress_reports()
     tune.report(metrics)
 
 
@@ -229,23 +234,23 @@ def make_trainable(spec: dict):
 
 @dataclass
 class SweepOutcome:
-    experiment_dir: Path
+    experiment_dir: Location
     result_grid: Any            # ray.tune.ResultGrid
     files: dict                 # what write_results wrote
     summary: dict               # trials / ok / errors / unfinished counts
 
 
-def run_sweep(base_cfg: Config, space_module, experiment_dir: str | Path, *, seeds: int = 1, search: str = "grid",
+def run_sweep(base_cfg: Config, space_module, experiment_dir, *, seeds: int = 1, search: str = "grid",
               num_samples: int = 1, gpus_per_trial: int = 0, max_concurrent: int | None = None,
               eval_max_images: int = 0, smoke_test: bool = False) -> SweepOutcome:
-    """Run a sweep of ``space_module`` around ``base_cfg`` into ``experiment_dir`` (Ray initialised)."""
-    experiment_dir = Path(resolve_storage(str(experiment_dir)))
-    if tune.Tuner.can_restore(str(experiment_dir)):
+    """Run a sweep of ``space_module`` around ``base_cfg`` into ``experiment_dir`` (a local path
+    or URI; Ray initialised)."""
+    experiment_dir = output_location(str(experiment_dir), "--storage")
+    if tune.Tuner.can_restore(experiment_dir.path, storage_filesystem=experiment_dir.fs):
         raise FileExistsError(f"{experiment_dir} already holds a sweep: restore it (--restore) or pick another name")
     spec = build_spec(base_cfg, space_module, experiment_dir, seeds=seeds, search=search, num_samples=num_samples,
                       gpus_per_trial=gpus_per_trial, eval_max_images=eval_max_images, smoke_test=smoke_test,
                       max_concurrent=max_concurrent)
-    experiment_dir.mkdir(parents=True, exist_ok=True)
     (experiment_dir / SPEC_FILE).write_text(json.dumps(spec, indent=2))
     search_alg = _search_alg(spec)
     tuner = tune.Tuner(
@@ -254,27 +259,29 @@ def run_sweep(base_cfg: Config, space_module, experiment_dir: str | Path, *, see
         tune_config=tune.TuneConfig(metric="seed_miou", mode="max", search_alg=search_alg,
                                     num_samples=spec["num_samples"],
                                     max_concurrent_trials=None if search == "random" else spec["max_concurrent"]),
-        run_config=tune.RunConfig(name=experiment_dir.name, storage_path=str(experiment_dir.parent),
+        run_config=tune.RunConfig(name=experiment_dir.name, storage_path=experiment_dir.parent.path,
+                                  storage_filesystem=experiment_dir.fs,
                                   failure_config=tune.FailureConfig(max_failures=0, fail_fast=False)),
     )
     return _finish(tuner.fit(), experiment_dir, spec)
 
 
-def restore_sweep(path: str | Path, *, retry_errored: bool = False) -> SweepOutcome:
-    """Continue an interrupted sweep: finished trials are kept as they are, unfinished ones run
-    (a trial's Ray Train run resumes from its last checkpoint), errored ones stay errored unless
-    ``retry_errored`` (then they start again from scratch)."""
-    experiment_dir = Path(resolve_storage(str(path)))
+def restore_sweep(path, *, retry_errored: bool = False) -> SweepOutcome:
+    """Continue an interrupted sweep (a local path or URI): finished trials are kept as they are,
+    unfinished ones run (a trial's Ray Train run resumes from its last checkpoint), errored ones
+    stay errored unless ``retry_errored`` (then they start again from scratch)."""
+    experiment_dir = output_location(str(path), "--restore")
     spec_file = experiment_dir / SPEC_FILE
-    if not spec_file.is_file() or not tune.Tuner.can_restore(str(experiment_dir)):
+    if not spec_file.is_file() or not tune.Tuner.can_restore(experiment_dir.path, storage_filesystem=experiment_dir.fs):
         raise FileNotFoundError(f"{experiment_dir}: not a sweep folder (no {SPEC_FILE} or no Tune state)")
     spec = {**json.loads(spec_file.read_text()), "experiment_dir": str(experiment_dir)}  # the folder may have moved
-    tuner = tune.Tuner.restore(str(experiment_dir), trainable=make_trainable(spec), resume_unfinished=True,
-                               resume_errored=False, restart_errored=retry_errored)
+    tuner = tune.Tuner.restore(experiment_dir.path, trainable=make_trainable(spec), resume_unfinished=True,
+                               resume_errored=False, restart_errored=retry_errored,
+                               storage_filesystem=experiment_dir.fs)
     return _finish(tuner.fit(), experiment_dir, spec)
 
 
-def _finish(grid, experiment_dir: Path, spec: dict) -> SweepOutcome:
+def _finish(grid, experiment_dir: Location, spec: dict) -> SweepOutcome:
     files = write_results(grid, experiment_dir, spec)
     records = trial_records(grid, spec)
     summary = {s: sum(r["status"] == s for r in records) for s in ("ok", "error", "unfinished")}

@@ -16,12 +16,12 @@ local run and every ``final/`` hold the same files):
 from __future__ import annotations
 
 import dataclasses
-import os
-from pathlib import Path
+import io
 
 import torch
 
 from cpal_ray.config import Config, from_dict, save_config
+from cpal_ray.storage import Location, location
 
 STATE_FILE = "state.pt"
 MODEL_FILE = "model.pt"
@@ -46,28 +46,27 @@ def checkpoint_state(*, model: torch.nn.Module, cfg: Config, epoch: int, global_
     }
 
 
-def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+def _torch_bytes(obj) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
 
 
-def write_checkpoint(folder: str | os.PathLike, checkpoint: dict) -> Path:
-    """Write a checkpoint folder (each file replaced atomically); returns the folder."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    _atomic_save(checkpoint, folder / STATE_FILE)
-    _atomic_save(checkpoint["model"], folder / MODEL_FILE)
+def write_checkpoint(folder, checkpoint: dict) -> Location:
+    """Write a checkpoint folder (local path or URI; each file written atomically); returns it."""
+    folder = location(folder)
+    (folder / STATE_FILE).write_bytes(_torch_bytes(checkpoint))
+    (folder / MODEL_FILE).write_bytes(_torch_bytes(checkpoint["model"]))
     save_config(from_dict(checkpoint["config"]), folder / CONFIG_FILE)
     return folder
 
 
-def load_checkpoint(folder: str | os.PathLike, map_location="cpu") -> dict:
-    """Read ``state.pt`` of a checkpoint folder (weights_only) and rebuild its Config."""
-    path = Path(folder) / STATE_FILE
+def load_checkpoint(folder, map_location="cpu") -> dict:
+    """Read ``state.pt`` of a checkpoint folder (local path or URI; weights_only) and rebuild its Config."""
+    path = location(folder) / STATE_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no checkpoint state here")
-    state = torch.load(path, map_location=map_location, weights_only=True)
+    state = torch.load(io.BytesIO(path.read_bytes()), map_location=map_location, weights_only=True)
     state["config"] = from_dict(state["config"])
     return state
 
@@ -80,7 +79,7 @@ def checkpoint_context(state: dict):
     return Context.from_state(bank["context"]) if bank else None
 
 
-def load_trained(folder: str | os.PathLike, map_location="cpu", cfg: Config | None = None):
+def load_trained(folder, map_location="cpu", cfg: Config | None = None):
     """Rebuild a trained model from a checkpoint or ``final/`` folder.
 
     Returns (model in eval mode, Config (the saved one unless ``cfg`` is given), Context or None).

@@ -181,6 +181,7 @@ def fit(cfg: Config, *, bank=None, device: torch.device | str = "cpu", rank: int
             hook.before_epoch(state)
         record = train_one_epoch(state, loader, all_hooks)
         record["epoch"] = epoch
+        record["start_epoch"] = start_epoch  # > 0: this attempt resumed from a checkpoint
         record["pushed_per_rank"] = [{str(k): v for k, v in p.items()} for p in all_gather_object(record.pop("pushed"))]
         for hook in all_hooks:
             hook.after_epoch(state, record)

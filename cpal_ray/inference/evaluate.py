@@ -14,8 +14,6 @@ others are still scored. ``write_json`` saves either result as strict JSON (NaN 
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,6 +25,7 @@ from cpal_ray.inference.jobs import cam_path
 from cpal_ray.inference.metrics import ConfusionMatrix, ThresholdSweep, thresholds_from_config
 from cpal_ray.inference.multiscale import multiscale_cams
 from cpal_ray.numbers import json_safe
+from cpal_ray.storage import Location, location
 from cpal_ray.inference.pseudo import IGNORE
 
 # Errors kept in a result (the count is always complete).
@@ -73,7 +72,7 @@ def evaluate_seeds(model: torch.nn.Module, dataset, cfg, *, device: torch.device
     return out
 
 
-def evaluate_cam_dir(cam_dir: str | os.PathLike, dataset, cfg, max_images: int = 0) -> dict[str, Any]:
+def evaluate_cam_dir(cam_dir, dataset, cfg, max_images: int = 0) -> dict[str, Any]:
     """Seed mIoU of the CAM files in ``cam_dir`` over ``dataset`` (eval items, masks needed).
 
     cfg: a ``Config`` or an ``InferenceConfig`` (thresholds). Every file must hold the image's
@@ -99,7 +98,7 @@ def evaluate_cam_dir(cam_dir: str | os.PathLike, dataset, cfg, max_images: int =
     return out
 
 
-def evaluate_labels(label_dir: str | os.PathLike, dataset, num_classes: int | None = None,
+def evaluate_labels(label_dir, dataset, num_classes: int | None = None,
                     max_images: int = 0) -> dict[str, Any]:
     """mIoU of the label PNGs in ``label_dir`` against the masks of ``dataset``.
 
@@ -118,7 +117,7 @@ def evaluate_labels(label_dir: str | os.PathLike, dataset, num_classes: int | No
         sid = dataset.ids[i]
         try:
             mask = np.asarray(dataset.read(i)[1])
-            pred = load_label_png(Path(label_dir) / f"{sid}.png", expected_shape=mask.shape)
+            pred = load_label_png(location(label_dir) / f"{sid}.png", expected_shape=mask.shape)
             cm.update(pred, mask, ignore_pred=True)
         except (OSError, ValueError) as e:
             n_errors = _record(errors, n_errors, sid, e)
@@ -140,6 +139,6 @@ def evaluate_labels(label_dir: str | os.PathLike, dataset, num_classes: int | No
     }
 
 
-def write_json(result: dict[str, Any], path: str | os.PathLike) -> Path:
+def write_json(result: dict[str, Any], path) -> Location:
     """Save a result dict as indented strict JSON (NaN -> null), atomically."""
     return atomic_write_bytes(path, json.dumps(json_safe(result), indent=2, default=str).encode())

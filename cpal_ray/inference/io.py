@@ -1,9 +1,10 @@
 """Files written by inference: palette label PNGs and CAM ``.npz`` files.
 
-Every writer is atomic: the bytes go to a hidden temporary file in the destination folder and
-are moved into place with ``os.replace``, so a reader (or a re-run after a crash) never sees a
-partial file under the final name. Readers validate what they load and raise an error naming
-the path, because a truncated file from an interrupted run is the usual failure.
+Paths are local paths, URIs or ``cpal_ray.storage.Location`` objects. Every writer is atomic
+(``Location.write_bytes``: a temporary file renamed into place, or one object upload), so a
+reader (or a re-run after a crash) never sees a partial file under the final name. Readers
+validate what they load and raise an error naming the path, because a truncated file from an
+interrupted run is the usual failure.
 
 CAM files hold plain arrays only (no pickle): ``classes`` (K,) int64 foreground class indices
 in 0..N-1, ``cams`` (K, H, W) float16/float32 maps in [0, 1], ``size`` (2,) int64 = (H, W).
@@ -11,15 +12,13 @@ in 0..N-1, ``cams`` (K, H, W) float16/float32 maps in [0, 1], ``size`` (2,) int6
 from __future__ import annotations
 
 import io
-import os
-import tempfile
 import zipfile
-from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from cpal_ray.data.classes import voc_palette
+from cpal_ray.storage import Location, location
 
 CAM_KEYS = ("classes", "cams", "size")
 
@@ -36,67 +35,53 @@ class LabelFileError(ValueError):
 VOC_PALETTE = voc_palette().reshape(-1).tolist()
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically (temp file in the same folder + ``os.replace``)."""
-    return _atomic_write(path, lambda f: f.write(data))
-
-
-def _atomic_write(path: str | os.PathLike, write) -> Path:
-    """Call ``write(fileobj)`` on a temp file beside ``path``, then move it into place.
-
-    On any error the temp file is removed and nothing appears under ``path``.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return path
+def atomic_write_bytes(path, data: bytes) -> Location:
+    """Write ``data`` to ``path`` (local path, URI or ``Location``) atomically; returns its Location."""
+    return location(path).write_bytes(data)
 
 
 # ---------------------------------------------------------------------------- label PNGs
 
 
-def save_label_png(path: str | os.PathLike, label: np.ndarray, palette: list[int] | None = None) -> Path:
-    """Save a label map as a palette ('P') PNG with the VOC colours, atomically.
+def encode_label_png(label: np.ndarray, palette: list[int] | None = None) -> bytes:
+    """A label map as the bytes of a palette ('P') PNG with the VOC colours.
 
     label: (H, W) integer array with values in 0..255 (0 background, 1..N classes, 255 ignore).
     palette: flat RGB list (<= 768 values); default the VOC palette.
     """
     label = np.asarray(label)
     if label.ndim != 2:
-        raise ValueError(f"{path}: label must be (H, W), got shape {label.shape}")
+        raise ValueError(f"label must be (H, W), got shape {label.shape}")
     if label.dtype != np.uint8:
         if not np.issubdtype(label.dtype, np.integer):
-            raise ValueError(f"{path}: label must be an integer array, got {label.dtype}")
+            raise ValueError(f"label must be an integer array, got {label.dtype}")
         if label.size and (label.min() < 0 or label.max() > 255):
-            raise ValueError(f"{path}: label values must be in 0..255, got [{label.min()}, {label.max()}]")
+            raise ValueError(f"label values must be in 0..255, got [{label.min()}, {label.max()}]")
         label = label.astype(np.uint8)
     im = Image.fromarray(np.ascontiguousarray(label))  # mode 'L'; putpalette turns it into 'P'
     im.putpalette(VOC_PALETTE if palette is None else palette)
     buf = io.BytesIO()
     im.save(buf, format="PNG")
-    return atomic_write_bytes(path, buf.getvalue())
+    return buf.getvalue()
 
 
-def load_label_png(path: str | os.PathLike, expected_shape: tuple[int, int] | None = None) -> np.ndarray:
+def save_label_png(path, label: np.ndarray, palette: list[int] | None = None) -> Location:
+    """Save a label map as a palette PNG (``encode_label_png``), atomically."""
+    try:
+        data = encode_label_png(label, palette)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    return atomic_write_bytes(path, data)
+
+
+def load_label_png(path, expected_shape: tuple[int, int] | None = None) -> np.ndarray:
     """Read a label PNG written by ``save_label_png`` (or a VOC ``SegmentationClass`` file).
 
     Returns (H, W) uint8 palette indices. Raises ``LabelFileError`` naming the path when the file
     is missing, unreadable, not a 'P' or 'L' image, or not of ``expected_shape`` (H, W).
     """
     try:
-        with Image.open(path) as im:
+        with Image.open(io.BytesIO(location(path).read_bytes())) as im:
             if im.mode not in ("P", "L"):
                 raise LabelFileError(f"{path}: label PNG must be mode 'P' or 'L', got {im.mode!r}")
             arr = np.array(im, dtype=np.uint8)
@@ -112,8 +97,7 @@ def load_label_png(path: str | os.PathLike, expected_shape: tuple[int, int] | No
 # ---------------------------------------------------------------------------- CAM npz
 
 
-def save_cams_npz(path: str | os.PathLike, classes: np.ndarray, cams: np.ndarray,
-                  dtype: str | np.dtype = "float16") -> Path:
+def save_cams_npz(path, classes: np.ndarray, cams: np.ndarray, dtype: str | np.dtype = "float16") -> Location:
     """Save one image's CAMs atomically as an uncompressed ``.npz`` of plain arrays.
 
     classes: (K,) int, the positive foreground classes in 0..N-1 (K may be 0);
@@ -136,10 +120,12 @@ def save_cams_npz(path: str | os.PathLike, classes: np.ndarray, cams: np.ndarray
         "cams": cams.astype(dtype),
         "size": np.asarray(cams.shape[1:], dtype=np.int64),
     }
-    return _atomic_write(path, lambda f: np.savez(f, **arrays))
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return atomic_write_bytes(path, buf.getvalue())
 
 
-def load_cams_npz(path: str | os.PathLike, expected_classes: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def load_cams_npz(path, expected_classes: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Read a file written by ``save_cams_npz``; never unpickles.
 
     expected_classes: optional (K,) ints the file must hold (e.g. the image's positive labels).
@@ -148,7 +134,7 @@ def load_cams_npz(path: str | os.PathLike, expected_classes: np.ndarray | None =
     or classes different from ``expected_classes``.
     """
     try:
-        with np.load(path, allow_pickle=False) as npz:
+        with np.load(io.BytesIO(location(path).read_bytes()), allow_pickle=False) as npz:
             missing = [k for k in CAM_KEYS if k not in npz.files]
             if missing:
                 raise CamFileError(f"{path}: missing keys {missing} (has {sorted(npz.files)})")

@@ -13,6 +13,7 @@ else is redone. Outputs are deterministic, so a resumed run ends with the same b
 Rows (``CAM_SCHEMA`` / ``LABEL_SCHEMA``) are written by the driver with ``ManifestWriter`` as
 parquet parts ``<out>/manifest/part-<run>-<seq>.parquet``; ``consolidate_manifest`` keeps the
 latest row per id (runs are ordered by their start time) in ``<out>/manifest.parquet``.
+Every folder and file here is a ``cpal_ray.storage`` location: a local path or an ``s3://`` URI.
 """
 from __future__ import annotations
 
@@ -20,9 +21,7 @@ import hashlib
 import io
 import json
 import logging
-import os
 import time
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -32,8 +31,9 @@ from PIL import Image
 
 from cpal_ray.data.base import DataError, read_rgb as read_image_file
 from cpal_ray.data.classes import positive_classes
-from cpal_ray.inference.io import LabelFileError, atomic_write_bytes, load_cams_npz, load_label_png, save_cams_npz, \
-    save_label_png
+from cpal_ray.inference.io import LabelFileError, atomic_write_bytes, encode_label_png, load_cams_npz, \
+    load_label_png, save_cams_npz
+from cpal_ray.storage import Location, location
 from cpal_ray.inference.pseudo import IGNORE, pseudo_label_from_config
 
 log = logging.getLogger(__name__)
@@ -49,12 +49,12 @@ PNG_END = b"IEND\xaeB`\x82"
 PACAM_DIR = "pacam"  # the PACAM files of a CAM folder live in this subfolder
 
 
-def source_dir(cam_dir: str | os.PathLike, source: str = "cam") -> Path:
+def source_dir(cam_dir, source: str = "cam") -> Location:
     """The folder of one map's files: ``<cam_dir>`` for the CAM, ``<cam_dir>/pacam`` for the PACAM."""
-    return Path(cam_dir) / PACAM_DIR if source == "pacam" else Path(cam_dir)
+    return location(cam_dir) / PACAM_DIR if source == "pacam" else location(cam_dir)
 
 
-def cam_path(cam_dir: str | os.PathLike, sample_id: str, source: str = "cam") -> Path:
+def cam_path(cam_dir, sample_id: str, source: str = "cam") -> Location:
     """``<cam_dir>/<id>.npz`` for the CAM, ``<cam_dir>/pacam/<id>.npz`` for the PACAM."""
     return source_dir(cam_dir, source) / f"{sample_id}.npz"
 
@@ -94,11 +94,11 @@ def failed_row(schema: pa.Schema, sample_id: str, error: BaseException | str, t0
     return _row(schema, sample_id, status="failed", error=f"id {sample_id}: {msg}", seconds=secs)
 
 
-def validate_label_png(path: str | os.PathLike, hw: tuple[int, int], classes: np.ndarray) -> tuple[np.ndarray, str]:
+def validate_label_png(path, hw: tuple[int, int], classes: np.ndarray) -> tuple[np.ndarray, str]:
     """Check a finished pseudo-label: a complete PNG (signature .. IEND), decodes, shape ``hw``,
     values in {0, classes + 1, 255}. Returns (label (H, W) uint8, sha256 of the bytes);
     raises ``LabelFileError`` naming the path otherwise (missing, truncated, wrong size/values)."""
-    path = Path(path)
+    path = location(path)
     try:
         data = path.read_bytes()
     except OSError as e:
@@ -113,7 +113,7 @@ def validate_label_png(path: str | os.PathLike, hw: tuple[int, int], classes: np
     return label, hashlib.sha256(data).hexdigest()
 
 
-def cams_valid(paths: list[Path], classes: np.ndarray, hw: tuple[int, int]) -> bool:
+def cams_valid(paths: list[Location], classes: np.ndarray, hw: tuple[int, int]) -> bool:
     """True when every file loads with exactly ``classes`` and CAMs of size ``hw``."""
     try:
         return all(load_cams_npz(p, expected_classes=classes)[1].shape[1:] == tuple(hw) for p in paths)
@@ -124,9 +124,9 @@ def cams_valid(paths: list[Path], classes: np.ndarray, hw: tuple[int, int]) -> b
 # ---------------------------------------------------------------------------------- the jobs
 
 
-def cam_job(model, dataset, index: int, out_dir: str | os.PathLike, *, sources=("cam",), scales=(1.0,),
-            flip: bool = True, save_dtype: str = "float16", context=None, cpal_cfg=None,
-            skip_existing: bool = True, label_dir: str | os.PathLike | None = None) -> dict:
+def cam_job(model, dataset, index: int, out_dir, *, sources=("cam",), scales=(1.0,), flip: bool = True,
+            save_dtype: str = "float16", context=None, cpal_cfg=None, skip_existing: bool = True,
+            label_dir=None) -> dict:
     """Multi-scale CAMs of item ``index`` -> ``cam_path(out_dir, id, source)`` per source; a CAM_SCHEMA row.
 
     sources: subset of ("cam", "pacam"); "pacam" needs ``context`` (engine ``Context``, on the
@@ -146,7 +146,7 @@ def cam_job(model, dataset, index: int, out_dir: str | os.PathLike, *, sources=(
                     path=named.get("cam", ""), pacam_path=named.get("pacam", ""))
         if skip_existing and label_dir is not None:
             try:
-                validate_label_png(Path(label_dir) / f"{sid}.png", hw, classes)
+                validate_label_png(location(label_dir) / f"{sid}.png", hw, classes)
                 return _row(CAM_SCHEMA, sid, status="skipped", seconds=time.perf_counter() - t0, **done)
             except LabelFileError:
                 pass
@@ -163,8 +163,7 @@ def cam_job(model, dataset, index: int, out_dir: str | os.PathLike, *, sources=(
         return failed_row(CAM_SCHEMA, sid, e, t0)
 
 
-def pseudo_label_job(dataset, index: int, cam_dir: str | os.PathLike, out_dir: str | os.PathLike, pseudo_cfg,
-                     skip_existing: bool = True) -> dict:
+def pseudo_label_job(dataset, index: int, cam_dir, out_dir, pseudo_cfg, skip_existing: bool = True) -> dict:
     """IRN / crf_argmax pseudo-label of item ``index`` from ``<cam_dir>/<id>.npz`` -> ``<out_dir>/<id>.png``.
 
     The CAM file must hold exactly the image's positive classes at the image's size. Returns a
@@ -172,7 +171,7 @@ def pseudo_label_job(dataset, index: int, cam_dir: str | os.PathLike, out_dir: s
     """
     t0 = time.perf_counter()
     sid = dataset.ids[index]
-    png = Path(out_dir) / f"{sid}.png"
+    png = location(out_dir) / f"{sid}.png"
     try:
         classes = positive_classes(dataset.label_of(index))
         hw = image_hw(dataset, index)
@@ -190,8 +189,9 @@ def pseudo_label_job(dataset, index: int, cam_dir: str | os.PathLike, out_dir: s
             if cams.shape[1:] != tuple(hw):
                 raise ValueError(f"{cam_file}: CAM size {cams.shape[1:]} != image size {tuple(hw)}")
             label = pseudo_label_from_config(read_rgb(dataset, index), cams, cam_classes, pseudo_cfg)
-            save_label_png(png, label)
-            sha = hashlib.sha256(png.read_bytes()).hexdigest()
+            data = encode_label_png(label)
+            png.write_bytes(data)
+            sha = hashlib.sha256(data).hexdigest()
         return _row(LABEL_SCHEMA, sid, status=status, path=str(png), classes=classes.tolist(), height=hw[0],
                     width=hw[1], frac_ignored=float(np.mean(label == IGNORE)), sha256=sha,
                     seconds=time.perf_counter() - t0)
@@ -215,8 +215,8 @@ class ManifestWriter:
         keep_errors: how many failures are kept in memory for the report (all are in the parts).
     """
 
-    def __init__(self, folder: str | os.PathLike, schema: pa.Schema, flush_rows: int = 256, keep_errors: int = 100):
-        self.folder = Path(folder)
+    def __init__(self, folder, schema: pa.Schema, flush_rows: int = 256, keep_errors: int = 100):
+        self.folder = location(folder)
         self.schema = schema
         self.flush_rows = int(flush_rows)
         self.keep_errors = keep_errors
@@ -252,16 +252,17 @@ class ManifestWriter:
         self._buf, self._n_buf = [], 0
 
 
-def consolidate_manifest(folder: str | os.PathLike, out_path: str | os.PathLike, schema: pa.Schema) -> pa.Table:
+def consolidate_manifest(folder, out_path, schema: pa.Schema) -> pa.Table:
     """Merge the parts of ``folder`` into ``out_path``: the latest row per id, sorted by id.
 
     Unreadable parts (a run killed while writing one cannot leave one, but a copy might) are
     skipped with a warning. Returns the table written.
     """
     tables = []
-    for i, part in enumerate(sorted(Path(folder).glob("part-*.parquet"))):
+    parts = [p for p in location(folder).list(".parquet") if p.name.startswith("part-")]
+    for i, part in enumerate(parts):
         try:
-            t = pq.read_table(part).select(schema.names).cast(schema)
+            t = pq.read_table(io.BytesIO(part.read_bytes())).select(schema.names).cast(schema)
         except Exception as e:  # noqa: BLE001 - a damaged part must not lose the others
             log.warning("%s: skipping unreadable manifest part (%s)", part, e)
             continue
@@ -276,13 +277,13 @@ def consolidate_manifest(folder: str | os.PathLike, out_path: str | os.PathLike,
     return table
 
 
-def check_run_spec(out_dir: str | os.PathLike, spec: dict, overwrite: bool = False) -> None:
+def check_run_spec(out_dir, spec: dict, overwrite: bool = False) -> None:
     """Refuse to resume into ``out_dir`` when it holds outputs made with other settings.
 
     ``spec`` (JSON-able) is what decides the output bytes. It is saved as ``<out>/run_spec.json``;
     a different saved spec raises ValueError naming the keys that differ, unless ``overwrite``.
     """
-    path = Path(out_dir) / "run_spec.json"
+    path = location(out_dir) / "run_spec.json"
     spec = json.loads(json.dumps(spec, default=str))
     if path.is_file() and not overwrite:
         old = json.loads(path.read_text())

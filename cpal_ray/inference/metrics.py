@@ -16,14 +16,13 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
-from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
 
 from cpal_ray.inference.io import atomic_write_bytes
 from cpal_ray.numbers import json_safe, pct
+from cpal_ray.storage import Location, location
 
 
 def _to_numpy(x: Any) -> np.ndarray:
@@ -244,7 +243,7 @@ class ThresholdSweep:
         }
 
 
-def write_report(results: dict[str, Any], out_dir: str | os.PathLike, class_names: list[str]) -> dict[str, Path]:
+def write_report(results: dict[str, Any], out_dir, class_names: list[str]) -> dict[str, Location]:
     """Save ``ThresholdSweep.results()`` as ``seeds.json``, ``seeds.md`` and ``miou_vs_threshold.png``.
 
     class_names: one name per class including background (len == len(results["iou"])).
@@ -252,8 +251,7 @@ def write_report(results: dict[str, Any], out_dir: str | os.PathLike, class_name
     """
     if len(class_names) != len(results["iou"]):
         raise ValueError(f"{len(class_names)} class names for {len(results['iou'])} classes")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = location(out_dir)
     payload = dict(results, class_names=list(class_names))
     paths = {"json": out / "seeds.json", "md": out / "seeds.md", "png": out / "miou_vs_threshold.png"}
     atomic_write_bytes(paths["json"], json.dumps(json_safe(payload), indent=2).encode())

@@ -13,16 +13,19 @@ Files written into the experiment folder:
 """
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import json
+import posixpath
 import statistics
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from cpal_ray.config import from_dict, save_config
 from cpal_ray.numbers import is_finite, pct_pm
+from cpal_ray.storage import Location, location
 from cpal_ray.sweeps.spaces import expand, point_label, point_overrides
 
 SPEC_FILE = "sweep.json"
@@ -37,16 +40,28 @@ def _short_error(error) -> str:
     return (lines[-1] if lines else type(error).__name__)[:300]
 
 
+def final_metrics(result) -> dict:
+    """A trial's final report: the last metrics row tagged ``phase == "final"`` (rows from
+    ``result.metrics_dataframe`` when there is one, whatever order Tune received them in), else
+    its last metrics."""
+    frame = getattr(result, "metrics_dataframe", None)
+    if frame is not None and "phase" in getattr(frame, "columns", ()):
+        final = frame[frame["phase"] == "final"]
+        if len(final):
+            return {k: v for k, v in final.iloc[-1].to_dict().items()}
+    return dict(result.metrics or {})
+
+
 def trial_records(grid, spec: dict) -> list[dict[str, Any]]:
     """One dict per trial: point, seed, status ("ok" / "error" / "unfinished"), final metrics, error."""
     records = []
     for result in grid:
-        config, metrics = dict(result.config or {}), dict(result.metrics or {})
+        config, metrics = dict(result.config or {}), final_metrics(result)
         point = {k: config.get(k) for k in spec["space"]}
         ok = result.error is None and metrics.get("phase") == "final" and is_finite(metrics.get("seed_miou"))
         status = "ok" if ok else ("error" if result.error is not None else "unfinished")
         records.append({
-            "trial_id": metrics.get("trial_id") or Path(str(result.path)).name,
+            "trial_id": metrics.get("trial_id") or posixpath.basename(str(result.path).rstrip("/")),
             "label": point_label(point), "point": point, "seed": config.get("train.seed", spec["seeds"][0]),
             "status": status, "seed_miou": metrics["seed_miou"] if ok else None,
             "best_threshold": metrics.get("best_threshold") if ok else None,
@@ -85,9 +100,9 @@ def best_row(rows: list[dict]) -> dict | None:
     return max(done, key=lambda r: r["seed_miou_mean"]) if done else None
 
 
-def write_results(grid, out_dir: str | Path, spec: dict | None = None) -> dict[str, str]:
+def write_results(grid, out_dir, spec: dict | None = None) -> dict[str, str]:
     """Write the tables, the best config and the plots; returns {kind: path} of what was written."""
-    out = Path(out_dir)
+    out = location(out_dir)
     spec = spec or json.loads((out / SPEC_FILE).read_text())
     records = trial_records(grid, spec)
     rows = summarise(records, spec)
@@ -107,13 +122,28 @@ def write_results(grid, out_dir: str | Path, spec: dict | None = None) -> dict[s
 # ------------------------------------------------------------------------------------- tables
 
 
+@contextlib.contextmanager
+def _text_file(path: Location):
+    """A text buffer written to ``path`` (atomically) when the block ends."""
+    buf = io.StringIO(newline="")
+    yield buf
+    path.write_text(buf.getvalue())
+
+
+def _save_png(fig, path: Location) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    path.write_bytes(buf.getvalue())
+    return str(path)
+
+
 def _fmt(x, pattern="{:.4f}") -> str:
     return pattern.format(x) if is_finite(x) else ""
 
 
-def _write_csv(rows: list[dict], spec: dict, path: Path) -> str:
+def _write_csv(rows: list[dict], spec: dict, path: Location) -> str:
     keys = list(spec["space"])
-    with open(path, "w", newline="") as f:
+    with _text_file(path) as f:
         w = csv.writer(f)
         w.writerow(["label", *keys, "trials", "seeds_ok", "seed_miou_mean", "seed_miou_std", "best_threshold",
                     "wall_seconds", "paper_miou", "errors"])
@@ -124,8 +154,8 @@ def _write_csv(rows: list[dict], spec: dict, path: Path) -> str:
     return str(path)
 
 
-def _write_trials(records: list[dict], path: Path) -> str:
-    with open(path, "w", newline="") as f:
+def _write_trials(records: list[dict], path: Location) -> str:
+    with _text_file(path) as f:
         w = csv.writer(f)
         w.writerow(["trial_id", "label", "seed", "status", "seed_miou", "best_threshold", "wall_seconds", "error"])
         for r in records:
@@ -134,9 +164,9 @@ def _write_trials(records: list[dict], path: Path) -> str:
     return str(path)
 
 
-def _write_markdown(rows: list[dict], records: list[dict], spec: dict, best: dict | None, path: Path) -> str:
+def _write_markdown(rows: list[dict], records: list[dict], spec: dict, best: dict | None, path: Location) -> str:
     seeds = spec["seeds"]
-    lines = [f"# Sweep `{Path(spec['experiment_dir']).name}`: `{spec['module']}`", "", spec.get("title", ""), "",
+    lines = [f"# Sweep `{location(spec['experiment_dir']).name}`: `{spec['module']}`", "", spec.get("title", ""), "",
              f"Search: {spec['search']}; seeds {seeds}; {len(records)} trials "
              f"({sum(r['status'] == 'ok' for r in records)} finished, {sum(r['status'] == 'error' for r in records)} "
              f"failed, {sum(r['status'] == 'unfinished' for r in records)} unfinished). Seed mIoU on the val split, "
@@ -175,7 +205,7 @@ def _write_markdown(rows: list[dict], records: list[dict], spec: dict, best: dic
 # -------------------------------------------------------------------------------------- plots
 
 
-def _plot_bars(rows: list[dict], path: Path) -> str:
+def _plot_bars(rows: list[dict], path: Location) -> str:
     from matplotlib.figure import Figure
 
     labels = [r["label"] for r in rows]
@@ -193,11 +223,10 @@ def _plot_bars(rows: list[dict], path: Path) -> str:
         ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.set_xticks(x, labels, rotation=30, ha="right")
     ax.set_ylabel("seed mIoU (%)")
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    return str(path)
+    return _save_png(fig, path)
 
 
-def _plot_heatmap(rows: list[dict], path: Path) -> str:
+def _plot_heatmap(rows: list[dict], path: Location) -> str:
     from matplotlib.figure import Figure
 
     ks = sorted({r["point"]["cpal.top_k"] for r in rows})
@@ -218,5 +247,4 @@ def _plot_heatmap(rows: list[dict], path: Path) -> str:
     ax.set_xlabel("tau (Eq. 4)")
     ax.set_ylabel("top-K (Eq. 6)")
     fig.colorbar(im, ax=ax, label="seed mIoU (%)")
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    return str(path)
+    return _save_png(fig, path)

@@ -1,0 +1,301 @@
+"""The multi-node proof: every workflow submitted with `ray job submit` to a Ray cluster of several
+nodes on this machine, scaling from zero, with every output in an S3 bucket (moto).
+
+The cluster (``ray.cluster_utils.Cluster``) is what ``cluster.yaml`` describes, in miniature: a
+head with 0 CPUs for work (it runs the job drivers, and actors that need no CPU), and worker
+nodes that the tests add and remove while jobs run, as an autoscaler would. Token auth stays on.
+Only the processes this module starts are stopped (``Cluster.shutdown``, the moto server).
+
+Run with ``pytest -m cluster`` (``.ci/run`` runs it after the default suite). The commands are
+the ones ``docs/cluster.md`` shows, with the synthetic config.
+"""
+import io
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from cpal_ray.storage import location
+from tests.conftest import REPO, free_port
+
+pytestmark = pytest.mark.cluster
+TINY = "configs/synthetic_tiny.yaml"
+SUBMIT_TIMEOUT_S = 900
+
+
+@pytest.fixture(scope="module")
+def cluster(s3_server):
+    """Head (0 CPUs, dashboard/job server) + one worker node; yields helpers. Shut down at the end."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    if ray.is_initialized():
+        ray.shutdown()
+    auth = os.environ.get("RAY_AUTH_MODE")
+    os.environ["RAY_AUTH_MODE"] = "token"  # the job SDK client authenticates with the cluster's token
+    port = free_port()
+    c = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 0, "include_dashboard": True, "dashboard_port": port, "dashboard_host": "127.0.0.1"})
+    try:
+        workers = [c.add_node(num_cpus=1)]
+        c.wait_for_nodes()
+        ray.init(address=c.address, namespace="cpal-ray-cluster-test")  # the tests' own view of the cluster
+        yield SimpleNamespace(cluster=c, workers=workers, dashboard=f"http://127.0.0.1:{port}",
+                              bucket=s3_server.bucket("cpal-cluster"))
+    finally:
+        ray.shutdown()
+        c.shutdown()
+        if auth is None:
+            os.environ.pop("RAY_AUTH_MODE", None)
+        else:
+            os.environ["RAY_AUTH_MODE"] = auth
+
+
+def scale_to(cluster, n: int) -> None:
+    """Add or remove worker nodes (1 CPU each) until there are ``n``, as an autoscaler would."""
+    while len(cluster.workers) < n:
+        cluster.workers.append(cluster.cluster.add_node(num_cpus=1))
+    while len(cluster.workers) > n:
+        cluster.cluster.remove_node(cluster.workers.pop())
+    cluster.cluster.wait_for_nodes()
+
+
+def submit(cluster, *args: str) -> str:
+    """``ray job submit --no-wait`` of ``python -m <args>`` (the repository as working dir); the job id."""
+    cmd = [str(Path(sys.executable).with_name("ray")), "job", "submit", "--no-wait", "--address", cluster.dashboard,
+           "--working-dir", REPO, "--", sys.executable, "-m", *args]
+    proc = subprocess.run(cmd, env={**os.environ, "RAY_AUTH_MODE": "token"}, capture_output=True, text=True,
+                          timeout=120)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    return next(w.strip("'") for line in out.splitlines() if "Job '" in line for w in line.split()
+                if w.startswith("'raysubmit"))
+
+
+def client(cluster):
+    from ray.job_submission import JobSubmissionClient
+
+    return JobSubmissionClient(cluster.dashboard)  # RAY_AUTH_MODE=token: see the cluster fixture
+
+
+def wait_job(cluster, job_id: str, until=None, timeout_s: float = SUBMIT_TIMEOUT_S) -> str:
+    """Wait for the job to end (or for ``until()`` to be true while it runs); returns its status."""
+    from ray.job_submission import JobStatus
+
+    jobs, deadline = client(cluster), time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        status = jobs.get_job_status(job_id)
+        if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+            return status
+        if until is not None and until():
+            return status
+        time.sleep(0.3)
+    pytest.fail(f"job {job_id} still {jobs.get_job_status(job_id)} after {timeout_s}s:\n"
+                f"{jobs.get_job_logs(job_id)[-4000:]}")
+
+
+def succeeded(cluster, job_id: str, until=None) -> str:
+    from ray.job_submission import JobStatus
+
+    status = wait_job(cluster, job_id, until)
+    logs = client(cluster).get_job_logs(job_id)
+    assert status == JobStatus.SUCCEEDED, logs[-5000:]
+    return logs
+
+
+def last_json(logs: str) -> dict:
+    return json.loads(next(line for line in reversed(logs.splitlines()) if line.startswith("{")))
+
+
+def train_args(bucket: str, name: str, *extra: str) -> list[str]:
+    return ["workflows.train", "--config", TINY, f"train.storage_path={bucket}/runs", f"train.name={name}",
+            "dist.num_workers=2", "dist.cpus_per_worker=1", "train.log_every=1000", "cpal.warmup_cluster_steps=0",
+            *extra]
+
+
+def expected_keys(epochs: int, steps: int, ranks: int = 2) -> set[str]:
+    return {f"{e}-{s}-{r}" for e in range(epochs) for s in range(steps) for r in range(ranks)}
+
+
+def read_history(final) -> list[dict]:
+    """The final attempt's record of each epoch (a restarted run reports some epochs twice)."""
+    rows = json.loads((final / "history.json").read_text())
+    return list({int(r["epoch"]): r for r in rows}.values())
+
+
+# ------------------------------------------------------------------------------------ training
+
+
+def test_train_two_workers_on_two_nodes_share_one_bank(cluster):
+    from cpal_ray.engine import load_checkpoint
+
+    scale_to(cluster, 2)
+    logs = succeeded(cluster, submit(cluster, *train_args(cluster.bucket, "two-nodes", "train.epochs=2",
+                                                          "data.synthetic_images=32")))
+    final = location(last_json(logs)["final"])
+    assert str(final) == f"{cluster.bucket}/runs/two-nodes/final"  # the exported run, in the bucket
+    history = read_history(final)
+    worker_nodes = {n.node_id for n in cluster.workers}
+    for record in history:
+        assert len(set(record["node_ids"])) == 2 and set(record["node_ids"]) <= worker_nodes  # one rank per node
+        assert len(set(record["context_versions"])) == 1  # every rank used the same clustering
+    state = load_checkpoint(final)
+    assert set(state["bank"]["keys"]) == expected_keys(2, 4)  # both nodes' pushes reached the one bank
+    checkpoints = [d.name for d in (location(cluster.bucket) / "runs" / "two-nodes").dirs()]
+    assert sum(n.startswith("checkpoint_") for n in checkpoints) == 2 and "final" in checkpoints
+
+
+def test_killed_worker_node_resumes_from_the_checkpoint_in_the_bucket(cluster):
+    """A whole node (raylet and its workers) dies mid-epoch; the autoscaler brings a new one; the
+    run resumes from the last checkpoint in the bucket with the bank restored, no key twice."""
+    from cpal_ray.engine import load_checkpoint
+
+    scale_to(cluster, 2)
+    epochs, steps = 4, 40
+    run = location(cluster.bucket) / "runs" / "node-kill"
+    job = submit(cluster, *train_args(cluster.bucket, "node-kill", f"train.epochs={epochs}", "dist.max_failures=3",
+                                      f"data.synthetic_images={8 * steps}"))
+    from ray.job_submission import JobStatus
+
+    status = wait_job(cluster, job, until=lambda: any(d.name.startswith("checkpoint_") for d in run.dirs()))
+    assert status == JobStatus.RUNNING, "the run ended before a node could be killed"
+    killed = cluster.workers[-1].node_id
+    scale_to(cluster, 1)   # the node and every process on it are gone
+    scale_to(cluster, 2)   # the autoscaler's replacement
+    logs = succeeded(cluster, job)
+    final = location(last_json(logs)["final"])
+    history = read_history(final)
+    assert [r["epoch"] for r in history] == list(range(epochs))
+    resumed = [r for r in history if r["start_epoch"] > 0]
+    assert resumed and all(killed not in r["node_ids"] for r in resumed), history  # the resume step: > epoch 0
+    state = load_checkpoint(final)
+    assert set(state["bank"]["keys"]) == expected_keys(epochs, steps)
+    pushed = [0] * state["config"].data.num_classes
+    for record in history:
+        for per_rank in record["pushed_per_rank"]:
+            for c, n in per_rank.items():
+                pushed[int(c)] += n
+    assert state["bank"]["pushed"].tolist() == pushed  # no prototype stored twice
+    print(f"\nnode {killed[:8]} killed; resumed at epoch {resumed[0]['start_epoch']} from the bucket's checkpoint")
+
+
+# -------------------------------------------------------------------------------------- sweeps
+
+
+def test_sweep_trials_run_at_once_then_restore_after_stop(cluster):
+    scale_to(cluster, 2)
+    exp = location(cluster.bucket) / "sweeps" / "cluster-sweep"
+    fast = ["train.epochs=1", "train.max_steps_per_epoch=2", "dist.num_workers=1", "dist.cpus_per_worker=0.5",
+            "data.synthetic_images=16", "inference.scales=[1.0]", "train.log_every=1000"]
+    args = ["workflows.sweep", "--space", "tune_spaces.table3", "--config", TINY, "--storage",
+            f"{cluster.bucket}/sweeps", "--name", "cluster-sweep", "--max-concurrent", "2", "--eval-max-images", "8",
+            *fast]
+    job = submit(cluster, *args)
+
+    def finished():
+        trials = exp / "trials"
+        return sum((t / "seeds.json").is_file() for t in trials.dirs()) >= 2
+
+    from ray.job_submission import JobStatus
+
+    assert wait_job(cluster, job, until=finished) == JobStatus.RUNNING
+    client(cluster).stop_job(job)  # interrupted: 2 of the 4 trials are done
+    assert wait_job(cluster, job) == JobStatus.STOPPED
+    done = {t.name: (t / "seeds.json").read_text() for t in (exp / "trials").dirs() if (t / "seeds.json").is_file()}
+    spans = [(s["started_at"], s["finished_at"]) for s in map(json.loads, done.values())]
+    assert len(spans) >= 2 and max(a for a, _ in spans[:2]) < min(b for _, b in spans[:2]), spans  # at once
+
+    logs = succeeded(cluster, submit(cluster, "workflows.sweep", "--restore", str(exp)))
+    assert last_json(logs)["ok"] == 4
+    for t in (exp / "trials").dirs():
+        starts = (t / "runs.log").read_text().count("start")
+        assert starts == 1 if t.name in done else starts >= 1, t.name  # finished trials were not run again
+        if t.name in done:
+            assert (t / "seeds.json").read_text() == done[t.name]
+    rows = pd.read_csv(io.BytesIO((exp / "results.csv").read_bytes()))
+    assert rows["seeds_ok"].sum() == 4 and (exp / "best_config.yaml").is_file() and (exp / "bars.png").size() > 0
+
+
+# ------------------------------------------------------------------------------------ Ray Data
+
+
+@pytest.fixture(scope="module")
+def trained_run(cluster):
+    """A CPAL checkpoint in the bucket (1 epoch, 1 worker) for the inference pipelines."""
+    scale_to(cluster, 2)
+    logs = succeeded(cluster, submit(cluster, "workflows.train", "--config", TINY, f"train.storage_path={cluster.bucket}/runs",
+                                     "train.name=for-cams", "train.epochs=1", "dist.num_workers=1",
+                                     "dist.cpus_per_worker=1", "train.log_every=1000"))
+    return location(last_json(logs)["final"])
+
+
+def pool_actors(prefix: str) -> list:
+    """The Ray Data actors of a stage whose class starts with ``prefix`` (alive or finished)."""
+    from ray.util.state import list_actors
+
+    return [a for a in list_actors(limit=10_000, detail=True) if prefix in (a.class_name or "")]
+
+
+def single_node_run(tmp_path, *args: str) -> Path:
+    """The same workflow on a private one-node Ray in a subprocess (the reference bytes)."""
+    env = {**os.environ, "PYTHONPATH": REPO}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run([sys.executable, "-m", *args, "--address", "local", "--num-cpus", "2"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return tmp_path
+
+
+def assert_same_files(bucket_dir, local_dir: Path, suffix: str) -> int:
+    names = sorted(p.name for p in local_dir.glob(f"*{suffix}"))
+    assert names and [p.name for p in bucket_dir.list(suffix)] == names
+    for name in names:
+        assert (bucket_dir / name).read_bytes() == (local_dir / name).read_bytes(), name
+    return len(names)
+
+
+def test_make_cams_and_pseudo_labels_pools_grow_with_the_cluster(cluster, trained_run, tmp_path):
+    scale_to(cluster, 1)
+    n = 48
+    data = [f"data.synthetic_images={n}", "data.synthetic_size=160", "inference.scales=[1.0,0.5]"]
+    cams = location(cluster.bucket) / "cams" / "train"
+    job = submit(cluster, "workflows.make_cams", "--checkpoint", str(trained_run), "--split", "train", "--source",
+                 "both", "--out", str(cams), "--no-gpu", "--cam-cpus", "1", *data)
+    wait_job(cluster, job, until=lambda: len(cams.list(".npz")) >= 2)
+    scale_to(cluster, 3)  # nodes arrive while the job runs
+    summary = last_json(succeeded(cluster, job))
+    assert summary["done"] == n and summary["failed"] == 0
+    actors = [a for a in pool_actors("CamPredictor") if a.job_id == client(cluster).get_job_info(job).driver_info.id]
+    assert len(actors) > 1 and len({a.node_id for a in actors}) > 1, [(a.class_name, a.node_id) for a in actors]
+    manifest = pq.read_table(io.BytesIO((cams / "manifest.parquet").read_bytes()))
+    assert manifest.num_rows == n and set(manifest.column("status").to_pylist()) == {"done"}
+
+    labels = location(cluster.bucket) / "pseudo" / "train"
+    scale_to(cluster, 1)
+    job = submit(cluster, "workflows.pseudo_labels", "--cams", str(cams), "--split", "train", "--out", str(labels),
+                 "--cpus-per-crf", "1", *data)
+    wait_job(cluster, job, until=lambda: len(labels.list(".png")) >= 2)
+    scale_to(cluster, 3)
+    report = last_json(succeeded(cluster, job))
+    assert report["run"]["done"] == n and report["miou"]["images"] == n
+    crf = [a for a in pool_actors("PseudoLabeler") if a.job_id == client(cluster).get_job_info(job).driver_info.id]
+    assert len(crf) > 1 and len({a.node_id for a in crf}) > 1
+    assert (labels / "pseudo_labels_miou.json").is_file() and (labels / "manifest.parquet").is_file()
+
+    # The same runs on one node give the same bytes.
+    local_cams = single_node_run(tmp_path / "cams", "workflows.make_cams", "--checkpoint", str(trained_run), "--split",
+                                 "train", "--source", "both", "--out", str(tmp_path / "cams"), "--cam-cpus", "1", *data)
+    local_labels = single_node_run(tmp_path / "labels", "workflows.pseudo_labels", "--cams", str(tmp_path / "cams"),
+                                   "--split", "train", "--out", str(tmp_path / "labels"), "--no-eval", *data)
+    files = assert_same_files(cams, local_cams, ".npz") + assert_same_files(cams / "pacam", local_cams / "pacam", ".npz")
+    files += assert_same_files(labels, local_labels, ".png")
+    print(f"\n{files} files byte-identical to a one-node run; CAM actors on "
+          f"{len({a.node_id for a in actors})} nodes ({len(actors)} actors), CRF actors on "
+          f"{len({a.node_id for a in crf})} nodes ({len(crf)} actors)")

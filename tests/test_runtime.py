@@ -1,0 +1,86 @@
+"""How workflows connect to Ray and size their actor pools, decided without a cluster at hand:
+Ray's rule for joining a running cluster, relative outputs refused inside a job, and CAM/CRF
+actor resources that come from the config, never from what the cluster holds at the start."""
+from types import SimpleNamespace
+
+import pytest
+
+from cpal_ray.config import ConfigError, load_config
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.fixture
+def fake_ray(monkeypatch):
+    """Records ray.init calls instead of starting Ray."""
+    import ray
+
+    calls = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
+    monkeypatch.setattr(ray, "get_runtime_context", lambda: SimpleNamespace(gcs_address="127.0.0.1:6379"))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    return calls
+
+
+def test_workflow_joins_the_running_cluster_unless_told_otherwise(fake_ray, monkeypatch):
+    from cpal_ray.distributed.runtime import init_ray
+
+    init_ray()  # on a head node: Ray's own discovery (a running cluster, else a new local Ray)
+    assert "address" not in fake_ray[-1]
+    init_ray(num_cpus=2)  # resources can only be given to a private Ray
+    assert fake_ray[-1]["address"] == "local" and fake_ray[-1]["num_cpus"] == 2
+    init_ray("local")
+    assert fake_ray[-1]["address"] == "local"
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")  # set by `ray job submit`
+    init_ray()
+    assert fake_ray[-1]["address"] == "10.0.0.1:6379"
+
+
+def test_relative_output_inside_a_job_with_a_working_dir_is_refused(monkeypatch, tmp_path):
+    import ray
+
+    from cpal_ray.distributed.runtime import output_location
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray, "get_runtime_context",
+                        lambda: SimpleNamespace(runtime_env={"working_dir": "gcs://_ray_pkg_abc.zip"}))
+    with pytest.raises(ConfigError, match="train.storage_path='results' is a relative path"):
+        output_location("results", "train.storage_path")
+    assert str(output_location(str(tmp_path), "x")) == str(tmp_path)
+    assert str(output_location("s3://bucket/runs", "x")) == "s3://bucket/runs"
+    monkeypatch.setattr(ray, "get_runtime_context", lambda: SimpleNamespace(runtime_env={}))
+    assert output_location("results", "x").local_path.is_absolute()  # outside a job: the working directory
+
+
+def test_cam_and_crf_pools_take_resources_from_the_config(monkeypatch):
+    import ray
+
+    from cpal_ray.distributed import pipelines
+
+    def no_peeking():
+        raise AssertionError("pipelines must not size pools from the resources present at start")
+
+    monkeypatch.setattr(ray, "cluster_resources", no_peeking)
+    cpu = load_config(None).inference
+    assert pipelines.cam_actor_resources(cpu) == {"num_cpus": 1.0}  # no GPU unless asked, whatever the cluster has
+    gpu = load_config(None, ["inference.use_gpu=true", "inference.cam_actors_per_gpu=4", "inference.cam_cpus=2"])
+    assert pipelines.cam_actor_resources(gpu.inference) == {"num_cpus": 2.0, "num_gpus": 0.25}
+    grow = pipelines.elastic_pool(0)
+    assert (grow.min_size, grow.max_size) == (1, float("inf"))  # grows as the autoscaler adds nodes
+    capped = pipelines.elastic_pool(3)
+    assert (capped.min_size, capped.max_size) == (1, 3)
+
+
+def test_workflow_flags_become_config_overrides():
+    from workflows import make_cams, pseudo_labels
+    from workflows.common import cam_actor_overrides
+
+    args = make_cams.build_parser().parse_args(["--checkpoint", "c", "--gpu", "--actors-per-gpu", "2",
+                                                "--cam-actors", "8", "--cam-cpus", "0.5"])
+    cfg = load_config(None, cam_actor_overrides(args))
+    assert (cfg.inference.use_gpu, cfg.inference.cam_actors_per_gpu, cfg.inference.max_cam_actors,
+            cfg.inference.cam_cpus) == (True, 2, 8, 0.5)
+    off = make_cams.build_parser().parse_args(["--checkpoint", "c", "--no-gpu"])
+    assert load_config("configs/voc_resnet50_8gpu.yaml", cam_actor_overrides(off)).inference.use_gpu is False
+    assert pseudo_labels.build_parser().parse_args(["--cams", "x", "--crf-actors", "4"]).crf_actors == 4
