@@ -122,7 +122,7 @@ class Location:
         if not self.is_dir():
             return []
         infos = self.fs.get_file_info(pafs.FileSelector(self.path, recursive=recursive))
-        rel = [posixpath.relpath(i.path, self.path) for i in infos if i.type == pafs.FileType.File]
+        rel = [relative_path(i.path, self.path) for i in infos if i.type == pafs.FileType.File]
         return [self.join(r) for r in sorted(rel) if r.endswith(suffix)]
 
     def dirs(self) -> list["Location"]:
@@ -216,6 +216,15 @@ def location(where: "str | os.PathLike | Location") -> Location:
     if not root.netloc:
         raise ValueError(f"{text}: a storage URI needs a bucket (scheme://bucket/path)")
     return Location(f"{root.netloc}{root.path}".rstrip("/"), base + query)
+
+
+def relative_path(path: str, root: str) -> str:
+    """``path`` below ``root``, both paths of one filesystem (``os.path.relpath`` would consult the
+    working directory, which object-store keys have nothing to do with)."""
+    path, root = path.rstrip("/"), root.rstrip("/")
+    if not path.startswith(root + "/"):
+        raise ValueError(f"{path} is not inside {root}")
+    return path[len(root) + 1:]
 
 
 def _split_query(uri: str) -> tuple[str, str]:

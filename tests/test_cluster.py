@@ -26,8 +26,12 @@ from cpal_ray.storage import location
 from tests.conftest import REPO, free_port
 
 pytestmark = pytest.mark.cluster
+# Token auth on for every process of the cluster, this one included: Ray reads the mode when it is
+# first imported, so the suite runs in its own pytest process (as .ci/run does).
+if "ray" not in sys.modules:
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
 TINY = "configs/synthetic_tiny.yaml"
-SUBMIT_TIMEOUT_S = 900
+SUBMIT_TIMEOUT_S = 480
 
 
 @pytest.fixture(scope="module")
@@ -36,10 +40,14 @@ def cluster(s3_server):
     import ray
     from ray.cluster_utils import Cluster
 
-    if ray.is_initialized():
-        ray.shutdown()
-    auth = os.environ.get("RAY_AUTH_MODE")
-    os.environ["RAY_AUTH_MODE"] = "token"  # the job SDK client authenticates with the cluster's token
+    if os.environ.get("RAY_AUTH_MODE") != "token":
+        pytest.fail("the cluster suite needs token auth from the start: run it in its own process (pytest -m cluster)")
+    subprocess.run([str(Path(sys.executable).with_name("ray")), "get-auth-token", "--generate"], check=True,
+                   capture_output=True)  # ~/.ray/auth_token, unless there is one already
+    saved = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": os.environ.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S")}
+    # Worker processes on a node new to a job first unpack its working_dir: on 2 busy cores that
+    # can take longer than Ray Train's default 60 s wait for a worker group.
+    os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = "600"
     port = free_port()
     c = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 0, "include_dashboard": True, "dashboard_port": port, "dashboard_host": "127.0.0.1"})
@@ -52,16 +60,17 @@ def cluster(s3_server):
     finally:
         ray.shutdown()
         c.shutdown()
-        if auth is None:
-            os.environ.pop("RAY_AUTH_MODE", None)
-        else:
-            os.environ["RAY_AUTH_MODE"] = auth
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def scale_to(cluster, n: int) -> None:
     """Add or remove worker nodes (1 CPU each) until there are ``n``, as an autoscaler would."""
     while len(cluster.workers) < n:
-        cluster.workers.append(cluster.cluster.add_node(num_cpus=1))
+        cluster.workers.append(cluster.cluster.add_node(wait=False, num_cpus=1))
     while len(cluster.workers) > n:
         cluster.cluster.remove_node(cluster.workers.pop())
     cluster.cluster.wait_for_nodes()
@@ -71,9 +80,13 @@ def submit(cluster, *args: str) -> str:
     """``ray job submit --no-wait`` of ``python -m <args>`` (the repository as working dir); the job id."""
     cmd = [str(Path(sys.executable).with_name("ray")), "job", "submit", "--no-wait", "--address", cluster.dashboard,
            "--working-dir", REPO, "--", sys.executable, "-m", *args]
-    proc = subprocess.run(cmd, env={**os.environ, "RAY_AUTH_MODE": "token"}, capture_output=True, text=True,
-                          timeout=120)
-    out = proc.stdout + proc.stderr
+    deadline = time.monotonic() + 90
+    while True:  # right after a start the head's job agent may not be up yet
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        out = proc.stdout + proc.stderr
+        if proc.returncode == 0 or "No available agent" not in out or time.monotonic() > deadline:
+            break
+        time.sleep(2)
     assert proc.returncode == 0, out[-3000:]
     return next(w.strip("'") for line in out.splitlines() if "Job '" in line for w in line.split()
                 if w.startswith("'raysubmit"))
@@ -82,7 +95,7 @@ def submit(cluster, *args: str) -> str:
 def client(cluster):
     from ray.job_submission import JobSubmissionClient
 
-    return JobSubmissionClient(cluster.dashboard)  # RAY_AUTH_MODE=token: see the cluster fixture
+    return JobSubmissionClient(cluster.dashboard)  # sends the token (RAY_AUTH_MODE=token, see above)
 
 
 def wait_job(cluster, job_id: str, until=None, timeout_s: float = SUBMIT_TIMEOUT_S) -> str:
@@ -215,10 +228,11 @@ def test_sweep_trials_run_at_once_then_restore_after_stop(cluster):
     logs = succeeded(cluster, submit(cluster, "workflows.sweep", "--restore", str(exp)))
     assert last_json(logs)["ok"] == 4
     for t in (exp / "trials").dirs():
-        starts = (t / "runs.log").read_text().count("start")
-        assert starts == 1 if t.name in done else starts >= 1, t.name  # finished trials were not run again
-        if t.name in done:
-            assert (t / "seeds.json").read_text() == done[t.name]
+        runs = (t / "runs.log").read_text()
+        if t.name in done:  # finished before the stop: not trained again, its evaluation stands
+            assert runs.count("start") == 1 and (t / "seeds.json").read_text() == done[t.name], (t.name, runs)
+        else:  # stopped while running or never started: trained by the restore
+            assert runs.count("start") >= 1 and (t / "seeds.json").is_file(), (t.name, runs)
     rows = pd.read_csv(io.BytesIO((exp / "results.csv").read_bytes()))
     assert rows["seeds_ok"].sum() == 4 and (exp / "best_config.yaml").is_file() and (exp / "bars.png").size() > 0
 
@@ -263,17 +277,19 @@ def assert_same_files(bucket_dir, local_dir: Path, suffix: str) -> int:
 
 def test_make_cams_and_pseudo_labels_pools_grow_with_the_cluster(cluster, trained_run, tmp_path):
     scale_to(cluster, 1)
-    n = 48
+    n = 128
     data = [f"data.synthetic_images={n}", "data.synthetic_size=160", "inference.scales=[1.0,0.5]"]
     cams = location(cluster.bucket) / "cams" / "train"
     job = submit(cluster, "workflows.make_cams", "--checkpoint", str(trained_run), "--split", "train", "--source",
                  "both", "--out", str(cams), "--no-gpu", "--cam-cpus", "1", *data)
-    wait_job(cluster, job, until=lambda: len(cams.list(".npz")) >= 2)
+    wait_job(cluster, job, until=lambda: len(cams.list(".npz")) >= 1)
+    first = cluster.workers[0].node_id
     scale_to(cluster, 3)  # nodes arrive while the job runs
     summary = last_json(succeeded(cluster, job))
     assert summary["done"] == n and summary["failed"] == 0
     actors = [a for a in pool_actors("CamPredictor") if a.job_id == client(cluster).get_job_info(job).driver_info.id]
-    assert len(actors) > 1 and len({a.node_id for a in actors}) > 1, [(a.class_name, a.node_id) for a in actors]
+    nodes = {a.node_id for a in actors}
+    assert len(actors) > 1 and len(nodes) > 1 and nodes - {first}, [(a.class_name, a.node_id) for a in actors]
     manifest = pq.read_table(io.BytesIO((cams / "manifest.parquet").read_bytes()))
     assert manifest.num_rows == n and set(manifest.column("status").to_pylist()) == {"done"}
 
@@ -281,7 +297,7 @@ def test_make_cams_and_pseudo_labels_pools_grow_with_the_cluster(cluster, traine
     scale_to(cluster, 1)
     job = submit(cluster, "workflows.pseudo_labels", "--cams", str(cams), "--split", "train", "--out", str(labels),
                  "--cpus-per-crf", "1", *data)
-    wait_job(cluster, job, until=lambda: len(labels.list(".png")) >= 2)
+    wait_job(cluster, job, until=lambda: len(labels.list(".png")) >= 1)
     scale_to(cluster, 3)
     report = last_json(succeeded(cluster, job))
     assert report["run"]["done"] == n and report["miou"]["images"] == n

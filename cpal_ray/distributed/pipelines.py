@@ -251,7 +251,7 @@ def _cam_spec(cfg: Config, checkpoint) -> dict:
 
 
 def run_make_cams(cfg: Config, checkpoint, out_dir, *, split: str = "val", source: str = "cam",
-                  skip_existing: bool = True, overwrite: bool = False, limit: int = 0, rows_per_block: int = 8,
+                  skip_existing: bool = True, overwrite: bool = False, limit: int = 0, rows_per_block: int = 4,
                   crash_after: int = -1) -> RunSummary:
     """CAM files for every image of ``split``: ``<out>/<id>.npz`` and/or ``<out>/pacam/<id>.npz``,
     ``<out>/manifest.parquet``, ``<out>/config.yaml`` (the resolved config) and ``run_spec.json``.
@@ -282,7 +282,7 @@ def run_make_cams(cfg: Config, checkpoint, out_dir, *, split: str = "val", sourc
 
 
 def run_pseudo_labels(cfg: Config, out_dir, *, cam_dir=None, checkpoint=None, split: str = "train",
-                      skip_existing: bool = True, overwrite: bool = False, limit: int = 0, rows_per_block: int = 8,
+                      skip_existing: bool = True, overwrite: bool = False, limit: int = 0, rows_per_block: int = 4,
                       crash_after: int = -1) -> RunSummary:
     """Pseudo-label PNGs ``<out>/<id>.png`` for every image of ``split`` + ``<out>/manifest.parquet``.
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import posixpath
 from dataclasses import dataclass
 
 import ray
@@ -25,7 +24,7 @@ from cpal_ray.distributed.bank import bank_actor_name, create_bank_actor, remove
 from cpal_ray.distributed.runtime import output_location
 from cpal_ray.distributed.train_loop import train_loop_per_worker
 from cpal_ray.engine.checkpoint import CONFIG_FILE, MODEL_FILE, STATE_FILE, checkpoint_context, load_checkpoint
-from cpal_ray.storage import Location
+from cpal_ray.storage import Location, relative_path
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +75,7 @@ def run_training(cfg: Config, *, callbacks=None, storage_path: str | None = None
     if result.checkpoint is None:
         raise RuntimeError(f"{run_dir}: training reported no checkpoint")
     history = [dict(m) for m in (result.metrics_dataframe.to_dict("records") if result.metrics_dataframe is not None else [])]
-    checkpoint = storage.join(posixpath.relpath(result.checkpoint.path, storage.path))
+    checkpoint = storage.join(relative_path(result.checkpoint.path, storage.path))
     final = export_final(checkpoint, run_dir / "final", history)
     return TrainingResult(run_dir=run_dir, final_dir=final, metrics=dict(result.metrics or {}), history=history,
                           checkpoint_dir=checkpoint)

@@ -200,8 +200,16 @@ def sweep_trial(config: dict, spec: dict) -> None:
     trials_dir = location(spec["experiment_dir"]) / "trials"
     run_dir = trials_dir / name
     runs_log = run_dir / "runs.log"  # one line per start: restore must not re-run finished trials
+    seeds_file = run_dir / "seeds.json"
+    # A trial stopped between its evaluation and Tune recording the report is started again by
+    # a restore: report the evaluation it already made instead of training again.
+    reuse = seeds_file.is_file()
     runs_log.write_text((runs_log.read_text() if runs_log.is_file() else "")
-                        + f"{time.strftime('%Y-%m-%dT%H:%M:%S')} start\n")
+                        + f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {'reuse' if reuse else 'start'}\n")
+    if reuse:
+        seeds = json.loads(seeds_file.read_text())
+        tune.report({k: v for k, v in seeds.items() if k != "curve"})
+        return
     point = {k: config[k] for k in spec["space"]}
     seed = int(config.get("train.seed", spec["seeds"][0]))
     cfg = from_dict(spec["base"]).replace(**point_overrides(point, spec["rows"]), **{
@@ -220,7 +228,7 @@ def sweep_trial(config: dict, spec: dict) -> None:
                "cam_source": seeds["cam_source"], "eval_images": seeds["images"], "phase": "final",
                "started_at": start, "finished_at": time.time(),
                "point": point.get(ROW_KEY) or json.dumps(point)}
-    (run_dir / "seeds.json").write_text(json.dumps({**metrics, "curve": finite_or_none(seeds["miou"])}, indent=2))
+    seeds_file.write_text(json.dumps({**metrics, "curve": finite_or_none(seeds["miou"])}, indent=2))
     tune.report(metrics)
 
 
