@@ -16,8 +16,8 @@
 #   bank    (c) faiss-gpu k-means in the bank actor holding dist.bank_gpus=0.25: the run's
 #               final/history.json must say cluster_device == "gpu". Its training worker runs on
 #               the CPU: next to a worker holding the whole GPU, 0.25 more would never be granted.
-#   cams    (d) GPU CAM actors: workflows.make_cams on the train run's final/ checkpoint. The CLI
-#               has no --gpu flag (yet); it gives each CAM actor one GPU when the local Ray has one.
+#   cams    (d) GPU CAM actors: workflows.make_cams --gpu --actors-per-gpu 2 on the train run's
+#               final/ checkpoint (two CAM actors sharing the GPU).
 #   bench   (e) bench/bench_cpal_step.py --device cuda: absolute times of the CAM and CPAL steps
 # Then one table (step, PASS/FAIL/SKIP, seconds, key figure). Logs: $OUT/gpu_check/ when $OUT is
 # set, else a temporary folder (printed). Runs and CAM files go to a temporary folder, removed at
@@ -148,7 +148,8 @@ fi
 CKPT=$RUNS/gpu-train/final
 [ -f "$CKPT/model.pt" ] || CKPT=$RUNS/gpu-bank/final
 if [ -f "$CKPT/model.pt" ]; then
-  run cams 100 "$PY" -m workflows.make_cams --checkpoint "$CKPT" --split val --limit 16 --out "$WORK/cams"
+  run cams 100 "$PY" -m workflows.make_cams --checkpoint "$CKPT" --split val --limit 16 --out "$WORK/cams" \
+    --gpu --actors-per-gpu 2
   CAMS=$(grep '^{"out_dir"' "$LOGS/cams.log" | tail -n 1 | "$PY" -c 'import json, sys; s = json.load(sys.stdin)
 print("%s/%s CAM files, %s failed, %ss" % (s.get("done", 0), s["total"], s.get("failed", 0), s["seconds"]))' 2>/dev/null)
   if (( RC == 0 )) && [ -n "$CAMS" ]; then record cams PASS "$SECS" "$CAMS from $(basename "$(dirname "$CKPT")")"

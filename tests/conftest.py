@@ -14,6 +14,15 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def restore_env(saved: dict) -> None:
+    """Put back environment variables saved as {name: value or None (was unset)}."""
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -89,8 +98,4 @@ def s3_server(tmp_path_factory):
         server.terminate()
         server.wait(timeout=30)
         log.close()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        restore_env(saved)

@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from cpal_ray.storage import location
-from tests.conftest import REPO, free_port
+from tests.conftest import REPO, free_port, restore_env
 
 pytestmark = pytest.mark.cluster
 # Token auth on for every process of the cluster, this one included: Ray reads the mode when it is
@@ -60,11 +60,7 @@ def cluster(s3_server):
     finally:
         ray.shutdown()
         c.shutdown()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        restore_env(saved)
 
 
 def scale_to(cluster, n: int) -> None:
@@ -177,8 +173,14 @@ def test_killed_worker_node_resumes_from_the_checkpoint_in_the_bucket(cluster):
                                       f"data.synthetic_images={8 * steps}"))
     from ray.job_submission import JobStatus
 
-    status = wait_job(cluster, job, until=lambda: any(d.name.startswith("checkpoint_") for d in run.dirs()))
+    snapshot = run / "checkpoint_manager_snapshot.json"  # the checkpoints Ray Train has registered
+
+    def registered() -> int:
+        return len(json.loads(snapshot.read_text())["checkpoint_results"]) if snapshot.is_file() else 0
+
+    status = wait_job(cluster, job, until=lambda: registered() >= 1)
     assert status == JobStatus.RUNNING, "the run ended before a node could be killed"
+    saved = registered()
     killed = cluster.workers[-1].node_id
     scale_to(cluster, 1)   # the node and every process on it are gone
     scale_to(cluster, 2)   # the autoscaler's replacement
@@ -187,7 +189,10 @@ def test_killed_worker_node_resumes_from_the_checkpoint_in_the_bucket(cluster):
     history = read_history(final)
     assert [r["epoch"] for r in history] == list(range(epochs))
     resumed = [r for r in history if r["start_epoch"] > 0]
-    assert resumed and all(killed not in r["node_ids"] for r in resumed), history  # the resume step: > epoch 0
+    # The resume step: the attempt after the kill started from a registered checkpoint (>= the
+    # ones registered before the kill), not from scratch, on nodes other than the killed one.
+    assert resumed and resumed[0]["start_epoch"] >= saved, (saved, history)
+    assert all(killed not in r["node_ids"] for r in resumed), history
     state = load_checkpoint(final)
     assert set(state["bank"]["keys"]) == expected_keys(epochs, steps)
     pushed = [0] * state["config"].data.num_classes

@@ -123,6 +123,7 @@ def test_all_steps_pass_with_a_working_gpu_stand_in(tmp_path, fake_python):
     assert {"dist.use_gpu=false", "dist.bank_gpus=0.25"} <= set(bank)
     cams = by_kind["workflows.make_cams"][0]
     assert cams[cams.index("--checkpoint") + 1].endswith("gpu-train/final")
+    assert "--gpu" in cams and cams[cams.index("--actors-per-gpu") + 1] == "2"
     assert by_kind["bench_cpal_step.py"][0][1:] == ["--device", "cuda"]
 
 
