@@ -52,11 +52,26 @@ def final_metrics(result) -> dict:
     return dict(result.metrics or {})
 
 
+def trial_config(result) -> dict:
+    """A trial's config: ``result.config``, else its ``params.json`` in the trial folder (a
+    restored grid can lose the config of a trial that failed)."""
+    if result.config:
+        return dict(result.config)
+    fs, path = getattr(result, "filesystem", None), getattr(result, "path", None)
+    if fs is None or not path:
+        return {}
+    try:
+        with fs.open_input_stream(f"{str(path).rstrip('/')}/params.json") as f:
+            return json.loads(f.read())
+    except (OSError, ValueError):
+        return {}
+
+
 def trial_records(grid, spec: dict) -> list[dict[str, Any]]:
     """One dict per trial: point, seed, status ("ok" / "error" / "unfinished"), final metrics, error."""
     records = []
     for result in grid:
-        config, metrics = dict(result.config or {}), final_metrics(result)
+        config, metrics = trial_config(result), final_metrics(result)
         point = {k: config.get(k) for k in spec["space"]}
         ok = result.error is None and metrics.get("phase") == "final" and is_finite(metrics.get("seed_miou"))
         status = "ok" if ok else ("error" if result.error is not None else "unfinished")
@@ -229,6 +244,7 @@ def _plot_bars(rows: list[dict], path: Location) -> str:
 def _plot_heatmap(rows: list[dict], path: Location) -> str:
     from matplotlib.figure import Figure
 
+    rows = [r for r in rows if None not in (r["point"].get("cpal.top_k"), r["point"].get("cpal.tau"))]
     ks = sorted({r["point"]["cpal.top_k"] for r in rows})
     taus = sorted({r["point"]["cpal.tau"] for r in rows})
     values = np.full((len(ks), len(taus)), np.nan)
