@@ -20,6 +20,7 @@ reader, or a resumed run after a crash, never sees half a file under its final n
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import posixpath
 import tempfile
@@ -57,7 +58,7 @@ class Location:
         if self._fs is None:
             base, query = _split_query(self.uri)
             root = urlsplit(base)
-            object.__setattr__(self, "_fs", pafs.FileSystem.from_uri(f"{root.scheme}://{root.netloc}{query}")[0])
+            object.__setattr__(self, "_fs", _bucket_filesystem(f"{root.scheme}://{root.netloc}{query}"))
         return self._fs
 
     # ------------------------------------------------------------------ names
@@ -216,6 +217,13 @@ def location(where: "str | os.PathLike | Location") -> Location:
     if not root.netloc:
         raise ValueError(f"{text}: a storage URI needs a bucket (scheme://bucket/path)")
     return Location(f"{root.netloc}{root.path}".rstrip("/"), base + query)
+
+
+@functools.lru_cache(maxsize=64)
+def _bucket_filesystem(root_uri: str) -> pafs.FileSystem:
+    """One filesystem per bucket (and endpoint query) and process: per-file writes of a pipeline
+    must not set up a client, and resolve the bucket's region, each time."""
+    return pafs.FileSystem.from_uri(root_uri)[0]
 
 
 def relative_path(path: str, root: str) -> str:
