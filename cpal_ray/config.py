@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 BACKBONES = ("resnet50", "efficientnet_lite0", "tiny")
-DATASETS = ("voc", "coco", "synthetic")
+DATASETS = ("voc", "coco", "synthetic", "attributes")
 METRICS = ("dot", "l1", "l2", "cosine")
 CAM_SOURCES = ("cam", "pacam")
 PSEUDO_MODES = ("irn", "crf_argmax")
@@ -37,7 +37,8 @@ def _check(cond: bool, name: str, msg: str) -> None:
 
 @dataclass(frozen=True)
 class DataConfig:
-    # Which reader: PASCAL VOC 2012 layout, COCO 2014 (WSSS layout) or procedural shapes.
+    # Which reader: PASCAL VOC 2012 layout, COCO 2014 (WSSS layout), procedural shapes
+    # ("synthetic") or procedural objects made of attribute parts ("attributes").
     dataset: str = "voc"
     # Dataset root (VOCdevkit/VOC2012 or the COCO WSSS folder); "bundled:voc-mini" = shipped photos.
     root: str = BUNDLED_VOC_MINI
@@ -49,11 +50,13 @@ class DataConfig:
     # Folder of ground-truth masks under root; "" = the dataset's own default
     # ("SegmentationClass" for VOC — use "SegmentationClassAug" for train_aug — and "mask" for COCO).
     mask_dir: str = ""
-    # Synthetic set only: classes, images per split, image side, seed.
+    # Synthetic and attributes sets only: classes, images per split, image side, seed.
     synthetic_classes: int = 4
     synthetic_images: int = 32
     synthetic_size: int = 96
     seed: int = 0
+    # Attributes set only: appearances per class (signature, unique rare ones, one shared).
+    attributes_per_class: int = 4
     # Training augmentation (Sec. 4.1): random long side, flip, crop (padding label 255).
     resize_long: tuple[int, int] = (320, 640)
     crop_size: int = 512
@@ -71,6 +74,8 @@ class DataConfig:
         _check(self.synthetic_classes >= 1, "data.synthetic_classes", "must be >= 1")
         _check(self.synthetic_images >= 1, "data.synthetic_images", "must be >= 1")
         _check(self.synthetic_size >= 32, "data.synthetic_size", "must be >= 32")
+        _check(2 <= self.attributes_per_class <= 16, "data.attributes_per_class",
+               f"must be in [2, 16], got {self.attributes_per_class}")
         _check(self.loader_workers >= 0, "data.loader_workers", "must be >= 0")
         _check(self.on_bad_sample in ("error", "skip"), "data.on_bad_sample", "must be 'error' or 'skip'")
 

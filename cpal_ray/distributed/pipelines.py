@@ -223,8 +223,9 @@ def _finish(writer: ManifestWriter, out_dir: Path, schema: pa.Schema, total: int
 
 def _spec(cfg: Config, split: str, **extra) -> dict:
     d = cfg.data
-    return {"dataset": d.dataset, "root": d.root, "split": split, "synthetic": [d.synthetic_classes, d.synthetic_size,
-            d.seed] if d.dataset == "synthetic" else None, **extra}
+    procedural = {"synthetic": [d.synthetic_classes, d.synthetic_size, d.seed],
+                  "attributes": [d.synthetic_classes, d.synthetic_size, d.seed, d.attributes_per_class]}
+    return {"dataset": d.dataset, "root": d.root, "split": split, "synthetic": procedural.get(d.dataset), **extra}
 
 
 def _cam_spec(cfg: Config, checkpoint) -> dict:
