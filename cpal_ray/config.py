@@ -19,6 +19,7 @@ BACKBONES = ("resnet50", "efficientnet_lite0", "tiny")
 DATASETS = ("voc", "coco", "synthetic", "attributes")
 METRICS = ("dot", "l1", "l2", "cosine")
 CAM_SOURCES = ("cam", "pacam")
+CENTERS = ("none", "image")
 PSEUDO_MODES = ("irn", "crf_argmax")
 # Named (conf_fg, conf_bg) presets for IRN-style pseudo-labels.
 PSEUDO_PRESETS = {"irn": (0.30, 0.05), "amn": (0.45, 0.15)}
@@ -135,6 +136,9 @@ class CPALConfig:
     normalize_bank: bool = True
     # Divide each PACAM map by its max (as Eq. 3 does for the CAM); False = literal Eq. 13.
     pacam_normalize: bool = False
+    # Centring of the pixel embedding before Eq. 4 and Eq. 13: "none" (the paper) or "image"
+    # (subtract each image's mean embedding; see cpal_ray.cpal.cams.centered_embedding).
+    center: str = "none"
     # k-means (faiss, k-means++ init): iterations, restarts kept best-of, seed.
     kmeans_iters: int = 20
     kmeans_redo: int = 5
@@ -151,6 +155,7 @@ class CPALConfig:
         _check(1 <= self.top_k <= self.num_clusters, "cpal.top_k",
                f"must be in [1, num_clusters={self.num_clusters}], got {self.top_k}")
         _check(self.metric in METRICS, "cpal.metric", f"unknown metric {self.metric!r}; choose from {METRICS}")
+        _check(self.center in CENTERS, "cpal.center", f"must be one of {CENTERS}, got {self.center!r}")
         _check(self.gamma > 0, "cpal.gamma", f"must be > 0, got {self.gamma}")
         _check(self.lambda_bce >= 0, "cpal.lambda_bce", "must be >= 0")
         _check(self.lambda_self >= 0, "cpal.lambda_self", "must be >= 0")
