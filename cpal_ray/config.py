@@ -13,9 +13,10 @@ from typing import Any
 
 import yaml
 
-DATASETS = ("voc", "coco", "synthetic")
+DATASETS = ("voc", "coco", "synthetic", "attributes")
 METRICS = ("dot", "l1", "l2", "cosine")
 CAM_SOURCES = ("cam", "pacam")
+CENTERS = ("none", "image")
 PSEUDO_MODES = ("irn", "crf_argmax")
 # Named (conf_fg, conf_bg) presets for IRN-style pseudo-labels.
 PSEUDO_PRESETS = {"irn": (0.30, 0.05), "amn": (0.45, 0.15)}
@@ -34,7 +35,8 @@ def _check(cond: bool, name: str, msg: str) -> None:
 
 @dataclass(frozen=True)
 class DataConfig:
-    # Which reader: PASCAL VOC 2012 layout, COCO 2014 (WSSS layout) or procedural shapes.
+    # Which reader: PASCAL VOC 2012 layout, COCO 2014 (WSSS layout), procedural shapes
+    # ("synthetic") or procedural objects made of attribute parts ("attributes").
     dataset: str = "voc"
     # Dataset root (VOCdevkit/VOC2012 or the COCO WSSS folder); "bundled:voc-mini" = shipped photos.
     root: str = BUNDLED_VOC_MINI
@@ -46,11 +48,13 @@ class DataConfig:
     # Folder of ground-truth masks under root; "" = the dataset's own default
     # ("SegmentationClass" for VOC — use "SegmentationClassAug" for train_aug — and "mask" for COCO).
     mask_dir: str = ""
-    # Synthetic set only: classes, images per split, image side, seed.
+    # Synthetic and attributes sets only: classes, images per split, image side, seed.
     synthetic_classes: int = 4
     synthetic_images: int = 32
     synthetic_size: int = 96
     seed: int = 0
+    # Attributes set only: appearances per class (signature, unique rare ones, one shared).
+    attributes_per_class: int = 4
     # Training augmentation (Sec. 4.1): random long side, flip, crop (padding label 255).
     resize_long: tuple[int, int] = (320, 640)
     crop_size: int = 512
@@ -68,6 +72,8 @@ class DataConfig:
         _check(self.synthetic_classes >= 1, "data.synthetic_classes", "must be >= 1")
         _check(self.synthetic_images >= 1, "data.synthetic_images", "must be >= 1")
         _check(self.synthetic_size >= 32, "data.synthetic_size", "must be >= 32")
+        _check(2 <= self.attributes_per_class <= 16, "data.attributes_per_class",
+               f"must be in [2, 16], got {self.attributes_per_class}")
         _check(self.loader_workers >= 0, "data.loader_workers", "must be >= 0")
         _check(self.on_bad_sample in ("error", "skip"), "data.on_bad_sample", "must be 'error' or 'skip'")
 
@@ -130,6 +136,9 @@ class CPALConfig:
     normalize_bank: bool = True
     # Divide each PACAM map by its max (as Eq. 3 does for the CAM); False = literal Eq. 13.
     pacam_normalize: bool = False
+    # Centring of the pixel embedding before Eq. 4 and Eq. 13: "none" (the paper) or "image"
+    # (subtract each image's mean embedding; see cpal_ray.cpal.cams.centered_embedding).
+    center: str = "none"
     # k-means (faiss, k-means++ init): iterations, restarts kept best-of, seed.
     kmeans_iters: int = 20
     kmeans_redo: int = 5
@@ -146,6 +155,7 @@ class CPALConfig:
         _check(1 <= self.top_k <= self.num_clusters, "cpal.top_k",
                f"must be in [1, num_clusters={self.num_clusters}], got {self.top_k}")
         _check(self.metric in METRICS, "cpal.metric", f"unknown metric {self.metric!r}; choose from {METRICS}")
+        _check(self.center in CENTERS, "cpal.center", f"must be one of {CENTERS}, got {self.center!r}")
         _check(self.gamma > 0, "cpal.gamma", f"must be > 0, got {self.gamma}")
         _check(self.lambda_bce >= 0, "cpal.lambda_bce", "must be >= 0")
         _check(self.lambda_self >= 0, "cpal.lambda_self", "must be >= 0")

@@ -33,6 +33,7 @@ CHOICES = {
     ("data", "dataset"): C.DATASETS,
     ("model", "backbone"): tuple(list_backbones()),
     ("cpal", "metric"): C.METRICS,
+    ("cpal", "center"): C.CENTERS,
     ("inference", "cam_source"): C.CAM_SOURCES,
     ("pseudo", "mode"): C.PSEUDO_MODES,
     ("pseudo", "preset"): (*C.PSEUDO_PRESETS, "custom"),

@@ -1,4 +1,5 @@
-"""CAMs and instance prototypes: Eqs. (2), (3), (4) of CPAL and the background map.
+"""CAMs and instance prototypes: Eqs. (2), (3), (4) of CPAL, the background map, and the
+pixel embedding the prototypes and the PACAM's cosines are taken in.
 
 Letters: B batch, N foreground classes, D projection dim, h x w feature map.
 """
@@ -48,6 +49,24 @@ def with_background(fg: torch.Tensor) -> torch.Tensor:
     fg: (B, N, h, w) -> (B, N + 1, h, w).
     """
     return torch.cat([background_map(fg), fg], dim=1)
+
+
+def centered_embedding(z: torch.Tensor, center: str = "none") -> torch.Tensor:
+    """The pixel embedding of Eqs. (4) and (13): z as the network gives it, or centred.
+
+    "none": z unchanged (the paper; NOTES 2). "image": z(j) - mean_j z(j), each image's mean over
+    its h x w feature grid (padding included) removed before anything else — prototypes (Eq. 4),
+    the bank, alignment (Eq. 12) and the cosines of Eq. (13) all live in the centred space.
+    Why: embeddings of ReLU features share a large common component, so cos(z(j), p) is high at
+    every pixel and the PACAM is flat; centred pixels of one image cannot all point the same way.
+    It is a function of the image alone, so training and inference compute it the same way.
+    z: (B, D, h, w) -> (B, D, h, w).
+    """
+    if center == "none":
+        return z
+    if center == "image":
+        return z - z.mean(dim=(2, 3), keepdim=True)
+    raise ValueError(f"unknown embedding centring {center!r}; choose 'none' or 'image'")
 
 
 def instance_prototypes(z: torch.Tensor, cams: torch.Tensor, labels: torch.Tensor, tau: float,

@@ -17,7 +17,8 @@ import torch
 
 from cpal_ray.cpal.aware import (feature_alignment, neighbour_weights, positiveness_logits,
                                  prototype_aware_cam, select_neighbours)
-from cpal_ray.cpal.cams import classification_loss, instance_prototypes, normalized_cams, with_background
+from cpal_ray.cpal.cams import (centered_embedding, classification_loss, instance_prototypes, normalized_cams,
+                                with_background)
 
 
 def self_loss(cam: torch.Tensor, pacam: torch.Tensor, include: torch.Tensor | None = None) -> torch.Tensor:
@@ -70,9 +71,10 @@ def prototype_aware_cam_from_outputs(z: torch.Tensor, cams_raw: torch.Tensor, la
                                      context: torch.Tensor, counts: torch.Tensor, cfg) -> torch.Tensor:
     """PACAM straight from network outputs (inference): anchors from the image's own CAM.
 
-    z: (B, D, h, w); cams_raw: (B, N, h, w); labels: (B, N); context (N, P, D); counts (N,)
+    z: (B, D, h, w) as the model gives it (centred here when ``cfg.center`` says so); cams_raw: (B, N, h, w); labels: (B, N); context (N, P, D); counts (N,)
     -> (B, N, h, w), ReLU'd, zero for absent classes and for classes without context prototypes.
     """
+    z = centered_embedding(z, cfg.center)
     cams = normalized_cams(cams_raw, labels)
     anchors, valid = instance_prototypes(z, cams, labels, cfg.tau, normalize=cfg.normalize_bank)
     res = pacam_from_prototypes(z, cams, labels, anchors, valid, context.to(z.dtype), counts.to(z.device), cfg)
@@ -86,6 +88,8 @@ def cpal_step(out: dict, labels: torch.Tensor, cfg, context: torch.Tensor | None
     out: the model's dict (``cams`` raw (B, N, h, w), ``logits`` (B, N), ``z`` (B, D, h, w));
     labels: (B, N); cfg: CPALConfig; context/counts: the current context prototypes (at least
     one class with prototypes, as ``Context`` guarantees) or None before the first clustering.
+    The embedding is centred first when ``cfg.center`` says so (``centered_embedding``), so the
+    pushed prototypes live in the same space as the PACAM's cosines.
     Returns {"loss", "bce", "self" (scalars), "protos" (B, N, D) detached, "proto_valid" (B, N),
     "self_images" (images in L_self: a 0-dim tensor, or 0)}. With ``cfg.enabled`` False this is
     the plain CAM baseline (BCE only, no prototypes). Nothing here reads a device value on the
@@ -98,7 +102,7 @@ def cpal_step(out: dict, labels: torch.Tensor, cfg, context: torch.Tensor | None
         result["loss"] = cfg.lambda_bce * bce
         return result
     cams = normalized_cams(out["cams"], labels)
-    z = out["z"]
+    z = centered_embedding(out["z"], cfg.center)
     with torch.no_grad():
         protos, valid = instance_prototypes(z.detach(), cams.detach(), labels, cfg.tau, normalize=cfg.normalize_bank)
     result["protos"], result["proto_valid"] = protos, valid

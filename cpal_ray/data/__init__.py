@@ -1,4 +1,4 @@
-"""Datasets (VOC, COCO, synthetic), paired transforms, class names and loaders.
+"""Datasets (VOC, COCO, synthetic, attributes), paired transforms, class names and loaders.
 
 Entry points, in the order a run uses them::
 
@@ -19,21 +19,26 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from cpal_ray.data.assets import VOC12_META_DIR, VOC_MINI_DIR, resolve_root_path
+from cpal_ray.data.attributes import AttributeShapes
 from cpal_ray.data.base import DataError, FileDataset, SampleDataset
-from cpal_ray.data.classes import COCO_CLASSES, VOC_CLASSES, colorize, synthetic_class_names, voc_palette
+from cpal_ray.data.classes import (COCO_CLASSES, VOC_CLASSES, attribute_class_names, colorize, synthetic_class_names,
+                                   voc_palette)
 from cpal_ray.data.coco import COCOSegmentation, convert_instances
 from cpal_ray.data.synthetic import SyntheticShapes
 from cpal_ray.data.transforms import EvalTransform, TrainTransform
 from cpal_ray.data.voc import VOCSegmentation
 
 __all__ = [
-    "DataError", "SampleDataset", "FileDataset", "VOCSegmentation", "COCOSegmentation", "SyntheticShapes",
+    "DataError", "SampleDataset", "FileDataset", "VOCSegmentation", "COCOSegmentation", "SyntheticShapes", "AttributeShapes",
     "TrainTransform", "EvalTransform", "VOC_CLASSES", "COCO_CLASSES", "voc_palette", "colorize",
-    "synthetic_class_names", "convert_instances", "resolve_root", "class_names", "build_dataset",
+    "synthetic_class_names", "attribute_class_names", "convert_instances", "resolve_root", "class_names", "build_dataset",
     "collate", "build_loader", "set_epoch", "VOC_MINI_DIR", "VOC12_META_DIR",
 ]
 
-_READERS = {"voc": VOCSegmentation, "coco": COCOSegmentation, "synthetic": SyntheticShapes}
+_READERS = {"voc": VOCSegmentation, "coco": COCOSegmentation, "synthetic": SyntheticShapes,
+            "attributes": AttributeShapes}
+# Procedural readers: sized by the config, no files, split "train" or "val" only.
+_PROCEDURAL = ("synthetic", "attributes")
 
 
 def resolve_root(data_cfg) -> Path:
@@ -48,6 +53,8 @@ def class_names(data_cfg) -> tuple[str, ...]:
         return VOC_CLASSES
     if data_cfg.dataset == "coco":
         return COCO_CLASSES
+    if data_cfg.dataset == "attributes":
+        return attribute_class_names(data_cfg.synthetic_classes)
     return synthetic_class_names(data_cfg.synthetic_classes)
 
 
@@ -55,15 +62,16 @@ def build_dataset(data_cfg, split: str = "train", train: bool | None = None, ret
     """The dataset of ``data_cfg.dataset`` for one split.
 
     split: "train" -> data_cfg.train_split, "val" -> data_cfg.val_split; any other name
-        (e.g. "train_aug") or a path to a .txt is used as the id list directly (not synthetic).
+        (e.g. "train_aug") or a path to a .txt is used as the id list directly (not for the
+        procedural "synthetic" and "attributes" sets).
     train: training transform (random resize / flip / crop to crop_size) when True, original
         size when False; None = (split == "train").
     return_rgb: add the uint8 photo ``"rgb"`` (H, W, 3) to items (CRF, visuals).
     """
     if train is None:
         train = split == "train"
-    if data_cfg.dataset == "synthetic":
-        return SyntheticShapes.from_config(data_cfg, split, train, return_rgb)
+    if data_cfg.dataset in _PROCEDURAL:
+        return _READERS[data_cfg.dataset].from_config(data_cfg, split, train, return_rgb)
     if data_cfg.root.startswith("bundled:") and data_cfg.dataset != "voc":
         raise DataError(f"data.root={data_cfg.root!r} is a VOC-layout dataset; set data.dataset=voc")
     name = {"train": data_cfg.train_split, "val": data_cfg.val_split}.get(split, split)

@@ -47,6 +47,11 @@ def synthetic_class_names(num_classes: int) -> tuple[str, ...]:
                  for i in range(num_classes))
 
 
+def attribute_class_names(num_classes: int) -> tuple[str, ...]:
+    """Names of the attribute-benchmark classes (cpal_ray/data/attributes.py): ``("object00", ...)``."""
+    return tuple(f"object{i:02d}" for i in range(num_classes))
+
+
 def voc_palette() -> np.ndarray:
     """The standard VOC colour map, uint8 (256, 3).
 

@@ -7,7 +7,8 @@ tiny CNN learns the set in a few epochs. Masks are exact (0 bg, 1..N classes, no
 label is read off the final mask, so label and mask always agree.
 
 Image i of a split is a pure function of (seed, split, i): nothing is stored, and the train and
-val splits use different random streams.
+val splits use different random streams. The drawing helpers (``clutter``, ``shape_region``,
+``texture``, ``two_tone``, ``class_style``) are shared with ``attributes.py``.
 """
 from __future__ import annotations
 
@@ -19,11 +20,11 @@ from cpal_ray.data.base import SampleDataset
 from cpal_ray.data.classes import SYNTHETIC_PATTERNS, synthetic_class_names
 from cpal_ray.data.transforms import EvalTransform, TrainTransform, resize_bilinear
 
-_SPLIT_CODES = {"train": 0, "val": 1}
+SPLIT_CODES = {"train": 0, "val": 1}
 _SHAPES = ("ellipse", "rectangle", "triangle")
 # A class must keep at least this fraction of the image visible after occlusion.
-_MIN_VISIBLE = 0.03
-_MAX_TRIES = 20
+MIN_VISIBLE = 0.03
+MAX_TRIES = 20
 
 
 def class_style(c: int) -> dict:
@@ -34,11 +35,17 @@ def class_style(c: int) -> dict:
             "angle": np.deg2rad((c * 47) % 180)}
 
 
-def _hsv(h: float, s: float, v: float) -> np.ndarray:
+def hsv(h: float, s: float, v: float) -> np.ndarray:
+    """HSV in [0, 1] (hue wraps) -> float32 RGB (3,) in [0, 255]."""
     return np.array(colorsys.hsv_to_rgb(h % 1.0, s, v), dtype=np.float32) * 255.0
 
 
-def _clutter(rng: np.random.Generator, size: int) -> np.ndarray:
+def two_tone(hue: float, bright: float) -> tuple[np.ndarray, np.ndarray]:
+    """The "on" and "off" RGB colours of a texture of this hue and brightness."""
+    return hsv(hue, 0.85, bright), hsv(hue, 0.9, bright * 0.55)
+
+
+def clutter(rng: np.random.Generator, size: int) -> np.ndarray:
     """Grey background (S, S, 3) float32: smooth noise, grey blocks, pixel noise; no hue."""
     coarse = rng.uniform(50, 200, size=(6, 6, 1)).astype(np.uint8).repeat(3, axis=2)
     grey = resize_bilinear(coarse, (size, size))[..., 0].astype(np.float32)
@@ -50,9 +57,11 @@ def _clutter(rng: np.random.Generator, size: int) -> np.ndarray:
     return np.repeat(grey[..., None], 3, axis=2) + rng.normal(0, 2, size=(size, size, 3)).astype(np.float32)
 
 
-def _shape_region(rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray, size: int):
-    """Bool (S, S) region of one random shape, and its centre (cy, cx)."""
-    r = rng.uniform(0.18, 0.30) * size
+def shape_region(rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray, size: int,
+                 radius: tuple[float, float] = (0.18, 0.30)):
+    """Bool (S, S) region of one random shape (ellipse, rectangle or triangle), and its centre
+    (cy, cx). The radius is drawn in ``radius`` (fractions of the side S)."""
+    r = rng.uniform(*radius) * size
     cy, cx = rng.uniform(r * 0.7, size - r * 0.7, 2)
     theta = rng.uniform(0, np.pi)
     u = (xx - cx) * np.cos(theta) + (yy - cy) * np.sin(theta)
@@ -71,7 +80,7 @@ def _shape_region(rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray, size
     return region, (cy, cx)
 
 
-def _texture(style: dict, rng: np.random.Generator, yy, xx, centre) -> np.ndarray:
+def texture(style: dict, rng: np.random.Generator, yy, xx, centre) -> np.ndarray:
     """Bool (S, S) "on" pixels of a class texture with jittered period, angle and phase."""
     period = style["period"] * rng.uniform(0.85, 1.15)
     angle = style["angle"] + rng.uniform(-0.25, 0.25)
@@ -96,21 +105,21 @@ def render(num_classes: int, size: int, rng: np.random.Generator) -> tuple[np.nd
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
     k = int(rng.integers(1, min(3, num_classes), endpoint=True))
     classes = rng.choice(num_classes, size=k, replace=False)
-    for _ in range(_MAX_TRIES):
-        rgb = _clutter(rng, size)
+    for _ in range(MAX_TRIES):
+        rgb = clutter(rng, size)
         mask = np.zeros((size, size), dtype=np.uint8)
         for c in classes:
             style = class_style(int(c))
             hue = style["hue"] + rng.uniform(-0.02, 0.02)
             bright = rng.uniform(0.85, 1.0)
-            on, off = _hsv(hue, 0.85, bright), _hsv(hue, 0.9, bright * 0.55)
+            on, off = two_tone(hue, bright)
             for _ in range(rng.integers(1, 2, endpoint=True)):  # 1 or 2 shapes
-                region, centre = _shape_region(rng, yy, xx, size)
-                tex = _texture(style, rng, yy, xx, centre)
+                region, centre = shape_region(rng, yy, xx, size)
+                tex = texture(style, rng, yy, xx, centre)
                 rgb[region] = np.where(tex[region][:, None], on, off)
                 mask[region] = c + 1
         visible = np.bincount(mask.ravel(), minlength=num_classes + 1)[1:]
-        if (visible[classes] >= _MIN_VISIBLE * size * size).all():
+        if (visible[classes] >= MIN_VISIBLE * size * size).all():
             break
     label = (np.bincount(mask.ravel(), minlength=num_classes + 1)[1:] > 0).astype(np.float32)
     rgb += rng.normal(0, 4, size=rgb.shape).astype(np.float32)
@@ -127,7 +136,7 @@ class SyntheticShapes(SampleDataset):
     def __init__(self, num_classes: int = 4, num_images: int = 32, size: int = 96, *, split: str = "train",
                  seed: int = 0, transform=None, return_rgb: bool = False):
         super().__init__(transform, return_rgb, seed)
-        if split not in _SPLIT_CODES:
+        if split not in SPLIT_CODES:
             raise ValueError(f"synthetic split must be 'train' or 'val', got {split!r}")
         if not 1 <= num_classes <= 254:
             raise ValueError(f"synthetic num_classes must be in 1..254, got {num_classes}")
@@ -145,5 +154,5 @@ class SyntheticShapes(SampleDataset):
                    split=split, seed=data_cfg.seed, transform=transform, return_rgb=return_rgb)
 
     def read(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        rng = np.random.default_rng([self.seed, _SPLIT_CODES[self.split], index, 0x5EED])
+        rng = np.random.default_rng([self.seed, SPLIT_CODES[self.split], index, 0x5EED])
         return render(self.num_classes, self.size, rng)

@@ -5,13 +5,13 @@
     │                                                           ─► <cams>/<id>.npz, pacam/<id>.npz
     └──► PseudoLabeler   (actor pool, ``pseudo.cpus_per_task`` CPUs per actor, one CRF at a
                           time)                                  ─► <out>/<id>.png
+    rows ─► driver: ``ManifestWriter`` parquet parts in <out>/manifest/ ─► <out>/manifest.parquet
 
 Resources come from the config (and the workflows' flags), never from what the cluster holds
 when the run starts: both pools are elastic (one actor, growing while work waits, up to
 ``inference.max_cam_actors`` / ``pseudo.max_crf_actors``, 0 = no limit), so on a cluster that
 scales from zero they grow as the autoscaler adds nodes. Output folders are local paths or
 object-store URIs (``cpal_ray.storage``).
-    rows ─► driver: ``ManifestWriter`` parquet parts in <out>/manifest/ ─► <out>/manifest.parquet
 
 The per-image work (``cam_job``, ``pseudo_label_job``) lives in ``cpal_ray.inference.jobs`` and
 is plain Python; the stages here only map it. The driver builds the dataset once to list the
@@ -240,8 +240,9 @@ def _finish(writer: ManifestWriter, out_dir: Location, schema: pa.Schema, total:
 
 def _spec(cfg: Config, split: str, **extra) -> dict:
     d = cfg.data
-    return {"dataset": d.dataset, "root": d.root, "split": split, "synthetic": [d.synthetic_classes, d.synthetic_size,
-            d.seed] if d.dataset == "synthetic" else None, **extra}
+    procedural = {"synthetic": [d.synthetic_classes, d.synthetic_size, d.seed],
+                  "attributes": [d.synthetic_classes, d.synthetic_size, d.seed, d.attributes_per_class]}
+    return {"dataset": d.dataset, "root": d.root, "split": split, "synthetic": procedural.get(d.dataset), **extra}
 
 
 def _cam_spec(cfg: Config, checkpoint) -> dict:
