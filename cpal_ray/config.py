@@ -136,9 +136,10 @@ class CPALConfig:
     normalize_bank: bool = True
     # Divide each PACAM map by its max (as Eq. 3 does for the CAM); False = literal Eq. 13.
     pacam_normalize: bool = False
-    # Centring of the pixel embedding before Eq. 4 and Eq. 13: "none" (the paper) or "image"
-    # (subtract each image's mean embedding; see cpal_ray.cpal.cams.centered_embedding).
-    center: str = "none"
+    # Centring of the pixel embedding before Eq. 4 and Eq. 13: "image" subtracts each image's
+    # mean embedding (cpal_ray.cpal.cams.centered_embedding); "none" is the literal paper, whose
+    # PACAM was measured flat (object/background ratio 1.0) and collapses L_self (NOTES 2).
+    center: str = "image"
     # k-means (faiss, k-means++ init): iterations, restarts kept best-of, seed.
     kmeans_iters: int = 20
     kmeans_redo: int = 5
@@ -199,6 +200,9 @@ class TrainConfig:
     max_steps_per_epoch: int = 0
     # Log a line every this many steps.
     log_every: int = 10
+    # Training images scored at each epoch's end for the run's diagnostics (seed mIoU of CAM and
+    # PACAM, their contrast and agreement; cpal_ray.engine.diagnostics); 0 = off.
+    diag_images: int = 0
     # Where runs are written (local path or URI) and the run's name (resume = same name).
     storage_path: str = "results"
     name: str = "cpal"
@@ -208,6 +212,7 @@ class TrainConfig:
         _check(self.batch_size >= 1, "train.batch_size", f"must be >= 1, got {self.batch_size}")
         _check(self.max_steps_per_epoch >= 0, "train.max_steps_per_epoch", "must be >= 0")
         _check(self.log_every >= 1, "train.log_every", "must be >= 1")
+        _check(self.diag_images >= 0, "train.diag_images", "must be >= 0 (0 = off)")
         _check(bool(self.name) and "/" not in self.name, "train.name", "must be a non-empty name without '/'")
 
 
@@ -248,8 +253,10 @@ class InferenceConfig:
     # Which map gives the seeds: the classifier CAM or the prototype-aware CAM (Eq. 13).
     cam_source: str = "cam"
     # Background threshold sweep for seed mIoU; fixed_threshold >= 0 evaluates just that one.
+    # Wider than the customary 0.00-0.60 so that an optimum is not cut off (a best threshold at
+    # either end of the range is flagged in the reports).
     threshold_start: float = 0.0
-    threshold_stop: float = 0.60
+    threshold_stop: float = 0.95
     threshold_step: float = 0.01
     fixed_threshold: float = -1.0
     # dtype of the CAMs saved in .npz files.

@@ -11,6 +11,9 @@ import pytest
 
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# Token auth on for every Ray the tests start or join (Ray reads the mode when first imported; a
+# local ray.init() turns it on by default, a ray.cluster_utils.Cluster only when asked).
+os.environ.setdefault("RAY_AUTH_MODE", "token")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

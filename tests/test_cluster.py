@@ -26,10 +26,6 @@ from cpal_ray.storage import location
 from tests.conftest import REPO, free_port, restore_env
 
 pytestmark = pytest.mark.cluster
-# Token auth on for every process of the cluster, this one included: Ray reads the mode when it is
-# first imported, so the suite runs in its own pytest process (as .ci/run does).
-if "ray" not in sys.modules:
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
 TINY = "configs/synthetic_tiny.yaml"
 SUBMIT_TIMEOUT_S = 480
 
@@ -41,7 +37,7 @@ def cluster(s3_server):
     from ray.cluster_utils import Cluster
 
     if os.environ.get("RAY_AUTH_MODE") != "token":
-        pytest.fail("the cluster suite needs token auth from the start: run it in its own process (pytest -m cluster)")
+        pytest.fail("the cluster suite needs token auth (RAY_AUTH_MODE=token, set by conftest before Ray is imported)")
     subprocess.run([str(Path(sys.executable).with_name("ray")), "get-auth-token", "--generate"], check=True,
                    capture_output=True)  # ~/.ray/auth_token, unless there is one already
     saved = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": os.environ.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S")}

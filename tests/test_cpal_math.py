@@ -177,7 +177,8 @@ def test_unseen_class_excludes_its_image_and_gradients_flow():
 
 def test_pacam_no_positiveness_equals_literal_eq13_mean_over_topk():
     out, labels = _outputs(seed=3), t([[1, 1, 0], [0, 1, 1]])
-    cfg = CPALConfig(num_clusters=4, top_k=2, positiveness=False, alignment=False, normalize_bank=False)
+    cfg = CPALConfig(num_clusters=4, top_k=2, positiveness=False, alignment=False, normalize_bank=False,
+                     center="none")
     context, counts = torch.randn(3, 4, 4), torch.tensor([4, 4, 4])
     pacam = prototype_aware_cam_from_outputs(out["z"], out["cams"], labels, context, counts, cfg)
     cams = normalized_cams(out["cams"], labels)

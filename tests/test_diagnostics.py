@@ -89,7 +89,7 @@ def test_common_component_makes_the_pacam_flat_and_centring_restores_it():
     the prototype (flat PACAM); centred, the background points away from it (NOTES 2 reading)."""
     z, cams, labels = _offset_image()
     counts = torch.tensor([1])
-    plain = CPALConfig(num_clusters=1, top_k=1, alignment=False)
+    plain = CPALConfig(num_clusters=1, top_k=1, alignment=False, center="none")
     flat = prototype_aware_cam_from_outputs(z, cams, labels, torch.tensor([[[10.0, 1.0]]]), counts, plain)
     assert flat.min() > 0.97                       # cos((10, -1), (10, 1)) = 99 / 101
     centred = CPALConfig(num_clusters=1, top_k=1, alignment=False, center="image")
@@ -102,7 +102,7 @@ def test_cpal_step_pushes_prototypes_of_the_centred_embedding():
     out = {"z": z, "cams": cams, "logits": cams.mean((2, 3))}
     r = cpal_step(out, labels, CPALConfig(num_clusters=1, top_k=1, center="image", normalize_bank=False))
     assert torch.allclose(r["protos"][0, 0], torch.tensor([0.0, 1.0]))   # mean of the two object pixels, centred
-    r0 = cpal_step(out, labels, CPALConfig(num_clusters=1, top_k=1, normalize_bank=False))
+    r0 = cpal_step(out, labels, CPALConfig(num_clusters=1, top_k=1, normalize_bank=False, center="none"))
     assert torch.allclose(r0["protos"][0, 0], torch.tensor([10.0, 1.0]))
     maps = training_maps(out, labels, CPALConfig(num_clusters=1, top_k=1, center="image"),
                          torch.tensor([[[0.0, 1.0]]]), torch.tensor([1]))

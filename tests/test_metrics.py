@@ -122,8 +122,20 @@ def test_sweep_thresholds_inclusive_and_rounded():
     assert len(thr) == 61 and thr[0] == 0.0 and thr[-1] == 0.6 and thr[7] == 0.07
     assert sweep_thresholds(0.1, 0.3, 0.1) == (0.1, 0.2, 0.3)
     assert sweep_thresholds(0.2, 0.2, 0.05) == (0.2,)
-    assert thresholds_from_config(InferenceConfig()) == thr
+    assert thresholds_from_config(InferenceConfig(threshold_stop=0.6)) == thr
+    assert thresholds_from_config(InferenceConfig()) == sweep_thresholds(0.0, 0.95, 0.01)  # the default range
     assert thresholds_from_config(InferenceConfig(fixed_threshold=0.15)) == (0.15,)
+
+
+def test_a_best_threshold_at_the_end_of_the_range_is_flagged():
+    cams = np.array([[[0.9, 0.8, 0.2, 0.12]]], dtype=np.float32)  # (K=1, 1, 4): class 1 on the first two pixels
+    gt = np.array([[1, 1, 0, 0]])
+    inside = ThresholdSweep(2, (0.1, 0.5, 0.85))
+    inside.update(cams, np.array([0]), gt)
+    assert inside.results()["best_threshold"] == 0.5 and not inside.results()["threshold_at_edge"]
+    cut = ThresholdSweep(2, (0.05, 0.1, 0.15))  # every threshold below the gap: the optimum lies above
+    cut.update(cams, np.array([0]), gt)
+    assert cut.results()["best_threshold"] == 0.15 and cut.results()["threshold_at_edge"]
 
 
 def _random_image(rng, n_fg, shape):

@@ -35,7 +35,10 @@ def parse_args(argv=None):
     p.add_argument("--gpus-per-trial", type=int, default=0, help="GPUs per trial = Ray Train workers with 1 GPU each")
     p.add_argument("--max-concurrent", type=int, default=None,
                    help="trials at once (default: dist.max_concurrent_trials, else what the cluster holds now)")
-    p.add_argument("--eval-max-images", type=int, default=0, help="evaluate seeds on the first N val images (0 = all)")
+    p.add_argument("--eval-max-images", type=int, default=0, help="evaluate seeds on the first N images (0 = all)")
+    p.add_argument("--eval-split", default="val",
+                   help="split whose seeds score each trial: val (data.val_split), train (the WSSS protocol: the "
+                        "training images) or an id-list name")
     p.add_argument("--name", default=None, help="experiment name (default: sweep-<space>)")
     p.add_argument("--storage", default=None,
                    help="folder (path or URI) holding the experiment (default: <train.storage_path>/sweeps)")
@@ -70,6 +73,7 @@ def main(argv=None) -> int:
         outcome = run_sweep(cfg, space, storage / name, seeds=args.seeds, search=args.search,
                             num_samples=args.num_samples, gpus_per_trial=args.gpus_per_trial,
                             max_concurrent=args.max_concurrent, eval_max_images=args.eval_max_images,
+                            eval_split=args.eval_split,
                             smoke_test=args.smoke_test)
     report = {"experiment": str(outcome.experiment_dir), **outcome.summary, "files": outcome.files}
     if outcome.summary["unfinished"]:

@@ -91,13 +91,15 @@ def cpal_step(out: dict, labels: torch.Tensor, cfg, context: torch.Tensor | None
     The embedding is centred first when ``cfg.center`` says so (``centered_embedding``), so the
     pushed prototypes live in the same space as the PACAM's cosines.
     Returns {"loss", "bce", "self" (scalars), "protos" (B, N, D) detached, "proto_valid" (B, N),
-    "self_images" (images in L_self: a 0-dim tensor, or 0)}. With ``cfg.enabled`` False this is
+    "self_images" (images in L_self), "pairs" (positive (image, class) pairs), "self_pairs" (those
+    in L_self): counts as 0-dim tensors (or 0). With ``cfg.enabled`` False this is
     the plain CAM baseline (BCE only, no prototypes). Nothing here reads a device value on the
     host, so a step never waits for the GPU.
     """
     bce = classification_loss(out["logits"], labels)
     zero = bce.new_zeros(())
-    result = {"bce": bce, "self": zero, "self_images": 0, "protos": None, "proto_valid": None}
+    result = {"bce": bce, "self": zero, "self_images": 0, "pairs": labels.sum(), "self_pairs": 0, "protos": None,
+              "proto_valid": None}
     if not cfg.enabled:
         result["loss"] = cfg.lambda_bce * bce
         return result
@@ -112,6 +114,7 @@ def cpal_step(out: dict, labels: torch.Tensor, cfg, context: torch.Tensor | None
         # No usable image: self_loss is 0 (still in the graph), so no host-side test is needed.
         lself = self_loss(with_background(cams), with_background(res.pacam), res.usable)
         result["self_images"] = res.usable.sum()
+        result["self_pairs"] = (labels * res.usable[:, None].to(labels.dtype)).sum()
     result["self"] = lself
     result["loss"] = total_loss(bce, lself, cfg.lambda_bce, cfg.lambda_self)
     return result

@@ -87,7 +87,8 @@ def _dotted(cfg: Config) -> dict[str, Any]:
 
 
 def build_spec(base_cfg: Config, space_module, experiment_dir: Location, *, seeds: int = 1, search: str = "grid",
-               num_samples: int = 1, gpus_per_trial: int = 0, eval_max_images: int = 0, smoke_test: bool = False,
+               num_samples: int = 1, gpus_per_trial: int = 0, eval_max_images: int = 0, eval_split: str = "val",
+               smoke_test: bool = False,
                max_concurrent: int | None = None) -> dict:
     """The sweep as plain data: base config (space minimums and GPU settings applied), space, rows."""
     if search not in SEARCHES:
@@ -111,6 +112,7 @@ def build_spec(base_cfg: Config, space_module, experiment_dir: Location, *, seed
     base_seed = cfg.train.seed
     spec.update(base=cfg.to_dict(), raised=raised, seeds=[base_seed + i for i in range(seeds)], search=search,
                 num_samples=num_samples if search != "grid" else 1, eval_max_images=eval_max_images,
+                eval_split=eval_split,
                 experiment_dir=str(experiment_dir), max_concurrent=max_concurrent or default_concurrency(cfg),
                 resources={"trial": trial_resources(cfg), "workers": cfg.dist.num_workers,
                            "per_worker": {"CPU": cfg.dist.cpus_per_worker, "GPU": int(cfg.dist.use_gpu)}})
@@ -176,8 +178,8 @@ def _search_alg(spec: dict):
 
 
 @ray.remote
-def _evaluate_remote(final_dir: str, cfg_dict: dict, max_images: int) -> dict:
-    """Seed mIoU of the exported weights on the val split (a task: GPU when the run had one)."""
+def _evaluate_remote(final_dir: str, cfg_dict: dict, max_images: int, split: str) -> dict:
+    """Seed mIoU of the exported weights on ``split`` (a task: GPU when the run had one)."""
     import torch
 
     from cpal_ray.data import build_dataset
@@ -187,7 +189,7 @@ def _evaluate_remote(final_dir: str, cfg_dict: dict, max_images: int) -> dict:
     cfg = from_dict(cfg_dict)
     device = "cuda" if cfg.dist.use_gpu and torch.cuda.is_available() else "cpu"
     model, _, context = load_trained(final_dir, cfg=cfg)
-    dataset = build_dataset(cfg.data, "val", train=False)
+    dataset = build_dataset(cfg.data, split, train=False)
     return evaluate_seeds(model.to(device), dataset, cfg, device=device, context=context, max_images=max_images,
                           cam_source=cfg.inference.cam_source)
 
@@ -222,7 +224,8 @@ def sweep_trial(config: dict, spec: dict) -> None:
     if cfg.dist.use_gpu:
         opts["num_gpus"] = 1
     seeds = ray.get(_evaluate_remote.options(**opts).remote(str(result.final_dir), cfg.to_dict(),
-                                                            spec["eval_max_images"]))
+                                                            spec["eval_max_images"],
+                                                            spec.get("eval_split", "val")))
     metrics = {"seed_miou": float(seeds["best_miou"]), "best_threshold": float(seeds["best_threshold"]),
                "wall_seconds": time.time() - start, "train_seconds": train_seconds, "iou": finite_or_none(seeds["iou"]),
                "cam_source": seeds["cam_source"], "eval_images": seeds["images"], "phase": "final",
@@ -250,14 +253,15 @@ class SweepOutcome:
 
 def run_sweep(base_cfg: Config, space_module, experiment_dir, *, seeds: int = 1, search: str = "grid",
               num_samples: int = 1, gpus_per_trial: int = 0, max_concurrent: int | None = None,
-              eval_max_images: int = 0, smoke_test: bool = False) -> SweepOutcome:
+              eval_max_images: int = 0, eval_split: str = "val", smoke_test: bool = False) -> SweepOutcome:
     """Run a sweep of ``space_module`` around ``base_cfg`` into ``experiment_dir`` (a local path
     or URI; Ray initialised)."""
     experiment_dir = output_location(str(experiment_dir), "--storage")
     if tune.Tuner.can_restore(experiment_dir.path, storage_filesystem=experiment_dir.fs):
         raise FileExistsError(f"{experiment_dir} already holds a sweep: restore it (--restore) or pick another name")
     spec = build_spec(base_cfg, space_module, experiment_dir, seeds=seeds, search=search, num_samples=num_samples,
-                      gpus_per_trial=gpus_per_trial, eval_max_images=eval_max_images, smoke_test=smoke_test,
+                      gpus_per_trial=gpus_per_trial, eval_max_images=eval_max_images, eval_split=eval_split,
+                      smoke_test=smoke_test,
                       max_concurrent=max_concurrent)
     (experiment_dir / SPEC_FILE).write_text(json.dumps(spec, indent=2))
     search_alg = _search_alg(spec)

@@ -14,8 +14,8 @@ in this order (detectron2's pattern, without the framework)::
         for step, batch in loader:            train_one_epoch
             …one SGD step, push prototypes…
             hook.after_step(state, step)      ClusterHook (warm-up), FaultHook (tests)
-        hook.after_epoch(state, record)       ClusterHook (k-means for the next epoch), then the
-                                              caller's hooks, then CheckpointHook (save_fn) last
+        hook.after_epoch(state, record)       ClusterHook (k-means for the next epoch), DiagnosticsHook
+                                              (what CPAL did), the caller's hooks, CheckpointHook last
         state.history.append(record)
 
 Clustering: the context prototypes of epoch e+1 are clustered from the bank at the end of epoch
@@ -35,8 +35,9 @@ from torch.utils.data import DataLoader
 
 from cpal_ray.config import Config
 from cpal_ray.cpal.bank import Context
-from cpal_ray.engine.checkpoint import checkpoint_state
 from cpal_ray.engine.comm import all_gather_object
+from cpal_ray.engine.diagnostics import DiagnosticsHook
+from cpal_ray.engine.hooks import CheckpointHook, ClusterHook, Hook
 from cpal_ray.engine.loop import train_one_epoch
 from cpal_ray.engine.optim import build_optimizer, build_scheduler
 from cpal_ray.engine.sampler import GlobalBatchSampler
@@ -64,64 +65,6 @@ class TrainState:
     def global_step(self) -> int:
         """Steps completed when the current epoch ends."""
         return (self.epoch + 1) * self.steps_per_epoch
-
-
-class Hook:
-    """Base class: override what you need. ``record`` is the epoch's metrics dict (add to it)."""
-
-    def before_epoch(self, state: TrainState) -> None:
-        pass
-
-    def after_step(self, state: TrainState, step: int) -> None:
-        pass
-
-    def after_epoch(self, state: TrainState, record: dict) -> None:
-        pass
-
-
-class ClusterHook(Hook):
-    """Eq. 5 on schedule: after step ``warmup_steps`` of epoch 0 (0 = never) and at every epoch's end.
-
-    Every rank calls ``bank.cluster`` at the same point (the bank runs k-means once per tag and
-    all ranks get the same version). Adds ``context_versions`` (one per rank) and the bank's
-    ``stats()`` to the record.
-    """
-
-    def __init__(self, warmup_steps: int = 0):
-        self.warmup_steps = warmup_steps
-
-    def _cluster(self, state: TrainState, tag: str) -> None:
-        context = state.bank.cluster(tag)
-        if context is not None:
-            state.context = context
-
-    def after_step(self, state: TrainState, step: int) -> None:
-        if self.warmup_steps > 0 and state.epoch == 0 and step + 1 == self.warmup_steps:
-            self._cluster(state, "warmup")
-
-    def after_epoch(self, state: TrainState, record: dict) -> None:
-        self._cluster(state, f"epoch{state.epoch + 1}")
-        record["context_versions"] = all_gather_object(state.context.version if state.context else 0)
-        record.update(state.bank.stats())
-
-
-class CheckpointHook(Hook):
-    """Hands the epoch's checkpoint (rank 0; None on the other ranks) and record to ``save_fn``.
-
-    ``save_fn(checkpoint, record)`` is called on every rank (Ray's ``report`` is a barrier);
-    ``checkpoint`` is ``engine.checkpoint.checkpoint_state``, the one definition of a checkpoint.
-    """
-
-    def __init__(self, save_fn: Callable[[dict | None, dict], None]):
-        self.save_fn = save_fn
-
-    def after_epoch(self, state: TrainState, record: dict) -> None:
-        checkpoint = None
-        if state.rank == 0:
-            checkpoint = checkpoint_state(model=state.model, cfg=state.cfg, epoch=state.epoch + 1,
-                                          global_step=state.global_step, optimizer=state.optimizer,
-                                          scheduler=state.scheduler, bank=state.bank, metrics=record)
-        self.save_fn(checkpoint, record)
 
 
 @dataclass
@@ -170,7 +113,8 @@ def fit(cfg: Config, *, bank=None, device: torch.device | str = "cpu", rank: int
     model = prepare_model(model) if prepare_model is not None else model.to(device)
     state = TrainState(cfg, model, optimizer, scheduler, bank, context, device, rank, world_size, len(sampler),
                        epoch=start_epoch)
-    all_hooks = [*([ClusterHook(cfg.cpal.warmup_cluster_steps)] if bank is not None else []), *hooks,
+    all_hooks = [*([ClusterHook(cfg.cpal.warmup_cluster_steps)] if bank is not None else []),
+                 DiagnosticsHook(cfg, cfg.train.diag_images), *hooks,
                  *([CheckpointHook(save_fn)] if save_fn is not None else [])]
     for epoch in range(start_epoch, cfg.train.epochs):
         state.epoch = epoch

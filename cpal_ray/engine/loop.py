@@ -67,12 +67,14 @@ def train_one_epoch(state, loader, hooks=()) -> dict:
     loader: yields dicts with "image" (B, 3, H, W) and "label" (B, N).
     hooks: objects with ``after_step(state, step)``.
     Returns epoch means of loss/bce/self, and steps, images, self_images (images in L_self),
-    pushed ({class: count}), data_seconds, step_seconds, context_version (at the epoch's end).
+    self_image_share and self_class_share (the shares of images and of positive (image, class)
+    pairs that took part in L_self), pushed ({class: count}), data_seconds, step_seconds,
+    context_version (at the epoch's end).
     """
     cfg, model, optimizer, device = state.cfg, state.model, state.optimizer, state.device
     model.train()
     sums = torch.zeros(len(LOSS_TERMS), device=device)
-    self_images = torch.zeros((), dtype=torch.long, device=device)
+    counts = torch.zeros(3, device=device)  # images in L_self, positive pairs, pairs in L_self
     watch = _NonFiniteWatch(device)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     pushed: dict[int, int] = {}
@@ -104,7 +106,8 @@ def train_one_epoch(state, loader, hooks=()) -> dict:
                                     terms["proto_valid"]).items():
             pushed[c] = pushed.get(c, 0) + n
         sums += values
-        self_images += terms["self_images"]
+        counts += torch.stack([torch.as_tensor(terms[k], dtype=counts.dtype, device=device)
+                               for k in ("self_images", "pairs", "self_pairs")])
         steps += 1
         images += x.shape[0]
         step_time += time.perf_counter() - t_step
@@ -118,6 +121,8 @@ def train_one_epoch(state, loader, hooks=()) -> dict:
         t_data = time.perf_counter()
     watch.check(state.epoch, state.rank)
     means = (sums / max(steps, 1)).tolist()
+    self_images, pairs, self_pairs = counts.tolist()
     return {**dict(zip(LOSS_TERMS, means)), "steps": steps, "images": images, "self_images": int(self_images),
+            "self_image_share": self_images / max(images, 1), "self_class_share": self_pairs / max(pairs, 1),
             "pushed": pushed, "data_seconds": data_time, "step_seconds": step_time,
             "context_version": state.context.version if state.context else 0}

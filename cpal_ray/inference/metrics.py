@@ -227,7 +227,9 @@ class ThresholdSweep:
     def results(self) -> dict[str, Any]:
         """``thresholds`` and ``miou`` (lists, one per threshold), ``best_threshold``,
         ``best_miou`` (the first maximum: the lowest threshold wins a tie), and at the best
-        threshold ``iou`` (list, NaN = class absent), ``present`` (list of bool), ``pixel_acc``.
+        threshold ``iou`` (list, NaN = class absent), ``present`` (list of bool), ``pixel_acc``;
+        ``threshold_at_edge``: the best threshold is the first or last of a sweep of several, so
+        the optimum may lie outside the range (widen ``inference.threshold_start/stop``).
         """
         scores = [m.compute() for m in self.matrices]
         curve = np.array([s["miou"] for s in scores])
@@ -240,6 +242,7 @@ class ThresholdSweep:
             "iou": scores[best]["iou"].tolist(),
             "present": scores[best]["present"].tolist(),
             "pixel_acc": scores[best]["pixel_acc"],
+            "threshold_at_edge": len(self.thresholds) > 1 and best in (0, len(self.thresholds) - 1),
         }
 
 
@@ -262,6 +265,8 @@ def write_report(results: dict[str, Any], out_dir, class_names: list[str]) -> di
         f"- best mIoU: **{pct(results['best_miou'], 2)}** at background threshold "
         f"**{results['best_threshold']:.2f}**",
         f"- pixel accuracy at that threshold: {pct(results['pixel_acc'], 2)}",
+        *(["- **the best threshold is at the end of the swept range: the optimum may lie outside it "
+            "(widen inference.threshold_start/stop)**"] if results.get("threshold_at_edge") else []),
         f"- thresholds evaluated: {len(results['thresholds'])} "
         f"({results['thresholds'][0]:.2f} .. {results['thresholds'][-1]:.2f})",
         "",

@@ -184,8 +184,8 @@ def _write_markdown(rows: list[dict], records: list[dict], spec: dict, best: dic
     lines = [f"# Sweep `{location(spec['experiment_dir']).name}`: `{spec['module']}`", "", spec.get("title", ""), "",
              f"Search: {spec['search']}; seeds {seeds}; {len(records)} trials "
              f"({sum(r['status'] == 'ok' for r in records)} finished, {sum(r['status'] == 'error' for r in records)} "
-             f"failed, {sum(r['status'] == 'unfinished' for r in records)} unfinished). Seed mIoU on the val split, "
-             f"background threshold swept."]
+             f"failed, {sum(r['status'] == 'unfinished' for r in records)} unfinished). Seed mIoU on the "
+             f"{spec.get('eval_split', 'val')} split, background threshold swept."]
     if spec.get("resources"):
         r = spec["resources"]
         lines += ["", f"Each trial: {r['workers']} Ray Train workers x {r['per_worker']}, trial function {r['trial']}, "
