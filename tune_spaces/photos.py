@@ -1,4 +1,4 @@
-"""CPAL against the BCE baseline on the bundled photos: each training budget with both arms.
+"""Table 1's rows I (BCE) and V (full CPAL) on the bundled photos, at two training budgets.
 
 For the README's 3-seed table on the 97 training photos (the WSSS protocol: seeds scored on the
 training images; run with ``--eval-split train``): the demo's budget (5 epochs) and twice it
