@@ -4,7 +4,8 @@ import pytest
 from PIL import Image
 
 from cpal_ray.cpal import PrototypeBank
-from cpal_ray.inference.visuals import bank_plot, colour_labels, image_grid, iou_bars, miou_curves, pca_2d
+from cpal_ray.inference.visuals import (_series, bank_plot, colour_labels, diagnostic_curves, image_grid, iou_bars,
+                                       miou_curves, pca_2d)
 
 pytestmark = pytest.mark.unit
 
@@ -51,3 +52,15 @@ def test_bars_and_curves(tmp_path):
                     "best_threshold": 0.1}}
     assert_png(iou_bars(res, ["cat", "dog"], tmp_path / "bars.png"))
     assert_png(miou_curves(res, tmp_path / "curves.png"))
+
+
+def test_diagnostic_curves_take_ray_and_local_histories(tmp_path):
+    cpal = [{"epoch": e, "bce": 0.6 - 0.1 * e, "self": 0.02 * e, "self_class_share": 0.5 * e, "bank_fill": [3, 5],
+             "classes_below_k": [0] if e == 0 else [], "diag_cam_miou": 0.2 + 0.05 * e, "diag_pacam_miou": 0.1}
+            for e in range(3)]
+    base = [{"epoch": e, "bce": 0.6 - 0.1 * e, "self": 0.0, "bank_fill": float("nan"), "classes_below_k": float("nan"),
+             "diag_pacam_miou": float("nan")} for e in range(3)]  # a Ray table row: NaN where the run had nothing
+    assert _series(cpal, "bank_fill_mean") == ([0, 1, 2], [4.0, 4.0, 4.0])
+    assert _series(cpal, "classes_below_k_count") == ([0, 1, 2], [1.0, 0.0, 0.0])
+    assert _series(base, "bank_fill_mean") == ([], []) and _series(base, "diag_pacam_miou") == ([], [])
+    assert_png(diagnostic_curves({"baseline": base, "cpal": cpal}, tmp_path / "diag.png"))

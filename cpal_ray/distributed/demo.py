@@ -24,7 +24,7 @@ from cpal_ray.inference.io import load_cams_npz, load_label_png
 from cpal_ray.inference.jobs import cam_path, source_dir
 from cpal_ray.inference.metrics import write_report
 from cpal_ray.inference.report import console_summary, write_demo_report
-from cpal_ray.inference.visuals import bank_plot, image_grid, iou_bars, max_map, miou_curves
+from cpal_ray.inference.visuals import bank_plot, diagnostic_curves, image_grid, iou_bars, max_map, miou_curves
 
 log = logging.getLogger(__name__)
 RUNS = {"baseline": {"cpal.enabled": False}, "cpal": {}}
@@ -90,6 +90,7 @@ def run_demo(cfg: Config, out_dir: str | Path, *, fresh: bool = True, grid_image
             result = run_training(rcfg)
         r["timings"]["train"] = timings[train_stage]
         r["final"] = result.final_dir
+        r["history"] = result.history
         source = "both" if rcfg.cpal.enabled else "cam"
         with _stage(timings, f"{run}: val CAMs + seed mIoU", say):
             run_make_cams(rcfg, result.final_dir, out / run / "cams_val", split="val", source=source)
@@ -110,7 +111,8 @@ def run_demo(cfg: Config, out_dir: str | Path, *, fresh: bool = True, grid_image
     if "pacam_val" in runs.get("cpal", {}):
         notes.append(f"CPAL's PACAM seeds on val: {100 * runs['cpal']['pacam_val']['best_miou']:.1f} mIoU "
                      f"(bg threshold {runs['cpal']['pacam_val']['best_threshold']:.2f}).")
-    report = write_demo_report(out, runs, names, figures, timings, notes)
+    report = write_demo_report(out, runs, names, figures, timings, notes,
+                               (cfg.inference.threshold_start, cfg.inference.threshold_stop))
     say(console_summary(runs))
     say(f"[demo] report: {report}")
     return {"runs": runs, "timings": timings, "report": report}
@@ -135,5 +137,7 @@ def _figures(cfg, out: Path, runs: dict, names, grid_images: int, timings: dict,
         if cp and "pacam_val" in cp:
             curves["cpal (PACAM)"] = cp["pacam_val"]
         figs["mIoU vs background threshold (val seeds)"] = miou_curves(curves, out / "figures" / "miou_curves.png").relative_to(out).as_posix()
+        figs["what CPAL did, per epoch (solid: baseline, dashed: CPAL)"] = diagnostic_curves(
+            {k: v["history"] for k, v in runs.items()}, out / "figures" / "diagnostics.png").relative_to(out).as_posix()
     return figs
 

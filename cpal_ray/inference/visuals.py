@@ -138,3 +138,55 @@ def miou_curves(results: dict[str, dict], path: str | Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, path)
+
+
+# Per-epoch quantities of a run's history shown by ``diagnostic_curves``: (title, [(key, label)]).
+DIAGNOSTIC_PANELS = (
+    ("losses", [("bce", "BCE"), ("self", "L_self")]),
+    ("share in L_self", [("self_image_share", "images"), ("self_class_share", "(image, class) pairs")]),
+    ("seed mIoU, training subsample", [("diag_cam_miou", "CAM"), ("diag_pacam_miou", "PACAM")]),
+    ("object / background mean", [("diag_cam_ratio", "CAM"), ("diag_pacam_ratio", "PACAM")]),
+    ("CAM vs PACAM", [("diag_agreement_iou", "IoU of > 0.5"), ("diag_agreement_l1", "mean |diff|")]),
+    ("bank", [("bank_fill_mean", "entries per class (mean)"), ("classes_below_k_count", "classes < K")]),
+)
+
+
+def _series(history: list[dict], key: str) -> tuple[list[int], list[float]]:
+    """(epochs, values) of one per-epoch quantity; list-valued records give a mean or a count."""
+    xs, ys = [], []
+    for rec in history:
+        if key == "bank_fill_mean":  # lists, or NaN in a table row of a run without a bank
+            fill = rec.get("bank_fill")
+            value = float(np.mean(fill)) if isinstance(fill, (list, tuple, np.ndarray)) else None
+        elif key == "classes_below_k_count":
+            below = rec.get("classes_below_k")
+            value = len(below) if isinstance(below, (list, tuple, np.ndarray)) else None
+        else:
+            value = rec.get(key)
+        if isinstance(value, (int, float)) and np.isfinite(value):
+            xs.append(int(rec["epoch"]))
+            ys.append(float(value))
+    return xs, ys
+
+
+def diagnostic_curves(histories: dict[str, list[dict]], path: str | Path) -> Path:
+    """What CPAL did, epoch by epoch, one line style per run (e.g. baseline vs CPAL): losses, the
+    share of images and classes in L_self, the seed mIoU of CAM and PACAM on training images,
+    their object/background contrast and agreement, and the bank (``engine.diagnostics``)."""
+    fig = Figure(figsize=(13, 6.5), dpi=100)
+    styles = ["-", "--", ":", "-."]
+    for p, (title, keys) in enumerate(DIAGNOSTIC_PANELS):
+        ax = fig.add_subplot(2, 3, p + 1)
+        for r, (run, history) in enumerate(histories.items()):
+            for k, (key, label) in enumerate(keys):
+                xs, ys = _series(history, key)
+                if xs:
+                    ax.plot(xs, ys, styles[r % len(styles)], color=f"C{k}", marker=".", label=f"{label} ({run})")
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("epoch", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=6)
+    fig.tight_layout()
+    return _save(fig, path)
