@@ -48,7 +48,7 @@ def main(argv=None) -> int:
     p.add_argument("--workers", default="0,2", help="DataLoader worker counts to compare")
     p.add_argument("--headline-workers", type=int, default=-1,
                    help="worker count of the last line (-1 = the config's data.loader_workers)")
-    p.add_argument("--config", default=str(C.REPO / "configs" / "voc_mini_cpu.yaml"))
+    p.add_argument("--config", default="configs/voc_mini_cpu.yaml")
     args = p.parse_args(argv)
     reps = args.reps or (1 if args.quick else 3)
     if args.quick:

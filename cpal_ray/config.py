@@ -7,8 +7,10 @@ Every invalid value raises ``ConfigError`` naming the field and what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -20,17 +22,39 @@ CENTERS = ("none", "image")
 PSEUDO_MODES = ("irn", "crf_argmax")
 # Named (conf_fg, conf_bg) presets for IRN-style pseudo-labels.
 PSEUDO_PRESETS = {"irn": (0.30, 0.05), "amn": (0.45, 0.15)}
+# The configs shipped inside the package (configs/<name>.yaml names them from anywhere).
+SHIPPED_CONFIGS = Path(__file__).resolve().parent / "configs"
 # The data shipped inside the package (real photos, see cpal_ray/assets/voc_mini/PROVENANCE.md).
 BUNDLED_VOC_MINI = "bundled:voc-mini"
 
 
 class ConfigError(ValueError):
-    """A config value is invalid; the message names the field (and file, when loaded)."""
+    """A config value is invalid; the message names the field (and the file or the override it
+    came from); ``field`` is the dotted field name."""
+
+    def __init__(self, message: str, field: str = ""):
+        super().__init__(message)
+        self.field = field
 
 
 def _check(cond: bool, name: str, msg: str) -> None:
     if not cond:
-        raise ConfigError(f"{name}: {msg}")
+        raise ConfigError(f"{name}: {msg}", field=name)
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """YAML 1.1 as PyYAML reads it, except that numbers in scientific notation without a dot
+    (``1e6``, ``5e-4``) are floats, not strings."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"))
+
+
+def _yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_YamlLoader)
 
 
 @dataclass(frozen=True)
@@ -414,31 +438,62 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     for item in items:
         _check("=" in item, item, "an override must look like section.field=value")
         key, raw = item.split("=", 1)
-        parsed[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+        try:
+            parsed[key.strip()] = _yaml(raw) if raw.strip() else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item}: not a YAML value ({str(e).splitlines()[0]})",
+                              field=key.strip()) from None
     return parsed
+
+
+def shipped_configs() -> list[str]:
+    """Names of the configs shipped inside the package (``cpal_ray/configs/<name>.yaml``)."""
+    return sorted(p.stem for p in SHIPPED_CONFIGS.glob("*.yaml"))
+
+
+def config_file(path):
+    """The ``Location`` of a config: ``path`` itself when it exists (a local path or a URI), else
+    the shipped config it names — ``configs/<name>.yaml``, ``<name>.yaml`` or ``<name>`` — found in
+    the installed package, so a shipped config loads from any directory."""
+    from cpal_ray.storage import is_uri, location
+
+    loc = location(path)
+    if loc.is_file():
+        return loc
+    text = str(path)
+    if not is_uri(text) and Path(text).parent in (Path("."), Path("configs")):
+        shipped = SHIPPED_CONFIGS / (Path(text).stem + ".yaml")
+        if shipped.is_file():
+            return location(shipped)
+    raise ConfigError(f"{text}: config file not found (shipped configs: {', '.join(shipped_configs())})")
 
 
 def load_config(path=None, overrides: list[str] | dict[str, Any] | None = None) -> Config:
     """Load YAML (or defaults when ``path`` is None), apply dotted overrides, validate.
 
-    path: a local path, a URI (``s3://…/config.yaml``) or a ``cpal_ray.storage.Location``."""
-    from cpal_ray.storage import location
-
+    path: a local path, a URI (``s3://…/config.yaml``), a ``cpal_ray.storage.Location`` or a
+    shipped config's name (``config_file``). An invalid value raises ``ConfigError`` naming the
+    field and where it came from: the override that set it, else the file.
+    """
     values: dict[str, Any] = {}
+    source = None
     if path is not None:
-        p = location(path)
-        if not p.is_file():
-            raise ConfigError(f"{p}: config file not found")
+        source = config_file(path)
         try:
-            values = yaml.safe_load(p.read_text()) or {}
+            values = _yaml(source.read_text()) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML: {e}") from e
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise ConfigError(f"{source}: not valid YAML{where}: {getattr(e, 'problem', None) or e}") from None
     if isinstance(overrides, list):
         overrides = parse_overrides(overrides)
+    overrides = overrides or {}
     try:
-        return from_dict(_apply_overrides(values, overrides or {}))
+        return from_dict(_apply_overrides(values, overrides))
     except ConfigError as e:
-        raise ConfigError(f"{path}: {e}" if path is not None else str(e)) from None
+        if e.field in overrides:
+            raise ConfigError(f"override {e.field}={overrides[e.field]}: {e}", e.field) from None
+        raise ConfigError(f"{source}: {e}" if source is not None else str(e), e.field) from None
 
 
 def save_config(cfg: Config, path):

@@ -53,7 +53,7 @@ def ray_start_2_cpus(ray_session):
 
 @pytest.fixture(autouse=True, scope="session")
 def _repo_cwd():
-    """Tests read configs/… relative to the repository root."""
+    """Tests read files (assets, docs) relative to the repository root."""
     old = os.getcwd()
     os.chdir(REPO)
     yield

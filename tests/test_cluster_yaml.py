@@ -119,7 +119,7 @@ def test_head_is_cpu_and_workers_have_eight_gpus():
 
 @pytest.mark.parametrize("cfg_path", GPU_CONFIGS)
 def test_one_worker_node_fits_the_8gpu_configs(cfg_path):
-    cfg = load_config(REPO / cfg_path)
+    cfg = load_config(cfg_path)
     for name, node in worker_types(load_cluster()).items():
         res = node["resources"]
         assert cfg.dist.num_workers * 1 <= res["GPU"], (cfg_path, name)
@@ -221,7 +221,7 @@ def test_storage_and_data_paths_of_gpu_configs_are_on_mounted_volumes(cfg_path):
     config = load_cluster()
     opts = " ".join(config["docker"]["run_options"])
     mounted = [dst for _, dst in re.findall(r"-v\s+(\S+):(\S+)", opts)]
-    cfg = load_config(REPO / cfg_path)
+    cfg = load_config(cfg_path)
     for what, path in (("train.storage_path", cfg.train.storage_path), ("data.root", cfg.data.root),
                        ("model.weights", cfg.model.weights)):
         assert any(os.path.commonpath([path, m]) == m for m in mounted), \

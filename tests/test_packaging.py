@@ -109,3 +109,24 @@ def test_installed_faiss_builds_sees_this_environment():
     pytest.importorskip("faiss")
     builds = km.installed_faiss_builds()
     assert builds and all(b.startswith("faiss") for b in builds)
+
+
+def test_a_built_wheel_ships_the_configs_and_the_console_script(tmp_path):
+    """After a non-editable install, the demo's config loads from any directory (issue: packaging)."""
+    import subprocess
+
+    wheel_dir, target = tmp_path / "wheel", tmp_path / "site"
+    pip = [sys.executable, "-m", "pip", "-q"]
+    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(wheel_dir), str(REPO)], check=True,
+                   capture_output=True, timeout=300)
+    (wheel,) = wheel_dir.glob("cpal_ray-*.whl")
+    subprocess.run([*pip, "install", "--no-deps", "--target", str(target), str(wheel)], check=True,
+                   capture_output=True, timeout=300)
+    assert (target / "bin" / "cpal-ray").is_file() and (target / "cpal_ray" / "configs" / "voc_mini_cpu.yaml").is_file()
+    probe = ("import cpal_ray, workflows.demo as d; from cpal_ray.config import load_config; "
+             "print(cpal_ray.__file__); print(load_config(d.DEFAULT_CONFIG).model.backbone)")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env={"PYTHONPATH": str(target)},
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    module_file, backbone = out.stdout.split()
+    assert module_file.startswith(str(target)) and backbone == "efficientnet_lite0"  # the wheel's copy, not the repo's

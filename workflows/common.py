@@ -3,8 +3,24 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 
-from cpal_ray.config import Config, load_config
+from cpal_ray.config import Config, ConfigError, load_config
+from cpal_ray.data.base import DataError
+
+# Errors a person fixes in a command, a config or a folder: one line, exit status 2, no traceback.
+USER_ERRORS = (ConfigError, DataError, FileNotFoundError, NotADirectoryError)
+
+
+def run(main, argv=None) -> None:
+    """``sys.exit(main(argv))`` for an entry point, with ``USER_ERRORS`` as one line on stderr and
+    exit status 2 (the status argparse uses for a bad command line)."""
+    try:
+        code = main(argv)
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        code = 2
+    sys.exit(code)
 
 
 def base_parser(description: str) -> argparse.ArgumentParser:

@@ -5,13 +5,11 @@
 """
 from __future__ import annotations
 
-import sys
 import time
-from pathlib import Path
 
-from workflows.common import base_parser, setup_logging
+from workflows.common import base_parser, run, setup_logging
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "voc_mini_cpu.yaml"
+DEFAULT_CONFIG = "configs/voc_mini_cpu.yaml"  # shipped in the package: found from any directory
 
 
 def main(argv=None) -> int:
@@ -33,4 +31,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run(main)

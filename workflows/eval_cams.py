@@ -18,9 +18,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 
-from workflows.common import add_cam_actor_flags, base_parser, cam_actor_overrides, config_from_folders, setup_logging
+from workflows.common import (
+    add_cam_actor_flags,
+    base_parser,
+    cam_actor_overrides,
+    config_from_folders,
+    run,
+    setup_logging,
+)
 
 
 def build_parser():
@@ -50,11 +56,10 @@ def main(argv=None) -> int:
     cfg = config_from_folders(args, cams, cams.parent if cams else None, args.checkpoint)
     from cpal_ray.config import save_config
     from cpal_ray.data import build_dataset
+    from cpal_ray.distributed.runtime import output_location
     from cpal_ray.inference.evaluate import evaluate_cam_dir
     from cpal_ray.inference.jobs import source_dir
     from cpal_ray.inference.metrics import write_report
-
-    from cpal_ray.distributed.runtime import output_location
 
     if args.checkpoint:
         from cpal_ray.distributed.pipelines import run_make_cams
@@ -83,4 +88,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run(main)

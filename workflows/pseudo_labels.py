@@ -20,9 +20,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 
-from workflows.common import add_cam_actor_flags, base_parser, cam_actor_overrides, config_from_folders, setup_logging
+from workflows.common import (
+    add_cam_actor_flags,
+    base_parser,
+    cam_actor_overrides,
+    config_from_folders,
+    run,
+    setup_logging,
+)
 
 
 def build_parser():
@@ -77,4 +83,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run(main)

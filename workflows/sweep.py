@@ -18,9 +18,8 @@ stop`) continues with --restore <that folder>: finished trials are kept, unfinis
 from __future__ import annotations
 
 import json
-import sys
 
-from workflows.common import base_parser, config_from_args, setup_logging
+from workflows.common import base_parser, config_from_args, run, setup_logging
 
 
 def parse_args(argv=None):
@@ -83,4 +82,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run(main)

@@ -11,9 +11,8 @@ last checkpoint.
 from __future__ import annotations
 
 import json
-import sys
 
-from workflows.common import base_parser, config_from_args, setup_logging
+from workflows.common import base_parser, config_from_args, run, setup_logging
 
 
 def main(argv=None) -> int:
@@ -31,4 +30,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run(main)

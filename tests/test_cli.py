@@ -1,0 +1,60 @@
+"""What a person sees when a command is wrong: one line naming the field (and the override or
+file it came from), exit status 2, no traceback; the console script; configs found from anywhere."""
+import subprocess
+import sys
+
+import pytest
+
+from cpal_ray.config import ConfigError, load_config
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.unit
+
+
+def run_cli(*args, cwd=REPO):
+    return subprocess.run([sys.executable, "-m", *args], cwd=cwd, capture_output=True, text=True, timeout=120,
+                          env={"PYTHONPATH": REPO, "PATH": "/usr/bin:/bin"})
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["workflows.train", "--config", "configs/synthetic_tiny.yaml", "optim.lr=abc"],
+     "error: override optim.lr=abc: optim.lr: must be a number, got 'abc'"),
+    (["workflows.train", "--config", "configs/synthetic_tiny.yaml", "cpal.metric=euclid"],
+     "error: override cpal.metric=euclid: cpal.metric: unknown metric 'euclid'; choose from ('dot', 'l1', 'l2', 'cosine')"),
+    (["workflows.make_cams", "--checkpoint", "x", "--config", "configs/nope.yaml"],
+     "error: configs/nope.yaml: config file not found (shipped configs: attributes_tiny, coco_resnet50_8gpu, "
+     "synthetic_tiny, voc_mini_cpu, voc_resnet50_8gpu)"),
+])
+def test_a_config_error_is_one_line_and_exit_2(argv, expected):
+    proc = run_cli(*argv)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [expected] and "Traceback" not in proc.stderr
+
+
+def test_a_yaml_typo_names_the_file_and_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("cpal:\n  tau: 0.2\n  top_k: [1, 2\n")
+    proc = run_cli("workflows.sweep", "--space", "k_tau", "--config", str(bad))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith(f"error: {bad}: not valid YAML at line ") and "column" in line
+
+
+def test_scientific_notation_and_shipped_configs_from_any_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no configs/ folder here
+    cfg = load_config("configs/voc_mini_cpu.yaml", ["optim.lr=1e-3", "optim.weight_decay=5e-4"])
+    assert cfg.optim.lr == 1e-3 and cfg.optim.weight_decay == 5e-4 and cfg.model.backbone == "efficientnet_lite0"
+    assert load_config("synthetic_tiny") == load_config("configs/synthetic_tiny.yaml")
+    with pytest.raises(ConfigError, match="override train.epochs=1.5: train.epochs: must be an integer"):
+        load_config("synthetic_tiny", ["train.epochs=1.5"])
+
+
+def test_console_script_dispatches_to_the_workflows():
+    from workflows import cli
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["train", "--config", "configs/synthetic_tiny.yaml", "train.epochs=0"])
+    assert exit_info.value.code == 2  # the same error path as python -m workflows.train
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["nope"])
+    assert exit_info.value.code == 2
