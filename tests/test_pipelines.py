@@ -272,7 +272,7 @@ def test_make_cams_and_eval_cams_workflows(trained, tmp_path, capsys):
     assert len(list(cams.glob("*.npz"))) == N_IMAGES and (cams / "config.yaml").is_file()
     assert eval_cams.main(["--cams", str(cams)]) == 0                  # default --out: <cams>/seeds
     seeds = json.loads((cams / "seeds" / "seeds.json").read_text())
-    assert len(seeds["thresholds"]) == 61 and seeds["images"] == N_IMAGES
+    assert len(seeds["thresholds"]) == 96 and seeds["images"] == N_IMAGES
     assert len(seeds["iou"]) == trained.cfg.data.num_classes + 1
     for name in ("seeds.md", "miou_vs_threshold.png", "config.yaml"):
         assert (cams / "seeds" / name).is_file()

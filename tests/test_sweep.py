@@ -155,9 +155,10 @@ def test_spec_resources_gpus_and_smoke(tmp_path):
     assert load_config("configs/voc_resnet50_8gpu.yaml").dist.max_concurrent_trials == 2
     assert trial_resources(tiny.replace(**{"dist.bank_cpus": 0.5}))["cpu"] == pytest.approx(0.51)
     # Trials run in their own working directory: relative paths that exist here become absolute.
-    rel = tiny.replace(**{"model.weights": TINY, "data.val_split": "cpal_ray/assets/voc12_meta/val.txt"})
+    weights = "cpal_ray/configs/synthetic_tiny.yaml"  # any file that exists relative to the repository
+    rel = tiny.replace(**{"model.weights": weights, "data.val_split": "cpal_ray/assets/voc12_meta/val.txt"})
     base = build_spec(rel, load_space("table3"), tmp_path, max_concurrent=1)["base"]
-    assert base["model"]["weights"] == str(Path(REPO, TINY)) and Path(base["data"]["val_split"]).is_absolute()
+    assert base["model"]["weights"] == str(Path(REPO, weights)) and Path(base["data"]["val_split"]).is_absolute()
     assert base["data"]["train_split"] == "train"
 
 
