@@ -227,6 +227,9 @@ class TrainConfig:
     # Training images scored at each epoch's end for the run's diagnostics (seed mIoU of CAM and
     # PACAM, their contrast and agreement; cpal_ray.engine.diagnostics); 0 = off.
     diag_images: int = 0
+    # MLflow tracking server (or file:// store) for Ray runs, through Ray's integration; "" = off.
+    # TensorBoard files, history.json and curves.png are always written into the run folder.
+    mlflow_uri: str = ""
     # Where runs are written (local path or URI) and the run's name (resume = same name).
     storage_path: str = "results"
     name: str = "cpal"

@@ -1,4 +1,5 @@
-"""Small helpers for reported numbers, shared by every layer: finiteness, strict JSON, percents."""
+"""Small helpers for reported numbers, shared by every layer: finiteness, strict JSON, percents,
+and a progress bar for long loops."""
 from __future__ import annotations
 
 import math
@@ -48,3 +49,10 @@ def pct_pm(mean: Any, std: Any, digits: int = 1) -> str:
     if _as_float(mean) is None:
         return "—"
     return f"{pct(mean, digits)} ± {pct(std if _as_float(std) is not None else 0.0, digits)}"
+
+
+def progress(iterable, desc: str, total: int | None = None):
+    """``iterable`` with a tqdm progress bar on an interactive terminal (none in logs, jobs, tests)."""
+    from tqdm import tqdm
+
+    return tqdm(iterable, desc=desc, total=total, disable=None, leave=False, dynamic_ncols=True)

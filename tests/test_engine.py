@@ -168,3 +168,54 @@ def test_every_epoch_records_what_cpal_did():
         assert 0.0 <= record["diag_cam_miou"] <= 1.0 and 0.0 <= record["diag_agreement_iou"] <= 1.0
     baseline = fit_local(cfg.replace(**{"cpal.enabled": False})).history[-1]
     assert "diag_cam_miou" in baseline and "diag_pacam_miou" not in baseline and "classes_below_k" not in baseline
+
+
+def test_run_records_appear_while_it_trains(tmp_path):
+    """TensorBoard events, history.json and curves.png are in the run folder after the first
+    epoch, before the run ends; a resumed run keeps the earlier epochs' records."""
+    import json
+
+    seen = {}
+
+    class LookAfterEpoch0(Hook):
+        def before_epoch(self, state):
+            if state.epoch == 1:  # epoch 0 is over, the run is not
+                seen["events"] = sorted(p.name for p in (tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+                seen["history"] = json.loads((tmp_path / "history.json").read_text())
+                seen["curves"] = (tmp_path / "curves.png").stat().st_size
+
+    cfg = tiny_cfg(**{"train.epochs": 2, "train.max_steps_per_epoch": 2, "train.log_every": 1})
+    fit_local(cfg, out_dir=tmp_path, hooks=[LookAfterEpoch0()])
+    assert seen["events"] and [r["epoch"] for r in seen["history"]] == [0] and seen["curves"] > 0
+    assert [r["epoch"] for r in json.loads((tmp_path / "history.json").read_text())] == [0, 1]
+    scalars = read_scalars(tmp_path / "tensorboard")
+    assert {"step/loss", "step/lr", "epoch/bce", "epoch/self"} <= set(scalars)
+    assert [step for step, _ in scalars["step/loss"]] == [0, 1, 2, 3]  # every step (log_every 1), global index
+
+
+def read_scalars(folder) -> dict[str, list]:
+    """{tag: [(step, value)]} from TensorBoard event files (TFRecord framing: length, crc, event, crc)."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event
+
+    out: dict[str, list] = {}
+    for path in sorted(folder.glob("events.out.tfevents.*")):
+        data, pos = path.read_bytes(), 0
+        while pos < len(data):
+            (length,) = struct.unpack("<Q", data[pos:pos + 8])
+            event = Event.FromString(data[pos + 12:pos + 12 + length])
+            pos += 12 + length + 4
+            for value in event.summary.value:
+                out.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return out
+
+
+def test_mlflow_hook_logs_each_epochs_numbers():
+    from cpal_ray.engine.tracking import MlflowHook
+
+    calls = []
+    client = type("FakeMlflow", (), {"log_metrics": lambda self, m, step: calls.append((step, m))})()
+    MlflowHook(client).after_epoch(None, {"epoch": 3, "loss": 0.5, "bank_fill": [1, 2], "cluster_device": "cpu",
+                                          "self": float("nan")})
+    assert calls == [(3, {"loss": 0.5})]

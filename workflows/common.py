@@ -34,6 +34,16 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
+def add_tracking_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--mlflow-uri", default=None,
+                   help="also log every epoch to MLflow at this tracking URI (train.mlflow_uri; needs mlflow); "
+                        "TensorBoard files, history.json and curves.png are always in the run folder")
+
+
+def tracking_overrides(args) -> list[str]:
+    return [f"train.mlflow_uri={args.mlflow_uri}"] if getattr(args, "mlflow_uri", None) else []
+
+
 def add_cam_actor_flags(p: argparse.ArgumentParser) -> None:
     """Resources of the Ray Data CAM actors (shortcuts for the inference.* config fields)."""
     p.add_argument("--gpu", action=argparse.BooleanOptionalAction, default=None,

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import json
 
-from workflows.common import base_parser, config_from_args, run, setup_logging
+from workflows.common import (add_tracking_flags, base_parser, config_from_args, run, setup_logging,
+                              tracking_overrides)
 
 
 def parse_args(argv=None):
@@ -45,7 +46,9 @@ def parse_args(argv=None):
     p.add_argument("--retry-errored", action="store_true", help="with --restore: run failed trials again from scratch")
     p.add_argument("--smoke-test", action="store_true",
                    help="2 points, 1 epoch of 2 steps, single-scale eval on 8 images")
+    add_tracking_flags(p)
     args = p.parse_args(argv)
+    args.overrides = [*args.overrides, *tracking_overrides(args)]
     if not args.restore and not args.space:
         p.error("--space is required (or --restore PATH)")
     return args

@@ -6,18 +6,23 @@
 
 train.storage_path is an absolute path every node shares or a URI (s3://…; a custom endpoint from
 AWS_ENDPOINT_URL). Re-running with the same train.name and train.storage_path resumes from the
-last checkpoint.
+last checkpoint. The run folder holds, as it trains, TensorBoard files (tensorboard/), history.json
+and curves.png; --mlflow-uri also logs to MLflow.
 """
 from __future__ import annotations
 
 import json
 
-from workflows.common import base_parser, config_from_args, run, setup_logging
+from workflows.common import (add_tracking_flags, base_parser, config_from_args, run, setup_logging,
+                              tracking_overrides)
 
 
 def main(argv=None) -> int:
-    args = base_parser(__doc__.splitlines()[0]).parse_args(argv)
+    p = base_parser(__doc__.splitlines()[0])
+    add_tracking_flags(p)
+    args = p.parse_args(argv)
     setup_logging()
+    args.overrides = [*args.overrides, *tracking_overrides(args)]
     cfg = config_from_args(args)
     from cpal_ray.distributed.runtime import init_ray
     from cpal_ray.distributed.trainer import run_training

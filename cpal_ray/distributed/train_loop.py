@@ -20,6 +20,7 @@ from cpal_ray.config import from_dict
 from cpal_ray.distributed.bank import NAMESPACE, BankClient
 from cpal_ray.engine import Hook, fit, load_checkpoint, write_checkpoint
 from cpal_ray.engine.comm import all_gather_object, barrier
+from cpal_ray.engine.tracking import MlflowHook
 from cpal_ray.storage import location
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,12 @@ def train_loop_per_worker(config: dict) -> None:
         with checkpoint.as_directory() as folder:
             resume = load_checkpoint(folder)
     hooks = [NodeHook(), *([FaultHook(cfg, actor, config["run_dir"])] if cfg.dist.crash_step >= 0 else [])]
+    if cfg.train.mlflow_uri:  # Ray's MLflow integration: a run on rank 0, a no-op client elsewhere
+        from ray.air.integrations.mlflow import setup_mlflow
+
+        client = setup_mlflow(config=cfg.to_dict(), tracking_uri=cfg.train.mlflow_uri,
+                              experiment_name=cfg.train.name, create_experiment_if_not_exists=True)
+        hooks.append(MlflowHook(client))
     fit(cfg, bank=bank, device=ray.train.torch.get_device(), rank=rank, world_size=world,
         prepare_model=ray.train.torch.prepare_model,  # (3) DDP (gloo on CPU, nccl on GPU), on the device
-        save_fn=report, resume=resume, hooks=hooks)
+        save_fn=report, resume=resume, hooks=hooks, run_dir=config["run_dir"])

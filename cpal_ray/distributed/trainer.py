@@ -11,6 +11,7 @@ the last checkpoint (Ray Train restores it; ``engine.fit`` restores the bank fro
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ import ray
 import ray.train
 from ray.train.torch import TorchTrainer
 
-from cpal_ray.config import Config, save_config
+from cpal_ray.config import Config, ConfigError, save_config
 from cpal_ray.distributed.bank import bank_actor_name, create_bank_actor, remove_bank_actor
 from cpal_ray.distributed.runtime import output_location
 from cpal_ray.distributed.train_loop import train_loop_per_worker
@@ -58,6 +59,8 @@ def build_trainer(cfg: Config, *, bank_actor: str | None, storage: Location, nam
 def run_training(cfg: Config, *, callbacks=None, storage_path: str | None = None, name: str | None = None) -> TrainingResult:
     """Train with Ray Train (Ray must be initialised by the caller) and export the final artefacts."""
     name = name or cfg.train.name
+    if cfg.train.mlflow_uri and importlib.util.find_spec("mlflow") is None:
+        raise ConfigError(f"train.mlflow_uri={cfg.train.mlflow_uri!r}: MLflow tracking needs `pip install mlflow`")
     storage = output_location(storage_path or cfg.train.storage_path, "train.storage_path")
     run_dir = storage / name
     save_config(cfg, run_dir / CONFIG_FILE)

@@ -15,7 +15,8 @@ in this order (detectron2's pattern, without the framework)::
             …one SGD step, push prototypes…
             hook.after_step(state, step)      ClusterHook (warm-up), FaultHook (tests)
         hook.after_epoch(state, record)       ClusterHook (k-means for the next epoch), DiagnosticsHook
-                                              (what CPAL did), the caller's hooks, CheckpointHook last
+                                              (what CPAL did), the caller's hooks, TrackingHook (records
+                                              in the run folder), CheckpointHook last
         state.history.append(record)
 
 Clustering: the context prototypes of epoch e+1 are clustered from the bank at the end of epoch
@@ -41,6 +42,7 @@ from cpal_ray.engine.hooks import CheckpointHook, ClusterHook, Hook
 from cpal_ray.engine.loop import train_one_epoch
 from cpal_ray.engine.optim import build_optimizer, build_scheduler
 from cpal_ray.engine.sampler import GlobalBatchSampler
+from cpal_ray.engine.tracking import TrackingHook
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +62,7 @@ class TrainState:
     steps_per_epoch: int
     epoch: int = 0
     history: list = field(default_factory=list)
+    logged: dict | None = None  # the loss terms and lr of a train.log_every step (train_one_epoch)
 
     @property
     def global_step(self) -> int:
@@ -78,7 +81,7 @@ class FitResult:
 def fit(cfg: Config, *, bank=None, device: torch.device | str = "cpu", rank: int = 0, world_size: int = 1,
         prepare_model: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
         save_fn: Callable[[dict | None, dict], None] | None = None, resume: dict | None = None,
-        hooks: list[Hook] = (), model: torch.nn.Module | None = None, dataset=None) -> FitResult:
+        hooks: list[Hook] = (), model: torch.nn.Module | None = None, dataset=None, run_dir=None) -> FitResult:
     """Train ``cfg.train.epochs`` epochs (from ``resume["epoch"]`` when resuming).
 
     bank: the bank interface (None for the BCE baseline); device: where the model trains;
@@ -86,7 +89,8 @@ def fit(cfg: Config, *, bank=None, device: torch.device | str = "cpu", rank: int
     prepare_model: wraps the model for data parallelism (default: ``model.to(device)``);
     save_fn: receives each epoch's checkpoint (see ``CheckpointHook``); resume: a loaded
     checkpoint (``load_checkpoint``); hooks: run after the clustering, before the checkpoint;
-    model / dataset: built from ``cfg`` (seeded with ``train.seed``) when not given.
+    model / dataset: built from ``cfg`` (seeded with ``train.seed``) when not given; run_dir: where
+    the run's records go as it trains (``TrackingHook``: TensorBoard, history.json, curves.png).
     """
     from cpal_ray.data import build_dataset
     from cpal_ray.models import build_model, unwrap
@@ -115,6 +119,7 @@ def fit(cfg: Config, *, bank=None, device: torch.device | str = "cpu", rank: int
                        epoch=start_epoch)
     all_hooks = [*([ClusterHook(cfg.cpal.warmup_cluster_steps)] if bank is not None else []),
                  DiagnosticsHook(cfg, cfg.train.diag_images), *hooks,
+                 *([TrackingHook(run_dir, cfg.train.name)] if run_dir is not None else []),
                  *([CheckpointHook(save_fn)] if save_fn is not None else [])]
     for epoch in range(start_epoch, cfg.train.epochs):
         state.epoch = epoch

@@ -26,7 +26,7 @@ def latest_epoch_dir(out_dir) -> Location | None:
 
 def fit_local(cfg: Config, out_dir=None, device: str = "cpu", model=None, dataset=None, hooks=()) -> FitResult:
     """Train ``cfg.train.epochs`` epochs in this process, checkpointing into ``out_dir`` (a local
-    path or URI) when given."""
+    path or URI) when given, with the run's records (TensorBoard, history.json, curves.png) there."""
     from cpal_ray.models import embed_dim
 
     bank = PrototypeBank.from_config(cfg, embed_dim(cfg.model)) if cfg.cpal.enabled else None
@@ -42,4 +42,4 @@ def fit_local(cfg: Config, out_dir=None, device: str = "cpu", model=None, datase
             write_checkpoint(out / f"epoch_{record['epoch']:03d}", checkpoint)
 
     return fit(cfg, bank=bank, device=device, save_fn=save_fn, resume=resume, hooks=list(hooks), model=model,
-               dataset=dataset)
+               dataset=dataset, run_dir=out_dir)

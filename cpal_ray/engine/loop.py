@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from cpal_ray.cpal import cpal_step
+from cpal_ray.numbers import progress
 
 log = logging.getLogger(__name__)
 LOSS_TERMS = ("loss", "bce", "self")
@@ -65,7 +66,8 @@ def train_one_epoch(state, loader, hooks=()) -> dict:
         step; cfg; device; bank (``push`` per step, None = no bank); context (None before the
         first clustering, may be replaced by a hook mid-epoch); epoch; rank; steps_per_epoch).
     loader: yields dicts with "image" (B, 3, H, W) and "label" (B, N).
-    hooks: objects with ``after_step(state, step)``.
+    hooks: objects with ``after_step(state, step)``; on every ``train.log_every``-th step
+        ``state.logged`` holds that step's loss terms and lr (None on the others).
     Returns epoch means of loss/bce/self, and steps, images, self_images (images in L_self),
     self_image_share and self_class_share (the shares of images and of positive (image, class)
     pairs that took part in L_self), pushed ({class: count}), data_seconds, step_seconds,
@@ -73,6 +75,7 @@ def train_one_epoch(state, loader, hooks=()) -> dict:
     """
     cfg, model, optimizer, device = state.cfg, state.model, state.optimizer, state.device
     model.train()
+    state.logged = None
     sums = torch.zeros(len(LOSS_TERMS), device=device)
     counts = torch.zeros(3, device=device)  # images in L_self, positive pairs, pairs in L_self
     watch = _NonFiniteWatch(device)
@@ -81,7 +84,8 @@ def train_one_epoch(state, loader, hooks=()) -> dict:
     steps = images = 0
     data_time = step_time = 0.0
     t_data = time.perf_counter()
-    for step, batch in enumerate(loader):
+    batches = progress(loader, f"epoch {state.epoch}", total=state.steps_per_epoch) if state.rank == 0 else loader
+    for step, batch in enumerate(batches):
         if step >= state.steps_per_epoch:
             break
         t_step = time.perf_counter()
@@ -111,11 +115,13 @@ def train_one_epoch(state, loader, hooks=()) -> dict:
         steps += 1
         images += x.shape[0]
         step_time += time.perf_counter() - t_step
+        state.logged = None
         if step % cfg.train.log_every == 0:
             watch.check(state.epoch, state.rank)
-            v = dict(zip(LOSS_TERMS, values.tolist()))
+            v = dict(zip(LOSS_TERMS, values.tolist()), lr=optimizer.param_groups[0]["lr"])
+            state.logged = v  # hooks (tracking) see the values read at this step
             log.info(f"epoch {state.epoch} step {step} rank {state.rank}: loss {v['loss']:.4f} bce {v['bce']:.4f} "
-                     f"self {v['self']:.4f} lr {optimizer.param_groups[0]['lr']:.2e}")
+                     f"self {v['self']:.4f} lr {v['lr']:.2e}")
         for hook in hooks:
             hook.after_step(state, step)
         t_data = time.perf_counter()

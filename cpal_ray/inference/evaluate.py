@@ -24,7 +24,7 @@ from cpal_ray.data.classes import positive_classes
 from cpal_ray.inference.jobs import cam_path
 from cpal_ray.inference.metrics import ConfusionMatrix, ThresholdSweep, thresholds_from_config
 from cpal_ray.inference.multiscale import multiscale_cams
-from cpal_ray.numbers import json_safe
+from cpal_ray.numbers import json_safe, progress
 from cpal_ray.storage import Location, location
 from cpal_ray.inference.pseudo import IGNORE
 
@@ -58,7 +58,7 @@ def evaluate_seeds(model: torch.nn.Module, dataset, cfg, *, device: torch.device
     ctx = context.to(device) if (context is not None and source == "pacam") else None
     sweep = ThresholdSweep(cfg.data.num_classes + 1, thresholds_from_config(cfg.inference))
     n = len(dataset) if not max_images else min(max_images, len(dataset))
-    for i in range(n):
+    for i in progress(range(n), "seed mIoU"):
         item = dataset[i]
         res = multiscale_cams(model, item["image"].to(device), item["label"],
                               scales=tuple(scales or cfg.inference.scales),
@@ -84,7 +84,7 @@ def evaluate_cam_dir(cam_dir, dataset, cfg, max_images: int = 0) -> dict[str, An
     errors: list[str] = []
     n_errors = scored = 0
     n = len(dataset) if not max_images else min(max_images, len(dataset))
-    for i in range(n):
+    for i in progress(range(n), f"scoring {location(cam_dir).name}"):
         sid = dataset.ids[i]
         try:
             _, mask, label = dataset.read(i)
@@ -113,7 +113,8 @@ def evaluate_labels(label_dir, dataset, num_classes: int | None = None,
     errors: list[str] = []
     n_errors = scored = 0
     ignored = total = ignored_gt = total_gt = 0
-    for i in range(len(dataset) if not max_images else min(max_images, len(dataset))):
+    for i in progress(range(len(dataset) if not max_images else min(max_images, len(dataset))),
+                      f"scoring {location(label_dir).name}"):
         sid = dataset.ids[i]
         try:
             mask = np.asarray(dataset.read(i)[1])

@@ -5,6 +5,7 @@ matplotlib's global backend.
 """
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -12,14 +13,16 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from cpal_ray.data.classes import voc_palette
+from cpal_ray.storage import location
 
 
-def _save(fig: Figure, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+def _save(fig: Figure, path) -> Path:
+    """Save as PNG to a local path (returned as a Path) or a storage URI / Location (returned as it is)."""
     FigureCanvasAgg(fig)
-    fig.savefig(path, dpi=fig.dpi, bbox_inches="tight")
-    return path
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=fig.dpi, bbox_inches="tight")
+    target = location(path).write_bytes(buf.getvalue())
+    return Path(target.path) if target.is_local else target
 
 
 def colour_labels(label: np.ndarray) -> np.ndarray:

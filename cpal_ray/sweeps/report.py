@@ -205,6 +205,8 @@ def _write_markdown(rows: list[dict], records: list[dict], spec: dict, best: dic
                      f"(config in `best_config.yaml`).")
     else:
         lines.append("No trial finished.")
+    lines += ["", f"Each trial's records (as it trained): `trials/<trial>/history.json` and `curves.png`; all "
+                  f"of them in TensorBoard with `tensorboard --logdir {spec['experiment_dir']}/trials`."]
     failed = [r for r in records if r["status"] == "error"]
     if failed:
         lines += ["", "## Failed trials", ""]
