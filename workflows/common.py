@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 
 from cpal_ray.config import Config, load_config
 
@@ -59,3 +60,9 @@ def config_from_folders(args, *folders) -> Config:
 
 def setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def input_error(prog: str, error: BaseException) -> int:
+    """Report a bad input (``cpal_ray.engine.inputs.INPUT_ERRORS``) in one line; the exit status 2."""
+    print(f"{prog}: {error}", file=sys.stderr)
+    return 2

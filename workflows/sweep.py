@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import sys
 
-from workflows.common import base_parser, config_from_args, setup_logging
+from workflows.common import base_parser, config_from_args, input_error, setup_logging
 
 
 def parse_args(argv=None):
@@ -64,8 +64,13 @@ def main(argv=None) -> int:
     else:
         from cpal_ray.sweeps.spaces import load_space
 
+        from cpal_ray.engine.inputs import INPUT_ERRORS, check_training_inputs
+
         space = load_space(args.space)
-        cfg = config_from_args(args)
+        try:
+            cfg = check_training_inputs(config_from_args(args))
+        except INPUT_ERRORS as e:
+            return input_error("sweep", e)
         name = args.name or f"sweep-{space.__name__.rsplit('.', 1)[-1]}"
         init_ray(args.address, args.num_cpus)
         storage = output_location(args.storage, "--storage") if args.storage else \

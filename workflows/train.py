@@ -6,23 +6,28 @@
 
 train.storage_path is an absolute path every node shares or a URI (s3://…; a custom endpoint from
 AWS_ENDPOINT_URL). Re-running with the same train.name and train.storage_path resumes from the
-last checkpoint.
+last checkpoint. Bad inputs (config, dataset folder, id list, labels, weights file) are reported
+before Ray starts, with nothing written; the exit status is then 2.
 """
 from __future__ import annotations
 
 import json
 import sys
 
-from workflows.common import base_parser, config_from_args, setup_logging
+from workflows.common import base_parser, config_from_args, input_error, setup_logging
 
 
 def main(argv=None) -> int:
     args = base_parser(__doc__.splitlines()[0]).parse_args(argv)
     setup_logging()
-    cfg = config_from_args(args)
     from cpal_ray.distributed.runtime import init_ray
     from cpal_ray.distributed.trainer import run_training
+    from cpal_ray.engine.inputs import INPUT_ERRORS, check_training_inputs
 
+    try:
+        cfg = check_training_inputs(config_from_args(args))
+    except INPUT_ERRORS as e:
+        return input_error("train", e)
     init_ray(args.address, args.num_cpus)
     result = run_training(cfg)
     print(json.dumps({"run_dir": str(result.run_dir), "final": str(result.final_dir),

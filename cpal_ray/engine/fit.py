@@ -26,6 +26,7 @@ uses, whichever path wrote it. Epoch 0 starts without context (BCE only) unless
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from typing import Callable
@@ -43,6 +44,7 @@ from cpal_ray.engine.optim import build_optimizer, build_scheduler
 from cpal_ray.engine.sampler import GlobalBatchSampler
 
 log = logging.getLogger(__name__)
+MAX_LISTED_SKIPS = 20  # skipped ids listed in an epoch's record (the count is always complete)
 
 
 @dataclass
@@ -88,11 +90,14 @@ def fit(cfg: Config, *, bank=None, device: torch.device | str = "cpu", rank: int
     checkpoint (``load_checkpoint``); hooks: run after the clustering, before the checkpoint;
     model / dataset: built from ``cfg`` (seeded with ``train.seed``) when not given.
     """
-    from cpal_ray.data import build_dataset
+    from cpal_ray.data import SkipUnreadable, build_dataset, record_labels_source
     from cpal_ray.models import build_model, unwrap
 
     torch.manual_seed(cfg.train.seed)
     dataset = dataset if dataset is not None else build_dataset(cfg.data, "train", train=True)
+    cfg = dataclasses.replace(cfg, data=record_labels_source(cfg.data, dataset))  # checkpoints name the labels used
+    if cfg.data.on_bad_sample == "skip":
+        dataset = SkipUnreadable(dataset)
     model = model if model is not None else build_model(cfg.model, cfg.data.num_classes)
     sampler = GlobalBatchSampler(len(dataset), cfg.train.batch_size, world_size, rank, seed=cfg.train.seed,
                                  max_steps=cfg.train.max_steps_per_epoch)
@@ -127,6 +132,11 @@ def fit(cfg: Config, *, bank=None, device: torch.device | str = "cpu", rank: int
         record["epoch"] = epoch
         record["start_epoch"] = start_epoch  # > 0: this attempt resumed from a checkpoint
         record["pushed_per_rank"] = [{str(k): v for k, v in p.items()} for p in all_gather_object(record.pop("pushed"))]
+        skipped = sorted(set().union(*all_gather_object(record.pop("skipped_ids"))))
+        record["skipped_samples"], record["skipped_ids"] = len(skipped), skipped[:MAX_LISTED_SKIPS]
+        if skipped and rank == 0:
+            log.warning("epoch %d: %d unreadable samples replaced by readable ones (data.on_bad_sample=skip): %s",
+                        epoch, len(skipped), skipped[:MAX_LISTED_SKIPS])
         for hook in all_hooks:
             hook.after_epoch(state, record)
         state.history.append(record)
