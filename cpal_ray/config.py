@@ -67,7 +67,9 @@ class DataConfig:
     # Id list used for training / evaluation (a name like "train_aug" or a path to a .txt).
     train_split: str = "train"
     val_split: str = "val"
-    # Image-level labels (np.save'd dict id -> multi-hot); "" = <root>/cls_labels.npy.
+    # Image-level labels: a cls_labels.json, or an np.save'd dict (.npy, read without running code),
+    # or a "bundled:" name ("bundled:voc12"); "" = <root>/cls_labels.json, else <root>/cls_labels.npy,
+    # else (VOC only, with a WARNING) the packaged VOC 2012 labels. Runs save the file they used here.
     cls_labels: str = ""
     # Folder of ground-truth masks under root; "" = the dataset's own default
     # ("SegmentationClass" for VOC — use "SegmentationClassAug" for train_aug — and "mask" for COCO).
@@ -85,7 +87,9 @@ class DataConfig:
     hflip: bool = True
     # torch DataLoader workers per training process.
     loader_workers: int = 0
-    # What to do with a bad sample (unreadable image, no positive label): "error" or "skip".
+    # A bad sample (missing or unreadable image or mask, no positive label): "error" stops with its
+    # file and id; "skip" leaves it out (training: replaced in its batch by the next readable image,
+    # counted in the epoch's skipped_samples; pipelines: a failed manifest row).
     on_bad_sample: str = "error"
 
     def __post_init__(self):
@@ -262,6 +266,9 @@ class DistConfig:
     # Fault injection for tests: crash rank `crash_rank` once at global step `crash_step` (-1 = off).
     crash_rank: int = -1
     crash_step: int = -1
+    # Fault injection: > 0 = that rank waits this many seconds to be killed from outside (its PID is
+    # in <run>/.fault_worker_done) instead of exiting by itself.
+    crash_wait_s: float = 0.0
 
     def __post_init__(self):
         _check(self.num_workers >= 1, "dist.num_workers", f"must be >= 1, got {self.num_workers}")
@@ -269,6 +276,7 @@ class DistConfig:
         _check(self.bank_cpus >= 0 and self.bank_gpus >= 0, "dist.bank_cpus/bank_gpus", "must be >= 0")
         _check(self.max_pushes_in_flight >= 1, "dist.max_pushes_in_flight", "must be >= 1")
         _check(self.max_failures >= -1, "dist.max_failures", "must be >= -1")
+        _check(self.crash_wait_s >= 0, "dist.crash_wait_s", "must be >= 0")
         _check(self.max_concurrent_trials >= 0, "dist.max_concurrent_trials", "must be >= 0 (0 = what the cluster holds)")
 
 
@@ -499,8 +507,13 @@ def load_config(path=None, overrides: list[str] | dict[str, Any] | None = None) 
         raise ConfigError(f"{source}: {e}" if source is not None else str(e), e.field) from None
 
 
+def config_yaml(cfg: Config) -> str:
+    """The YAML text ``save_config`` writes."""
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
 def save_config(cfg: Config, path):
     """Write the resolved config as YAML to a local path or URI (atomically); returns its Location."""
     from cpal_ray.storage import location
 
-    return location(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    return location(path).write_text(config_yaml(cfg))

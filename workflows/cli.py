@@ -13,7 +13,7 @@ import sys
 from workflows.common import run
 
 COMMANDS = {"train": "train", "sweep": "sweep", "make-cams": "make_cams", "eval-cams": "eval_cams",
-            "pseudo-labels": "pseudo_labels", "demo": "demo"}
+            "pseudo-labels": "pseudo_labels", "convert-labels": "convert_labels", "demo": "demo"}
 
 
 def main(argv=None) -> None:

@@ -5,11 +5,8 @@ import argparse
 import logging
 import sys
 
-from cpal_ray.config import Config, ConfigError, load_config
-from cpal_ray.data.base import DataError
-
-# Errors a person fixes in a command, a config or a folder: one line, exit status 2, no traceback.
-USER_ERRORS = (ConfigError, DataError, FileNotFoundError, NotADirectoryError)
+from cpal_ray.config import Config, load_config
+from cpal_ray.engine.inputs import USER_ERRORS
 
 
 def run(main, argv=None) -> None:

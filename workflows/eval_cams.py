@@ -11,12 +11,13 @@ make_cams) or of the checkpoint, plus the overrides. With ``--checkpoint`` the C
 computed on Ray Data into ``<out>/cams`` (``--source`` picks CAM or PACAM); with only ``--cams``
 no Ray is started. Folders are local paths or URIs. Writes (``--out``, default
 ``<run>/seeds-<split>`` beside the checkpoint folder, or ``<cams>/seeds``) ``<out>/seeds.json``,
-``seeds.md``, ``miou_vs_threshold.png`` and ``config.yaml``. Images without a usable CAM file are
-listed and left out; the exit status is then 1.
+``seeds.md``, ``miou_vs_threshold.png`` and ``config.yaml``. Images without a usable CAM file or
+without a ground-truth mask are listed and left out (never scored); the exit status is then 1.
+A bad input (missing CAM folder, checkpoint that does not verify, unreadable dataset) is reported
+before anything starts or is written; the exit status is then 2.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 
 from workflows.common import (
@@ -50,17 +51,19 @@ def main(argv=None) -> int:
     args.overrides = [*args.overrides, *cam_actor_overrides(args)]
     if args.threshold is not None:
         args.overrides = [*args.overrides, f"inference.fixed_threshold={args.threshold}"]
-    from cpal_ray.storage import location
-
-    cams = location(args.cams) if args.cams else None
-    cfg = config_from_folders(args, cams, cams.parent if cams else None, args.checkpoint)
     from cpal_ray.config import save_config
     from cpal_ray.data import build_dataset
+    from cpal_ray.distributed.pipelines import check_inputs
     from cpal_ray.distributed.runtime import output_location
     from cpal_ray.inference.evaluate import evaluate_cam_dir
     from cpal_ray.inference.jobs import source_dir
     from cpal_ray.inference.metrics import write_report
+    from cpal_ray.storage import location
 
+    cams = location(args.cams) if args.cams else None
+    cfg = config_from_folders(args, cams, cams.parent if cams else None, args.checkpoint)
+    source = args.source or cfg.inference.cam_source
+    inputs = check_inputs(cfg, args.split, checkpoint=args.checkpoint, cam_dir=cams, source=source, limit=args.limit)
     if args.checkpoint:
         from cpal_ray.distributed.pipelines import run_make_cams
         from cpal_ray.distributed.runtime import init_ray
@@ -68,15 +71,14 @@ def main(argv=None) -> int:
         init_ray(args.address, args.num_cpus)
         out = output_location(args.out, "--out") if args.out else \
             location(args.checkpoint).parent / f"seeds-{args.split}"
-        source = args.source or cfg.inference.cam_source
-        summary = run_make_cams(cfg, args.checkpoint, out / "cams", split=args.split, source=source, limit=args.limit)
+        summary = run_make_cams(cfg, args.checkpoint, out / "cams", split=args.split, source=source, limit=args.limit,
+                                inputs=inputs)
         cams = source_dir(out / "cams", source)
         print(json.dumps({"make_cams": {k: v for k, v in summary.to_dict().items() if k != "failures"}}))
     else:
         out = output_location(args.out, "--out") if args.out else cams / "seeds"
-    save_config(cfg, out / "config.yaml")
-    data = dataclasses.replace(cfg.data, on_bad_sample="skip")
-    dataset = build_dataset(data, args.split, train=False)
+    save_config(inputs.cfg, out / "config.yaml")
+    dataset = build_dataset(inputs.worker_cfg.data, args.split, train=False)
     results = evaluate_cam_dir(cams, dataset, cfg, max_images=args.limit)
     results["errors"] = [f"id {sid}: {reason}" for sid, reason in dataset.skipped] + results["errors"]
     results["n_errors"] += len(dataset.skipped)

@@ -12,7 +12,9 @@ Checkpoint and output are local paths or URIs (s3://…). Writes (``--out``, def
 ``<out>/manifest.parquet`` and ``<out>/config.yaml``. The CAM actors' resources come from the
 flags or ``inference.*``; their pool grows with the cluster. Running again skips the files that
 validate. Images that fail (missing, corrupt) are listed in the JSON summary and the manifest;
-the others are written, and the exit status is then 1.
+the others are written, and the exit status is then 1. A bad input (a checkpoint that is missing
+or does not verify, a dataset that cannot be read) is reported before Ray starts, with nothing
+written, and the exit status is 2.
 """
 from __future__ import annotations
 
@@ -44,15 +46,16 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging()
     args.overrides = [*args.overrides, *cam_actor_overrides(args)]
-    cfg = config_from_folders(args, args.checkpoint)
-    from cpal_ray.distributed.pipelines import run_make_cams
+    from cpal_ray.distributed.pipelines import check_inputs, run_make_cams
     from cpal_ray.distributed.runtime import init_ray, output_location
     from cpal_ray.storage import location
 
+    cfg = config_from_folders(args, args.checkpoint)
+    inputs = check_inputs(cfg, args.split, checkpoint=args.checkpoint, source=args.source, limit=args.limit)
     init_ray(args.address, args.num_cpus)
     out = output_location(args.out, "--out") if args.out else location(args.checkpoint).parent / f"cams-{args.split}"
     summary = run_make_cams(cfg, args.checkpoint, out, split=args.split, source=args.source, limit=args.limit,
-                            overwrite=args.overwrite)
+                            overwrite=args.overwrite, inputs=inputs)
     print(json.dumps(summary.to_dict()))
     return 0 if summary.ok else 1
 

@@ -14,11 +14,12 @@ CAM) folder; all of them are local paths or URIs. The config is ``--config`` if 
 ``<out>/pseudo_labels_miou.json`` and ``config.yaml``. CRF actors take ``pseudo.cpus_per_task``
 CPUs each and their pool grows with the cluster (up to ``--crf-actors``). Killed and started
 again, it skips the PNGs that validate and ends with the same files. Images that fail are listed
-in the summary and the manifest; the exit status is then 1.
+in the summary and the manifest; the exit status is then 1. A bad input (missing CAM folder,
+checkpoint that does not verify, unreadable dataset) is reported before Ray starts, with nothing
+written; the exit status is then 2.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 
 from workflows.common import (
@@ -60,21 +61,23 @@ def main(argv=None) -> int:
                       *(f"pseudo.{k}={v}" for k, v in pseudo.items() if v is not None)]
     from cpal_ray.storage import location
 
-    cams_parent = location(args.cams).parent if args.cams else None  # a pacam/ folder: the config is above it
-    cfg = config_from_folders(args, args.cams, cams_parent, args.checkpoint)
     from cpal_ray.data import build_dataset
-    from cpal_ray.distributed.pipelines import run_pseudo_labels
+    from cpal_ray.distributed.pipelines import check_inputs, run_pseudo_labels
     from cpal_ray.distributed.runtime import init_ray, output_location
     from cpal_ray.inference.evaluate import evaluate_labels, write_json
 
+    cams_parent = location(args.cams).parent if args.cams else None  # a pacam/ folder: the config is above it
+    cfg = config_from_folders(args, args.cams, cams_parent, args.checkpoint)
+    inputs = check_inputs(cfg, args.split, checkpoint=None if args.cams else args.checkpoint, cam_dir=args.cams,
+                          source=cfg.inference.cam_source, limit=args.limit)
     init_ray(args.address, args.num_cpus)
     out = output_location(args.out, "--out") if args.out else \
         location(args.checkpoint or args.cams).parent / f"pseudo-labels-{args.split}"
     summary = run_pseudo_labels(cfg, out, cam_dir=args.cams, checkpoint=args.checkpoint, split=args.split,
-                                overwrite=args.overwrite, limit=args.limit)
+                                overwrite=args.overwrite, limit=args.limit, inputs=inputs)
     report = {"run": summary.to_dict()}
     if not args.no_eval:
-        dataset = build_dataset(dataclasses.replace(cfg.data, on_bad_sample="skip"), args.split, train=False)
+        dataset = build_dataset(inputs.worker_cfg.data, args.split, train=False)
         scores = evaluate_labels(out, dataset, max_images=args.limit)
         write_json(scores, out / "pseudo_labels_miou.json")
         report["miou"] = {k: scores[k] for k in ("miou", "pixel_acc", "frac_ignored", "images", "n_errors")}

@@ -7,7 +7,9 @@
 train.storage_path is an absolute path every node shares or a URI (s3://…; a custom endpoint from
 AWS_ENDPOINT_URL). Re-running with the same train.name and train.storage_path resumes from the
 last checkpoint. The run folder holds, as it trains, TensorBoard files (tensorboard/), history.json
-and curves.png; --mlflow-uri also logs to MLflow.
+and curves.png; --mlflow-uri also logs to MLflow. Bad inputs (config, dataset
+folder, id list, labels, weights file) are reported before Ray starts, with nothing written; the
+exit status is then 2.
 """
 from __future__ import annotations
 
@@ -23,10 +25,11 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     setup_logging()
     args.overrides = [*args.overrides, *tracking_overrides(args)]
-    cfg = config_from_args(args)
     from cpal_ray.distributed.runtime import init_ray
     from cpal_ray.distributed.trainer import run_training
+    from cpal_ray.engine.inputs import check_training_inputs
 
+    cfg = check_training_inputs(config_from_args(args))
     init_ray(args.address, args.num_cpus)
     result = run_training(cfg)
     print(json.dumps({"run_dir": str(result.run_dir), "final": str(result.final_dir),

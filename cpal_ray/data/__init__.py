@@ -12,6 +12,7 @@ No Ray here: ``cpal_ray.distributed`` wraps these.
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -20,16 +21,18 @@ from torch.utils.data import DataLoader, Sampler
 
 from cpal_ray.data.assets import VOC12_META_DIR, VOC_MINI_DIR, resolve_root_path
 from cpal_ray.data.attributes import AttributeShapes
-from cpal_ray.data.base import DataError, FileDataset, SampleDataset
+from cpal_ray.data.base import DataError, FileDataset, SampleDataset, SkipUnreadable
 from cpal_ray.data.classes import (COCO_CLASSES, VOC_CLASSES, attribute_class_names, colorize, synthetic_class_names,
                                    voc_palette)
 from cpal_ray.data.coco import COCOSegmentation, convert_instances
+from cpal_ray.data.labels import convert_labels
 from cpal_ray.data.synthetic import SyntheticShapes
 from cpal_ray.data.transforms import EvalTransform, TrainTransform
 from cpal_ray.data.voc import VOCSegmentation
 
 __all__ = [
-    "DataError", "SampleDataset", "FileDataset", "VOCSegmentation", "COCOSegmentation", "SyntheticShapes", "AttributeShapes",
+    "DataError", "SampleDataset", "FileDataset", "SkipUnreadable", "convert_labels", "labels_source",
+    "record_labels_source", "VOCSegmentation", "COCOSegmentation", "SyntheticShapes", "AttributeShapes",
     "TrainTransform", "EvalTransform", "VOC_CLASSES", "COCO_CLASSES", "voc_palette", "colorize",
     "synthetic_class_names", "attribute_class_names", "convert_instances", "resolve_root", "class_names", "build_dataset",
     "collate", "build_loader", "set_epoch", "VOC_MINI_DIR", "VOC12_META_DIR",
@@ -76,6 +79,21 @@ def build_dataset(data_cfg, split: str = "train", train: bool | None = None, ret
         raise DataError(f"data.root={data_cfg.root!r} is a VOC-layout dataset; set data.dataset=voc")
     name = {"train": data_cfg.train_split, "val": data_cfg.val_split}.get(split, split)
     return _READERS[data_cfg.dataset].from_config(data_cfg, name, train, return_rgb)
+
+
+def labels_source(dataset) -> str:
+    """Where the image-level labels of ``dataset`` come from, as runs record them (saved configs,
+    manifests): the label file's ``bundled:`` name or absolute path; "procedural" for the
+    synthetic and attribute sets."""
+    return dataset.labels_source if isinstance(dataset, FileDataset) else "procedural"
+
+
+def record_labels_source(data_cfg, dataset):
+    """``data_cfg`` with ``cls_labels`` naming the label file ``dataset`` read (file datasets; others
+    are returned unchanged): the config a run saves then says, and reloads, the labels it used."""
+    if not isinstance(dataset, FileDataset):
+        return data_cfg
+    return dataclasses.replace(data_cfg, cls_labels=dataset.labels_source)
 
 
 def collate(batch: list[dict[str, Any]]) -> dict[str, Any]:

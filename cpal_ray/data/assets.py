@@ -15,6 +15,9 @@ VOC_MINI_DIR = ASSETS_DIR / "voc_mini"
 VOC12_META_DIR = ASSETS_DIR / "voc12_meta"
 
 BUNDLED_ROOTS = {"bundled:voc-mini": VOC_MINI_DIR}
+# Label files shipped in the package, by the name a config (data.cls_labels) and a run's record use.
+BUNDLED_LABELS = {"bundled:voc12": VOC12_META_DIR / "cls_labels.npy",
+                  "bundled:voc-mini": VOC_MINI_DIR / "cls_labels.npy"}
 
 
 def resolve_root_path(root: str | os.PathLike) -> Path:
@@ -26,3 +29,9 @@ def resolve_root_path(root: str | os.PathLike) -> Path:
             raise ValueError(f"unknown bundled dataset {text!r}; known: {sorted(BUNDLED_ROOTS)}")
         return BUNDLED_ROOTS[text]
     return Path(text).expanduser()
+
+
+def bundled_name(path: str | os.PathLike) -> str | None:
+    """The ``bundled:`` name of a packaged label file, or None for any other path."""
+    resolved = Path(path).expanduser().resolve()
+    return next((name for name, p in BUNDLED_LABELS.items() if p == resolved), None)

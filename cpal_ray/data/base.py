@@ -4,13 +4,18 @@ Item format (docs/DESIGN.md), ``dataset[i]`` ->
     {"id": str, "image": float32 (3, H, W) ImageNet-normalised, "label": float32 (N,) multi-hot,
      "mask": int64 (H, W) 0 bg / 1..N classes / 255 ignore, "rgb": uint8 (H, W, 3) if return_rgb}
 
+A sample without a mask file gets an all-255 mask (training needs none); ``check_mask`` raises
+for it, and the evaluators call it, so such an image is reported, never scored as all-ignore.
+Unreadable samples (``on_bad_sample``): "error" raises DataError naming the file and id; "skip"
+drops bad ids when the dataset is built and, in training, ``SkipUnreadable`` replaces an image
+that fails to decode by the next readable one and reports it.
+
 Augmentation randomness of item i is drawn from ``numpy.random.default_rng([seed, epoch, i])``,
 so an item is the same whatever the worker or process that loads it; call ``set_epoch`` (or
 ``cpal_ray.data.set_epoch(loader, epoch)``) before each epoch to get fresh augmentations.
 """
 from __future__ import annotations
 
-import functools
 import logging
 import os
 from pathlib import Path
@@ -48,40 +53,6 @@ def read_id_list(path: str | os.PathLike) -> list[str]:
             token = line.split()[0]
             ids.append(Path(token).stem if "/" in token or "." in token else token)
     return ids
-
-
-@functools.lru_cache(maxsize=8)
-def _load_npy_dict(path: str, mtime_ns: int) -> dict:
-    obj = np.load(path, allow_pickle=True)
-    if obj.dtype != object or obj.shape != ():
-        raise DataError(f"{path}: expected an np.save'd dict {{id: multi-hot}}, got array {obj.shape} {obj.dtype}")
-    d = obj.item()
-    if not isinstance(d, dict):
-        raise DataError(f"{path}: expected an np.save'd dict, got {type(d).__name__}")
-    return d
-
-
-def load_label_dict(path: str | os.PathLike, key_fn: Callable[[Any], Hashable]) -> dict:
-    """Read ``cls_labels.npy`` (np.save of a dict id -> multi-hot) re-keyed by ``key_fn``.
-
-    Two raw keys that normalise to the same key must carry the same label, else DataError.
-    Returns {key_fn(raw_key): float32 array}.
-    """
-    p = Path(path)
-    try:
-        raw = _load_npy_dict(str(p.resolve()), p.stat().st_mtime_ns)
-    except DataError:
-        raise
-    except (OSError, ValueError, EOFError) as e:
-        raise DataError(f"{p}: cannot read image-level labels: {e}") from e
-    out: dict = {}
-    for k, v in raw.items():
-        key = key_fn(k)
-        vec = np.asarray(v, dtype=np.float32)
-        if key in out and not np.array_equal(out[key], vec):
-            raise DataError(f"{p}: keys {k!r} and another spelling of the same id disagree (id {key})")
-        out[key] = vec
-    return out
 
 
 def read_rgb(path: Path, sample_id: str) -> np.ndarray:
@@ -162,6 +133,10 @@ class SampleDataset(Dataset):
         """Multi-hot float32 (N,) of item ``index``."""
         return self.read(index)[2]
 
+    def check_mask(self, index: int) -> None:
+        """Raise DataError when item ``index`` has no ground-truth mask to score against (procedural
+        sets always have one)."""
+
     def set_epoch(self, epoch: int) -> None:
         """Select the augmentation stream of this epoch (see the module docstring)."""
         self.epoch = int(epoch)
@@ -209,6 +184,19 @@ class FileDataset(SampleDataset):
 
     def mask_path(self, sample_id: str) -> Path:
         raise NotImplementedError
+
+    @property
+    def labels_source(self) -> str:
+        """The label file in use, as runs record it (``cpal_ray.data.labels.labels_source``)."""
+        from cpal_ray.data.labels import labels_source
+
+        return labels_source(self.labels_file)
+
+    def check_mask(self, index: int) -> None:
+        sid = self.ids[index]
+        path = self.mask_path(sid)
+        if not path.is_file():
+            raise DataError(f"{path}: ground-truth mask missing (id {sid}); the image cannot be scored")
 
     def _bad(self, sample_id: str, reason: str) -> None:
         if self.on_bad_sample == "error":
@@ -283,3 +271,36 @@ class FileDataset(SampleDataset):
             if not self.ids:
                 raise DataError(f"validate: all {len(problems)} samples are bad; first: {problems[0][1]}")
         return problems
+
+
+class SkipUnreadable(Dataset):
+    """Training items with ``data.on_bad_sample="skip"``: an image or mask that fails to decode
+    (DataError) is replaced by the next readable item (index + 1, + 2, … wrapping), so every
+    step keeps its batch size and the ranks of a data-parallel run keep stepping together.
+
+    Every item gets ``"skipped"``: the ids replaced on the way to it, space-separated ("" when
+    none); ``train_one_epoch`` counts them into the epoch's record and logs them.
+    """
+
+    def __init__(self, dataset: SampleDataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.dataset.set_epoch(epoch)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        n, skipped = len(self.dataset), []
+        for k in range(n):
+            j = (index + k) % n
+            try:
+                item = self.dataset[j]
+            except DataError as e:
+                skipped.append(self.dataset.ids[j])
+                log.warning("skipping unreadable sample %s: %s", self.dataset.ids[j], e)
+                continue
+            item["skipped"] = " ".join(skipped)
+            return item
+        raise DataError(f"none of the {n} samples can be read; first: {skipped[:1]}")

@@ -2,7 +2,7 @@
 
     <root>/train2014/COCO_train2014_<12 digits>.jpg   (and val2014/)
     <root>/mask/{train2014,val2014}/<id>.png           0 bg, 1..80 classes, 255 ignore (optional)
-    <root>/cls_labels.npy                              dict id -> float32[80] multi-hot
+    <root>/cls_labels.json (or .npy)                   id -> multi-hot over the 80 classes
     <root>/<split>.txt or <root>/<split>_id.txt        one id per line
 
 Ids are image file stems (``COCO_train2014_000000000009``). Labels may be keyed by that stem,
@@ -23,8 +23,10 @@ from pathlib import Path
 import numpy as np
 
 from cpal_ray.data.assets import resolve_root_path
-from cpal_ray.data.base import DataError, FileDataset, load_label_dict, read_id_list
+from cpal_ray.data.base import DataError, FileDataset, read_id_list
 from cpal_ray.data.classes import COCO_CLASSES, colorize
+from cpal_ray.data.labels import (LABEL_FILE_NAMES, find_labels_file, load_label_dict, read_label_file,
+                                  write_labels_json)
 from cpal_ray.data.transforms import IGNORE_INDEX, EvalTransform, TrainTransform
 
 log = logging.getLogger(__name__)
@@ -49,7 +51,7 @@ class COCOSegmentation(FileDataset):
         root: dataset folder in the layout above.
         split: ``train`` / ``val`` (list ``<root>/<split>.txt`` or ``<split>_id.txt``, images in
             ``<split>2014/``) or a path to a .txt.
-        cls_labels: labels file; "" = ``<root>/cls_labels.npy``.
+        cls_labels: labels file; "" = ``<root>/cls_labels.json``, else ``<root>/cls_labels.npy``.
         mask_dir: mask folder under root; ``<mask_dir>/<split>2014/`` is tried first, then
             ``<mask_dir>/``, then ``mask/<split>2014/``.
         transform, return_rgb, on_bad_sample, seed: as for ``VOCSegmentation``.
@@ -64,11 +66,7 @@ class COCOSegmentation(FileDataset):
             raise DataError(f"{self.root}: COCO root folder not found")
         self.split, self.mask_dir = split, mask_dir
         split_file = self._split_file(split)
-        labels_file = Path(cls_labels).expanduser() if cls_labels else self.root / "cls_labels.npy"
-        if cls_labels and not labels_file.is_file():
-            labels_file = self.root / cls_labels
-        if not labels_file.is_file():
-            raise DataError(f"{labels_file}: image-level labels file not found")
+        labels_file = find_labels_file(self.root, cls_labels)
         labels = load_label_dict(labels_file, coco_key)
         self._paths: dict[str, Path] = {}
         self._select_ids(read_id_list(split_file), labels, coco_key, labels_file, str(split_file))
@@ -167,8 +165,8 @@ def convert_instances(instances_json: str | os.PathLike, out_root: str | os.Path
 
     Writes ``mask/<split>2014/<stem>.png`` (palette PNG, values 0/1..80/255),
     ``<split>.txt`` (ids = image file stems, images with no annotation left out) and merges the
-    labels into ``cls_labels.npy`` (dict stem -> float32[80]; existing entries of other images
-    are kept). Crowd categories count as present in the label. Returns counts:
+    labels into ``cls_labels.json`` (stem -> multi-hot over the 80 classes; the entries of other
+    images already in the folder's label file, JSON or npy, are kept). Crowd categories count as present in the label. Returns counts:
     ``{"images", "written", "no_annotations", "crowd"}``.
     """
     if split not in _SPLIT_DIRS:
@@ -193,8 +191,8 @@ def convert_instances(instances_json: str | os.PathLike, out_root: str | os.Path
     out = Path(out_root)
     mask_dir = out / "mask" / _SPLIT_DIRS[split]
     mask_dir.mkdir(parents=True, exist_ok=True)
-    labels_path = out / "cls_labels.npy"
-    labels = dict(np.load(labels_path, allow_pickle=True).item()) if labels_path.is_file() else {}
+    existing = next((out / n for n in LABEL_FILE_NAMES if (out / n).is_file()), None)
+    labels = dict(read_label_file(existing)) if existing is not None else {}
     ids, stats = [], {"images": 0, "written": 0, "no_annotations": 0, "crowd": 0}
     for img in sorted(data.get("images", []), key=lambda im: im["id"]):
         stats["images"] += 1
@@ -213,6 +211,6 @@ def convert_instances(instances_json: str | os.PathLike, out_root: str | os.Path
         ids.append(stem)
         stats["written"] += 1
     (out / f"{split}.txt").write_text("".join(f"{i}\n" for i in ids))
-    np.save(labels_path, labels, allow_pickle=True)
+    write_labels_json(out / "cls_labels.json", labels)
     log.info("COCO %s: %s -> %s (%s)", split, src, out, stats)
     return stats

@@ -3,8 +3,8 @@
     <root>/JPEGImages/<id>.jpg
     <root>/<mask_dir>/<id>.png                 optional; 0 bg, 1..20 classes, 255 ignore
     <root>/ImageSets/Segmentation/<split>.txt  or <root>/<split>.txt, or a path to a .txt
-    <root>/cls_labels.npy                      or DataConfig.cls_labels; else the packaged
-                                               VOC 2012 labels (cpal_ray/assets/voc12_meta)
+    <root>/cls_labels.json or cls_labels.npy   or DataConfig.cls_labels; else the packaged
+                                               VOC 2012 labels ("bundled:voc12", with a WARNING)
 
 Label files from the public WSSS code bases key ids as ints (``2007000032``); others use the id
 string (``2007_000032``). Both spellings, in the labels and in the id lists, are normalised to
@@ -18,8 +18,9 @@ import re
 from pathlib import Path
 
 from cpal_ray.data.assets import VOC12_META_DIR, resolve_root_path
-from cpal_ray.data.base import DataError, FileDataset, load_label_dict, read_id_list
+from cpal_ray.data.base import DataError, FileDataset, read_id_list
 from cpal_ray.data.classes import VOC_CLASSES
+from cpal_ray.data.labels import find_labels_file, load_label_dict
 from cpal_ray.data.transforms import EvalTransform, TrainTransform
 
 log = logging.getLogger(__name__)
@@ -53,28 +54,14 @@ def find_split_file(root: Path, split: str) -> Path:
     raise DataError(f"split {split!r}: no id list found; tried {', '.join(map(str, tried))}")
 
 
-def find_labels_file(root: Path, cls_labels: str | os.PathLike = "") -> Path:
-    """``cls_labels`` when given (as is, else relative to root), else ``<root>/cls_labels.npy``,
-    else the packaged VOC 2012 labels. DataError when a given file does not exist."""
-    if cls_labels:
-        for p in (Path(cls_labels).expanduser(), root / cls_labels):
-            if p.is_file():
-                return p
-        raise DataError(f"{cls_labels}: image-level labels file not found (also tried under {root})")
-    own = root / "cls_labels.npy"
-    if own.is_file():
-        return own
-    log.info("VOC: %s has no cls_labels.npy; using the packaged VOC 2012 labels", root)
-    return VOC12_META_DIR / "cls_labels.npy"
-
-
 class VOCSegmentation(FileDataset):
     """PASCAL VOC 2012 images with image-level labels and (optional) masks; N = 20.
 
     Args:
         root: dataset folder (or ``"bundled:voc-mini"``).
         split: id-list name (``train``, ``train_aug``, ``val``) or path to a .txt.
-        cls_labels: labels file; "" = ``<root>/cls_labels.npy`` or the packaged VOC 2012 one.
+        cls_labels: labels file or ``bundled:`` name; "" = ``<root>/cls_labels.json`` or ``.npy``,
+            else the packaged VOC 2012 labels (a WARNING names them; ``labels_source`` records them).
         mask_dir: mask folder under root (``SegmentationClassAug`` for train_aug).
         transform: a preset from ``cpal_ray.data.transforms`` (default EvalTransform).
         return_rgb: add the uint8 photo (H, W, 3) to items.
@@ -94,7 +81,7 @@ class VOCSegmentation(FileDataset):
         self.mask_dir = mask_dir
         split_file = find_split_file(self.root, split)
         ids = [normalize_voc_id(i) for i in read_id_list(split_file)]
-        labels_file = find_labels_file(self.root, cls_labels)
+        labels_file = find_labels_file(self.root, cls_labels, fallback=VOC12_META_DIR / "cls_labels.npy", reader="VOC")
         labels = load_label_dict(labels_file, normalize_voc_id)
         self._select_ids(ids, labels, normalize_voc_id, labels_file, str(split_file))
 

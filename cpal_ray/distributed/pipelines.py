@@ -19,6 +19,11 @@ ids, then sees nothing but small rows (id, path, classes, size, seconds, status,
 memory does not grow with the dataset. Pseudo-labels read saved CAMs (``cam_dir``) or, given a
 checkpoint, chain both stages and keep the CAMs in ``<out>/cams``.
 
+Checked first, written after: ``check_inputs`` (no Ray) verifies the checkpoint, the CAM folder
+and the split before Ray starts (the workflows call it first) and before ``run_spec.json``,
+``config.yaml`` or any output is written, so a bad input leaves the output folder as it was.
+The saved config and every manifest row name the image-level label file used.
+
 Resuming: every stage first validates the file it would write and skips it when valid, so a
 killed run started again redoes only what is missing or broken; outputs are deterministic
 and written atomically, so the final files equal those of an uninterrupted run. A bad image or
@@ -39,7 +44,8 @@ from ray.data import ActorPoolStrategy
 
 from cpal_ray.config import Config, save_config
 from cpal_ray.storage import Location, location
-from cpal_ray.data import build_dataset
+from cpal_ray.data import DataError, build_dataset, labels_source, record_labels_source
+from cpal_ray.engine.checkpoint import CheckpointError, checkpoint_context, load_checkpoint
 from cpal_ray.inference.jobs import (CAM_SCHEMA, LABEL_SCHEMA, ManifestWriter, cam_job, check_run_spec,
                                      consolidate_manifest, failed_row, pseudo_label_job, rows_to_table, source_dir)
 
@@ -174,16 +180,42 @@ class PseudoLabeler(_Stage):
 # ------------------------------------------------------------------------------------ driver
 
 
-def list_ids(cfg: Config, split: str, limit: int = 0) -> tuple[Config, list[str], list[tuple[str, str]]]:
-    """The ids to process and the ids the reader rejected (missing image, bad label), with reasons.
+@dataclass
+class PipelineInputs:
+    """What a pipeline run reads, checked by ``check_inputs``.
 
-    Returns the config with ``data.on_bad_sample="skip"`` (workers must not fail on those ids
-    either), the first ``limit`` ids (0 = all) and the rejected (id, reason) pairs.
+    cfg: the run's config with ``data.cls_labels`` naming the label file in use (it is saved);
+    worker_cfg: the same with ``data.on_bad_sample="skip"`` (a bad id is a failed row, not a
+    failed worker); ids: the ids to process; rejected: (id, reason) of the ids the reader left
+    out (missing image, bad label); labels_source: the label file, for the manifest.
     """
-    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, on_bad_sample="skip"))
-    dataset = build_dataset(cfg.data, split, train=False)
+    cfg: Config
+    worker_cfg: Config
+    ids: list
+    rejected: list
+    labels_source: str
+
+
+def check_inputs(cfg: Config, split: str, *, checkpoint=None, cam_dir=None, source: str = "cam",
+                 limit: int = 0) -> PipelineInputs:
+    """Check a pipeline's inputs without Ray and without writing: ``checkpoint`` loads and verifies
+    (and holds context prototypes when ``source`` needs the PACAM), ``cam_dir`` is a folder, and the
+    split builds with at least one usable id. Raises CheckpointError / DataError / ValueError
+    naming the input; returns the ``PipelineInputs`` (``limit``: only the first ids, 0 = all)."""
+    if source not in SOURCES:
+        raise ValueError(f"source must be one of {tuple(SOURCES)}, got {source!r}")
+    if checkpoint is not None:
+        state = load_checkpoint(checkpoint)
+        if "pacam" in SOURCES[source] and checkpoint_context(state) is None:
+            raise CheckpointError(f"{checkpoint}: no context prototypes in this checkpoint; source={source!r} needs them")
+    if cam_dir is not None and not location(cam_dir).is_dir():
+        raise DataError(f"{cam_dir}: no such CAM folder")
+    worker_cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, on_bad_sample="skip"))
+    dataset = build_dataset(worker_cfg.data, split, train=False)
     ids = list(dataset.ids)[:limit] if limit else list(dataset.ids)
-    return cfg, ids, list(dataset.skipped)
+    cfg = dataclasses.replace(cfg, data=record_labels_source(cfg.data, dataset))
+    worker_cfg = dataclasses.replace(worker_cfg, data=record_labels_source(worker_cfg.data, dataset))
+    return PipelineInputs(cfg, worker_cfg, ids, list(dataset.skipped), labels_source(dataset))
 
 
 def _id_dataset(ids: list[str], rows_per_block: int):
@@ -253,7 +285,7 @@ def _cam_spec(cfg: Config, checkpoint) -> dict:
 
 def run_make_cams(cfg: Config, checkpoint, out_dir, *, split: str = "val", source: str = "cam",
                   skip_existing: bool = True, overwrite: bool = False, limit: int = 0, rows_per_block: int = 4,
-                  crash_after: int = -1) -> RunSummary:
+                  crash_after: int = -1, inputs: PipelineInputs | None = None) -> RunSummary:
     """CAM files for every image of ``split``: ``<out>/<id>.npz`` and/or ``<out>/pacam/<id>.npz``,
     ``<out>/manifest.parquet``, ``<out>/config.yaml`` (the resolved config) and ``run_spec.json``.
 
@@ -261,19 +293,15 @@ def run_make_cams(cfg: Config, checkpoint, out_dir, *, split: str = "val", sourc
     ``cam_actors_per_gpu``, ``cam_cpus``, ``max_cam_actors``; ``model`` must match the
     checkpoint); checkpoint, out_dir: local paths or URIs; source: "cam", "pacam", "both";
     overwrite: recompute everything, even files made with other settings; limit: only the first
-    ``limit`` ids (0 = all).
+    ``limit`` ids (0 = all); inputs: what ``check_inputs`` returned for these arguments (checked
+    here when not given; nothing is written when the check fails).
     """
     t0, out_dir = time.monotonic(), location(out_dir)
-    if source not in SOURCES:
-        raise ValueError(f"source must be one of {tuple(SOURCES)}, got {source!r}")
-    if source != "cam":
-        from cpal_ray.engine.checkpoint import checkpoint_context, load_checkpoint
-        if checkpoint_context(load_checkpoint(checkpoint)) is None:
-            raise ValueError(f"{checkpoint}: no context prototypes in this checkpoint; source={source!r} needs them")
-    check_run_spec(out_dir, _spec(cfg, split, **_cam_spec(cfg, checkpoint)), overwrite)
-    save_config(cfg, out_dir / "config.yaml")
-    cfg, ids, rejected = list_ids(cfg, split, limit)
-    writer = ManifestWriter(out_dir / MANIFEST_DIR, CAM_SCHEMA)
+    inputs = inputs or check_inputs(cfg, split, checkpoint=checkpoint, source=source, limit=limit)
+    check_run_spec(out_dir, _spec(inputs.cfg, split, **_cam_spec(inputs.cfg, checkpoint)), overwrite)
+    save_config(inputs.cfg, out_dir / "config.yaml")
+    cfg, ids, rejected = inputs.worker_cfg, inputs.ids, inputs.rejected
+    writer = ManifestWriter(out_dir / MANIFEST_DIR, CAM_SCHEMA, labels_source=inputs.labels_source)
     writer.add(rows_to_table([failed_row(CAM_SCHEMA, sid, reason) for sid, reason in rejected], CAM_SCHEMA))
     if ids:
         ds = _add_cam_stage(_id_dataset(ids, rows_per_block), cfg, checkpoint, out_dir, split, source,
@@ -284,7 +312,7 @@ def run_make_cams(cfg: Config, checkpoint, out_dir, *, split: str = "val", sourc
 
 def run_pseudo_labels(cfg: Config, out_dir, *, cam_dir=None, checkpoint=None, split: str = "train",
                       skip_existing: bool = True, overwrite: bool = False, limit: int = 0, rows_per_block: int = 4,
-                      crash_after: int = -1) -> RunSummary:
+                      crash_after: int = -1, inputs: PipelineInputs | None = None) -> RunSummary:
     """Pseudo-label PNGs ``<out>/<id>.png`` for every image of ``split`` + ``<out>/manifest.parquet``.
 
     CAMs come from ``cam_dir`` (files of ``run_make_cams``) or, without it, are computed from
@@ -296,16 +324,19 @@ def run_pseudo_labels(cfg: Config, out_dir, *, cam_dir=None, checkpoint=None, sp
     t0, out_dir = time.monotonic(), location(out_dir)
     if cam_dir is None and checkpoint is None:
         raise ValueError("pseudo-labels need saved CAMs (cam_dir) or a checkpoint to compute them")
-    skip_existing = skip_existing and not overwrite
     on_the_fly = cam_dir is None
+    inputs = inputs or check_inputs(cfg, split, checkpoint=checkpoint if on_the_fly else None, cam_dir=cam_dir,
+                                    source=cfg.inference.cam_source, limit=limit)
+    cfg = inputs.cfg
+    skip_existing = skip_existing and not overwrite
     cams_spec = _cam_spec(cfg, checkpoint) | {"cam_source": cfg.inference.cam_source} if on_the_fly else \
         {"cam_dir": str(location(cam_dir))}
     # The settings that decide the PNGs (not the CRF actors' resources).
     pseudo = {k: v for k, v in dataclasses.asdict(cfg.pseudo).items() if k not in ("cpus_per_task", "max_crf_actors")}
     check_run_spec(out_dir, _spec(cfg, split, pseudo=pseudo, **cams_spec), overwrite)
     save_config(cfg, out_dir / "config.yaml")
-    cfg, ids, rejected = list_ids(cfg, split, limit)
-    writer = ManifestWriter(out_dir / MANIFEST_DIR, LABEL_SCHEMA)
+    cfg, ids, rejected = inputs.worker_cfg, inputs.ids, inputs.rejected
+    writer = ManifestWriter(out_dir / MANIFEST_DIR, LABEL_SCHEMA, labels_source=inputs.labels_source)
     writer.add(rows_to_table([failed_row(LABEL_SCHEMA, sid, reason) for sid, reason in rejected], LABEL_SCHEMA))
     if ids:
         ds = _id_dataset(ids, rows_per_block)

@@ -4,13 +4,17 @@ Every rank runs the same ``fit`` as a local run, with the bank actor behind a ``
 DDP from ``prepare_model`` and checkpoints handed to ``ray.train.report`` (rank 0 writes the
 folder, the other ranks report metrics only: ``report`` is a barrier). On a (re)start ``fit``
 restores the bank actor from the checkpoint's bank state (rank 0), or empties it, so a
-restarted run continues from exactly the saved bank.
+restarted run continues from exactly the saved bank. The checkpoint is the one Ray Train hands
+out (the last it registered) when it verifies, else the newest older one of the run folder that
+does (``resume_state``; each one skipped is logged with the reason).
 """
 from __future__ import annotations
 
 import logging
 import os
+import posixpath
 import tempfile
+import time
 
 import ray
 import ray.train
@@ -18,18 +22,21 @@ import ray.train.torch
 
 from cpal_ray.config import from_dict
 from cpal_ray.distributed.bank import NAMESPACE, BankClient
-from cpal_ray.engine import Hook, fit, load_checkpoint, write_checkpoint
+from cpal_ray.engine import Hook, fit, load_first_valid, write_checkpoint
 from cpal_ray.engine.comm import all_gather_object, barrier
 from cpal_ray.engine.tracking import MlflowHook
 from cpal_ray.storage import location
 
 log = logging.getLogger(__name__)
+CHECKPOINT_PREFIX = "checkpoint_"  # Ray Train's checkpoint folders: checkpoint_<date and time>
 
 
 class FaultHook(Hook):
     """Fault injection for tests, once per run (a marker file in the run folder remembers):
     ``dist.crash_rank/crash_step`` kills that worker process at that global step;
-    ``crash_rank = -2`` kills the bank actor instead (from rank 0)."""
+    ``crash_rank = -2`` kills the bank actor instead (from rank 0). With ``dist.crash_wait_s > 0``
+    the worker does not exit by itself: it writes ``pid <pid>`` into the marker and waits that
+    long to be killed from outside (a test's SIGKILL by PID, as when a node dies)."""
 
     def __init__(self, cfg, bank_actor, run_dir: str):
         self.d, self.bank_actor = cfg.dist, bank_actor
@@ -42,7 +49,12 @@ class FaultHook(Hook):
             return
         if self.marker.exists():
             return
-        self.marker.write_text(f"epoch {state.epoch} step {step}\n")
+        self.marker.write_text(f"pid {os.getpid()} epoch {state.epoch} step {step}\n")
+        if self.d.crash_wait_s > 0 and self.d.crash_rank >= 0:
+            log.warning("fault injection: rank %d (pid %d) waits to be killed at global step %d", state.rank,
+                        os.getpid(), self.d.crash_step)
+            time.sleep(self.d.crash_wait_s)
+            raise RuntimeError(f"fault injection: rank {state.rank} was not killed within {self.d.crash_wait_s}s")
         if self.d.crash_rank == -2:
             log.warning("fault injection: killing the bank actor at global step %d", self.d.crash_step)
             ray.kill(self.bank_actor, no_restart=False)
@@ -68,17 +80,34 @@ def report(checkpoint: dict | None, record: dict) -> None:
         ray.train.report(record, checkpoint=ray.train.Checkpoint.from_directory(tmp))  # (4) report
 
 
+def resume_state(run_dir: str) -> dict | None:
+    """The checkpoint state this (re)start resumes from, or None for a fresh run.
+
+    Ray Train hands out the last checkpoint it registered; when that one does not verify (a
+    truncated or damaged copy), the newest older ``checkpoint_*`` folder of the run that does is
+    used (``engine.load_first_valid`` logs each one skipped and why; none usable raises
+    ``CheckpointError``, which is not retried)."""
+    checkpoint = ray.train.get_checkpoint()  # (2) resume from the last registered checkpoint
+    if checkpoint is None:
+        return None
+    run = location(run_dir)
+    name = posixpath.basename(checkpoint.path.rstrip("/"))
+    older = sorted((d for d in run.dirs() if d.name.startswith(CHECKPOINT_PREFIX) and d.name < name),
+                   key=lambda d: d.name, reverse=True)
+    state, folder = load_first_valid([run / name, *older])
+    if folder.name != name:
+        log.warning("resuming from %s (epoch %d) instead of the registered %s, which does not verify", folder,
+                    state["epoch"], name)
+    return state
+
+
 def train_loop_per_worker(config: dict) -> None:
     cfg = from_dict(config["cfg"])
     ctx = ray.train.get_context()  # (1) who am I
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     actor = ray.get_actor(config["bank_actor"], namespace=NAMESPACE) if config.get("bank_actor") else None
     bank = BankClient(actor, cfg.dist.max_pushes_in_flight, rank=rank, barrier=barrier) if actor else None
-    resume = None
-    checkpoint = ray.train.get_checkpoint()  # (2) resume from the last reported checkpoint
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            resume = load_checkpoint(folder)
+    resume = resume_state(config["run_dir"])
     hooks = [NodeHook(), *([FaultHook(cfg, actor, config["run_dir"])] if cfg.dist.crash_step >= 0 else [])]
     if cfg.train.mlflow_uri:  # Ray's MLflow integration: a run on rank 0, a no-op client elsewhere
         from ray.air.integrations.mlflow import setup_mlflow

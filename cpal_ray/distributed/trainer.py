@@ -8,6 +8,13 @@ with ``weights_only=True``, ``state.pt`` with the bank and its context prototype
 ``summary.json`` and the per-epoch ``history.json``) are copied to ``<storage_path>/<name>/final``
 from the last checkpoint, in the same storage. Running again with the same name resumes from
 the last checkpoint (Ray Train restores it; ``engine.fit`` restores the bank from it).
+
+Failing fast and safe: the inputs are checked before Ray Train starts
+(``engine.inputs.check_training_inputs``: nothing is written when they fail); a worker error
+that retrying cannot fix (``NOT_RETRYABLE``: data, config, checkpoint errors, a non-finite loss)
+ends the run at once whatever ``dist.max_failures`` says (``FailFast``) and is raised as itself;
+checkpoint folders that Ray Train never registered (a driver killed between a worker writing
+one and the controller recording it) are removed before a run resumes.
 """
 from __future__ import annotations
 
@@ -23,11 +30,14 @@ from ray.train.torch import TorchTrainer
 from cpal_ray.config import Config, ConfigError, save_config
 from cpal_ray.distributed.bank import bank_actor_name, create_bank_actor, remove_bank_actor
 from cpal_ray.distributed.runtime import output_location
-from cpal_ray.distributed.train_loop import train_loop_per_worker
-from cpal_ray.engine.checkpoint import CONFIG_FILE, MODEL_FILE, STATE_FILE, checkpoint_context, load_checkpoint
+from cpal_ray.distributed.train_loop import CHECKPOINT_PREFIX, train_loop_per_worker
+from cpal_ray.engine.checkpoint import CHECKPOINT_FILES, CONFIG_FILE, checkpoint_context, load_checkpoint
+from cpal_ray.engine.inputs import NOT_RETRYABLE, check_training_inputs
 from cpal_ray.storage import Location, relative_path
 
 log = logging.getLogger(__name__)
+# Ray Train's record of the checkpoints it registered, in the run folder.
+SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"
 
 
 @dataclass
@@ -37,6 +47,46 @@ class TrainingResult:
     metrics: dict              # last reported metrics (rank 0)
     history: list              # per-epoch metrics
     checkpoint_dir: Location   # the last checkpoint Ray Train registered, in the storage
+
+
+class FailFast(ray.train.UserCallback):
+    """Runs in Ray Train's controller: when a worker raised an error of ``NOT_RETRYABLE``, raise it
+    there, which ends the run (a controller error is not retried) instead of restarting the
+    workers into the same error up to ``dist.max_failures`` times."""
+
+    def after_exception(self, run_context, worker_exceptions) -> None:
+        for rank, error in sorted(worker_exceptions.items()):
+            if isinstance(error, NOT_RETRYABLE):
+                log.error("rank %d: %s: %s; not retried", rank, type(error).__name__, error)
+                raise error
+
+
+def registered_checkpoints(run_dir: Location) -> list[str] | None:
+    """Names of the checkpoint folders Ray Train registered in ``run_dir`` (None: no readable record)."""
+    snapshot = run_dir / SNAPSHOT_FILE
+    if not snapshot.is_file():
+        return []
+    try:
+        return [r["checkpoint_dir_name"] for r in json.loads(snapshot.read_text())["checkpoint_results"]]
+    except (ValueError, KeyError, TypeError) as e:
+        log.warning("%s: unreadable (%s); no checkpoint folder is removed", snapshot, e)
+        return None
+
+
+def remove_unregistered_checkpoints(run_dir: Location) -> list[str]:
+    """Delete the ``checkpoint_*`` folders of ``run_dir`` Ray Train never registered: written by a
+    worker after the last registration, when the driver was killed. Ray never resumes from them,
+    and a fallback past a damaged checkpoint must not either. Returns the names removed."""
+    registered = registered_checkpoints(run_dir)
+    if registered is None:
+        return []
+    removed = []
+    for folder in run_dir.dirs():
+        if folder.name.startswith(CHECKPOINT_PREFIX) and folder.name not in registered:
+            log.warning("%s: removing a checkpoint Ray Train never registered (left by a killed run)", folder)
+            folder.delete()
+            removed.append(folder.name)
+    return removed
 
 
 def build_trainer(cfg: Config, *, bank_actor: str | None, storage: Location, name: str,
@@ -52,23 +102,32 @@ def build_trainer(cfg: Config, *, bank_actor: str | None, storage: Location, nam
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(name=name, storage_path=storage.path, storage_filesystem=storage.fs,
                                        failure_config=ray.train.FailureConfig(max_failures=d.max_failures),
-                                       callbacks=callbacks),
+                                       callbacks=[*(callbacks or []), FailFast()]),
     )
 
 
 def run_training(cfg: Config, *, callbacks=None, storage_path: str | None = None, name: str | None = None) -> TrainingResult:
-    """Train with Ray Train (Ray must be initialised by the caller) and export the final artefacts."""
+    """Train with Ray Train (Ray must be initialised by the caller) and export the final artefacts.
+
+    Bad inputs raise before Ray Train starts, with nothing written; a worker error of
+    ``NOT_RETRYABLE`` is raised as itself (``ray.train.TrainingFailedError`` for the others)."""
     name = name or cfg.train.name
     if cfg.train.mlflow_uri and importlib.util.find_spec("mlflow") is None:
         raise ConfigError(f"train.mlflow_uri={cfg.train.mlflow_uri!r}: MLflow tracking needs `pip install mlflow`")
     storage = output_location(storage_path or cfg.train.storage_path, "train.storage_path")
     run_dir = storage / name
+    cfg = check_training_inputs(cfg)
     save_config(cfg, run_dir / CONFIG_FILE)
+    remove_unregistered_checkpoints(run_dir)
     actor_name = bank_actor_name(name) if cfg.cpal.enabled else None
     # Keep the handle for the whole fit: a non-detached actor dies with its last handle.
     actor = create_bank_actor(cfg, actor_name) if actor_name else None
     try:
         result = build_trainer(cfg, bank_actor=actor_name, storage=storage, name=name, callbacks=callbacks).fit()
+    except ray.train.ControllerError as e:
+        if isinstance(e.controller_failure, NOT_RETRYABLE):
+            raise e.controller_failure from None
+        raise
     finally:
         if actor is not None:
             remove_bank_actor(actor_name)
@@ -87,9 +146,10 @@ def run_training(cfg: Config, *, callbacks=None, storage_path: str | None = None
 def export_final(checkpoint: Location, out: Location, history: list | None = None) -> Location:
     """Copy the deliverables of a checkpoint folder to ``out``: weights, config, full state, and
     ``summary.json`` / ``history.json``. Works across local folders and object stores."""
-    for f in (MODEL_FILE, CONFIG_FILE, STATE_FILE):
-        (checkpoint / f).copy_to(out / f)
-    state = load_checkpoint(checkpoint)
+    state = load_checkpoint(checkpoint)  # verified before anything is copied
+    for f in CHECKPOINT_FILES:
+        if (checkpoint / f).is_file():
+            (checkpoint / f).copy_to(out / f)
     summary = {"epochs_completed": state["epoch"], "global_step": state["global_step"],
                "context_version": context.version if (context := checkpoint_context(state)) else 0,
                "checkpoint": str(checkpoint), "metrics": state.get("metrics", {})}

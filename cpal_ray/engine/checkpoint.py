@@ -12,20 +12,40 @@ local run and every ``final/`` hold the same files):
   state.pt     the checkpoint dict (``torch.load(weights_only=True)``)
   model.pt     the weights alone (the exported artefact)
   config.yaml  the resolved config
+  SHA256SUMS   the sha256 of the three, written last (``sha256sum -c SHA256SUMS`` checks them)
+
+Loading verifies: ``load_checkpoint`` raises ``CheckpointError`` naming the folder when
+``state.pt`` is missing, differs from its checksum (a truncated or damaged copy), or is not a
+cpal-ray checkpoint at all, and never suggests ``weights_only=False``. A folder written before
+checksums existed loads when its state does. ``load_first_valid`` takes candidates newest first
+and falls back past those that fail, saying which and why: local and Ray resumes use it.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
+import logging
+import re
 
 import torch
 
-from cpal_ray.config import Config, from_dict, save_config
+from cpal_ray.config import Config, config_yaml, from_dict
 from cpal_ray.storage import Location, location
+
+log = logging.getLogger(__name__)
 
 STATE_FILE = "state.pt"
 MODEL_FILE = "model.pt"
 CONFIG_FILE = "config.yaml"
+SUMS_FILE = "SHA256SUMS"
+CHECKPOINT_FILES = (STATE_FILE, MODEL_FILE, CONFIG_FILE, SUMS_FILE)
+_SUM_LINE = re.compile(r"^([0-9a-f]{64}) [ *](\S+)$")
+
+
+class CheckpointError(ValueError):
+    """A folder is not a usable cpal-ray checkpoint (missing, truncated, damaged, foreign); the
+    message names the folder or file and why."""
 
 
 def checkpoint_state(*, model: torch.nn.Module, cfg: Config, epoch: int, global_step: int = 0, optimizer=None,
@@ -53,22 +73,68 @@ def _torch_bytes(obj) -> bytes:
 
 
 def write_checkpoint(folder, checkpoint: dict) -> Location:
-    """Write a checkpoint folder (local path or URI; each file written atomically); returns it."""
+    """Write a checkpoint folder (local path or URI; each file written atomically, ``SHA256SUMS``
+    last, so a folder that has it is complete); returns it."""
     folder = location(folder)
-    (folder / STATE_FILE).write_bytes(_torch_bytes(checkpoint))
-    (folder / MODEL_FILE).write_bytes(_torch_bytes(checkpoint["model"]))
-    save_config(from_dict(checkpoint["config"]), folder / CONFIG_FILE)
+    files = {STATE_FILE: _torch_bytes(checkpoint), MODEL_FILE: _torch_bytes(checkpoint["model"]),
+             CONFIG_FILE: config_yaml(from_dict(checkpoint["config"])).encode()}
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    (folder / SUMS_FILE).write_text("".join(f"{hashlib.sha256(d).hexdigest()}  {n}\n" for n, d in files.items()))
     return folder
 
 
-def load_checkpoint(folder, map_location="cpu") -> dict:
-    """Read ``state.pt`` of a checkpoint folder (local path or URI; weights_only) and rebuild its Config."""
-    path = location(folder) / STATE_FILE
+def read_checksums(folder) -> dict[str, str]:
+    """{file name: sha256} of a checkpoint folder's ``SHA256SUMS`` ({} when it has none)."""
+    path = location(folder) / SUMS_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no checkpoint state here")
-    state = torch.load(io.BytesIO(path.read_bytes()), map_location=map_location, weights_only=True)
+        return {}
+    return {m.group(2): m.group(1) for line in path.read_text().splitlines() if (m := _SUM_LINE.match(line.strip()))}
+
+
+def load_checkpoint(folder, map_location="cpu") -> dict:
+    """Read and verify ``state.pt`` of a checkpoint folder (local path or URI; weights_only) and
+    rebuild its Config. ``CheckpointError`` names the folder when it is not a usable checkpoint."""
+    from cpal_ray.models.weights import load_tensors
+
+    folder = location(folder)
+    path = folder / STATE_FILE
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise CheckpointError(f"{folder}: not a cpal-ray checkpoint (no {STATE_FILE})") from None
+    except OSError as e:
+        raise CheckpointError(str(e)) from None
+    expected = read_checksums(folder).get(STATE_FILE)
+    if expected is not None and hashlib.sha256(data).hexdigest() != expected:
+        raise CheckpointError(f"{path}: damaged or truncated ({len(data)} bytes whose sha256 is not the one in "
+                              f"{SUMS_FILE})")
+    try:
+        state = load_tensors(data, str(path), map_location=map_location)
+    except ValueError as e:
+        raise CheckpointError(f"{e}: {folder} is not a cpal-ray checkpoint") from None
+    if not isinstance(state, dict) or not {"model", "epoch", "config"} <= set(state):
+        raise CheckpointError(f"{path}: not a cpal-ray checkpoint (no model, epoch and config in it)")
     state["config"] = from_dict(state["config"])
     return state
+
+
+def load_first_valid(folders, map_location="cpu") -> tuple[dict, Location] | None:
+    """The first of ``folders`` (give them newest first) that loads and verifies, as (state, folder).
+
+    Each one skipped is logged at WARNING with the reason. None when ``folders`` is empty;
+    CheckpointError listing every folder and reason when none is usable (never a silent restart).
+    """
+    problems = []
+    for folder in folders:
+        try:
+            return load_checkpoint(folder, map_location=map_location), location(folder)
+        except CheckpointError as e:
+            log.warning("skipping checkpoint %s: %s", folder, e)
+            problems.append(str(e))
+    if problems:
+        raise CheckpointError(f"no usable checkpoint among {len(problems)}: " + "; ".join(problems))
+    return None
 
 
 def checkpoint_context(state: dict):

@@ -27,6 +27,7 @@ uses, whichever path wrote it. Epoch 0 starts without context (BCE only) unless
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from typing import Callable
@@ -45,6 +46,7 @@ from cpal_ray.engine.sampler import GlobalBatchSampler
 from cpal_ray.engine.tracking import TrackingHook
 
 log = logging.getLogger(__name__)
+MAX_LISTED_SKIPS = 20  # skipped ids listed in an epoch's record (the count is always complete)
 
 
 @dataclass
@@ -92,11 +94,14 @@ def fit(cfg: Config, *, bank=None, device: torch.device | str = "cpu", rank: int
     model / dataset: built from ``cfg`` (seeded with ``train.seed``) when not given; run_dir: where
     the run's records go as it trains (``TrackingHook``: TensorBoard, history.json, curves.png).
     """
-    from cpal_ray.data import build_dataset
+    from cpal_ray.data import SkipUnreadable, build_dataset, record_labels_source
     from cpal_ray.models import build_model, unwrap
 
     torch.manual_seed(cfg.train.seed)
     dataset = dataset if dataset is not None else build_dataset(cfg.data, "train", train=True)
+    cfg = dataclasses.replace(cfg, data=record_labels_source(cfg.data, dataset))  # checkpoints name the labels used
+    if cfg.data.on_bad_sample == "skip":
+        dataset = SkipUnreadable(dataset)
     model = model if model is not None else build_model(cfg.model, cfg.data.num_classes)
     sampler = GlobalBatchSampler(len(dataset), cfg.train.batch_size, world_size, rank, seed=cfg.train.seed,
                                  max_steps=cfg.train.max_steps_per_epoch)
@@ -114,6 +119,11 @@ def fit(cfg: Config, *, bank=None, device: torch.device | str = "cpu", rank: int
         bank_state = resume["bank"] if resume is not None else None
         bank.load_state_dict(bank_state)
         context = Context.from_state(bank_state["context"]) if bank_state else None
+        # What this attempt starts from, in its first epoch's record: a test (and a person reading a
+        # resumed run's history) sees that the bank came back, not only that its keys are unique.
+        restored = bank.stats()
+        bank_at_start = {"bank_keys": restored["bank_keys"], "bank_entries": int(sum(restored["bank_pushed"])),
+                         "context_version": restored["context_version"]}
     model = prepare_model(model) if prepare_model is not None else model.to(device)
     state = TrainState(cfg, model, optimizer, scheduler, bank, context, device, rank, world_size, len(sampler),
                        epoch=start_epoch)
@@ -131,7 +141,14 @@ def fit(cfg: Config, *, bank=None, device: torch.device | str = "cpu", rank: int
         record = train_one_epoch(state, loader, all_hooks)
         record["epoch"] = epoch
         record["start_epoch"] = start_epoch  # > 0: this attempt resumed from a checkpoint
+        if bank is not None and epoch == start_epoch:
+            record["bank_at_start"] = bank_at_start
         record["pushed_per_rank"] = [{str(k): v for k, v in p.items()} for p in all_gather_object(record.pop("pushed"))]
+        skipped = sorted(set().union(*all_gather_object(record.pop("skipped_ids"))))
+        record["skipped_samples"], record["skipped_ids"] = len(skipped), skipped[:MAX_LISTED_SKIPS]
+        if skipped and rank == 0:
+            log.warning("epoch %d: %d unreadable samples replaced by readable ones (data.on_bad_sample=skip): %s",
+                        epoch, len(skipped), skipped[:MAX_LISTED_SKIPS])
         for hook in all_hooks:
             hook.after_epoch(state, record)
         state.history.append(record)

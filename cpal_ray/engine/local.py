@@ -1,7 +1,8 @@
 """Training in one process (no Ray): ``fit`` with an in-process ``PrototypeBank``.
 
 Checkpoints go to ``<out_dir>/epoch_NNN/`` (the files of ``cpal_ray.engine.checkpoint``); run
-again into the same ``out_dir`` and training resumes after the newest one.
+again into the same ``out_dir`` and training resumes after the newest one that verifies (a
+truncated or damaged newer one is skipped with a WARNING saying which and why).
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import re
 
 from cpal_ray.config import Config
 from cpal_ray.cpal import PrototypeBank
-from cpal_ray.engine.checkpoint import load_checkpoint, write_checkpoint
+from cpal_ray.engine.checkpoint import load_first_valid, write_checkpoint
 from cpal_ray.engine.fit import FitResult, fit
 from cpal_ray.storage import Location, location
 
@@ -18,10 +19,10 @@ log = logging.getLogger(__name__)
 EPOCH_DIR = re.compile(r"epoch_(\d{3,})$")
 
 
-def latest_epoch_dir(out_dir) -> Location | None:
-    """The ``epoch_NNN`` folder of ``out_dir`` with the highest N, or None."""
+def epoch_dirs(out_dir) -> list[Location]:
+    """The ``epoch_NNN`` folders of ``out_dir``, newest (highest N) first."""
     found = [(int(m.group(1)), d) for d in location(out_dir).dirs() if (m := EPOCH_DIR.match(d.name))]
-    return max(found, key=lambda t: t[0])[1] if found else None
+    return [d for _, d in sorted(found, key=lambda t: -t[0])]
 
 
 def fit_local(cfg: Config, out_dir=None, device: str = "cpu", model=None, dataset=None, hooks=()) -> FitResult:
@@ -33,10 +34,10 @@ def fit_local(cfg: Config, out_dir=None, device: str = "cpu", model=None, datase
     save_fn = resume = None
     if out_dir is not None:
         out = location(out_dir)
-        last = latest_epoch_dir(out)
-        if last is not None:
-            log.info("resuming from %s", last)
-            resume = load_checkpoint(last)
+        found = load_first_valid(epoch_dirs(out))
+        if found is not None:
+            resume, folder = found
+            log.info("resuming from %s", folder)
 
         def save_fn(checkpoint, record):
             write_checkpoint(out / f"epoch_{record['epoch']:03d}", checkpoint)

@@ -70,7 +70,8 @@ def train_one_epoch(state, loader, hooks=()) -> dict:
         ``state.logged`` holds that step's loss terms and lr (None on the others).
     Returns epoch means of loss/bce/self, and steps, images, self_images (images in L_self),
     self_image_share and self_class_share (the shares of images and of positive (image, class)
-    pairs that took part in L_self), pushed ({class: count}), data_seconds, step_seconds,
+    pairs that took part in L_self), pushed ({class: count}), skipped_ids (unreadable samples
+    replaced in their batch, see ``cpal_ray.data.SkipUnreadable``), data_seconds, step_seconds,
     context_version (at the epoch's end).
     """
     cfg, model, optimizer, device = state.cfg, state.model, state.optimizer, state.device
@@ -81,6 +82,7 @@ def train_one_epoch(state, loader, hooks=()) -> dict:
     watch = _NonFiniteWatch(device)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     pushed: dict[int, int] = {}
+    skipped: set[str] = set()
     steps = images = 0
     data_time = step_time = 0.0
     t_data = time.perf_counter()
@@ -90,6 +92,7 @@ def train_one_epoch(state, loader, hooks=()) -> dict:
             break
         t_step = time.perf_counter()
         data_time += t_step - t_data
+        skipped.update(sid for ids in batch.get("skipped", ()) for sid in ids.split())
         x = batch["image"].to(device, non_blocking=True)
         labels = batch["label"].to(device, non_blocking=True)
         out = model(x)
@@ -130,5 +133,5 @@ def train_one_epoch(state, loader, hooks=()) -> dict:
     self_images, pairs, self_pairs = counts.tolist()
     return {**dict(zip(LOSS_TERMS, means)), "steps": steps, "images": images, "self_images": int(self_images),
             "self_image_share": self_images / max(images, 1), "self_class_share": self_pairs / max(pairs, 1),
-            "pushed": pushed, "data_seconds": data_time, "step_seconds": step_time,
+            "pushed": pushed, "skipped_ids": sorted(skipped), "data_seconds": data_time, "step_seconds": step_time,
             "context_version": state.context.version if state.context else 0}

@@ -8,8 +8,9 @@
   truth is 255 are skipped, and so are pixels the pseudo-label marks 255 (IRN's "ignore"):
   the score is the accuracy on the confident region, reported with the ignored fraction.
 
-An image whose file is missing or bad is left out and listed under ``errors`` (id first); the
-others are still scored. ``write_json`` saves either result as strict JSON (NaN -> null).
+An image whose file is missing or bad, or that has no ground-truth mask, is left out and listed
+under ``errors`` (id first; counted in ``n_errors``): it is never scored as an all-ignore image.
+The others are still scored. ``write_json`` saves a result as strict JSON (NaN -> null).
 """
 from __future__ import annotations
 
@@ -49,7 +50,8 @@ def evaluate_seeds(model: torch.nn.Module, dataset, cfg, *, device: torch.device
 
     model: CAMNet (unwrapped, on ``device``); context: ``Context`` (needed for the PACAM);
     ``scales``/``flip``/``cam_source`` override ``cfg.inference``. Returns the sweep's results
-    (``best_miou``, ``best_threshold``, curve, per-class IoU) plus ``images`` and ``cam_source``.
+    (``best_miou``, ``best_threshold``, curve, per-class IoU) plus ``images`` (scored),
+    ``n_errors`` and ``errors`` (images left out: no ground-truth mask, unreadable) and ``cam_source``.
     """
     model.eval()
     source = cam_source or cfg.inference.cam_source
@@ -57,18 +59,25 @@ def evaluate_seeds(model: torch.nn.Module, dataset, cfg, *, device: torch.device
         raise ValueError("cam_source='pacam' needs context prototypes (a CPAL checkpoint after one clustering)")
     ctx = context.to(device) if (context is not None and source == "pacam") else None
     sweep = ThresholdSweep(cfg.data.num_classes + 1, thresholds_from_config(cfg.inference))
+    errors: list[str] = []
+    n_errors = scored = 0
     n = len(dataset) if not max_images else min(max_images, len(dataset))
     for i in progress(range(n), "seed mIoU"):
-        item = dataset[i]
+        try:
+            dataset.check_mask(i)
+            item = dataset[i]
+        except (OSError, ValueError) as e:  # DataError is a ValueError
+            n_errors = _record(errors, n_errors, dataset.ids[i], e)
+            continue
         res = multiscale_cams(model, item["image"].to(device), item["label"],
                               scales=tuple(scales or cfg.inference.scales),
                               flip=cfg.inference.flip if flip is None else flip,
                               context=ctx.prototypes if ctx else None, counts=ctx.counts if ctx else None,
                               cpal_cfg=cfg.cpal)
         sweep.update(res[source], res["classes"], item["mask"].numpy())
+        scored += 1
     out = sweep.results()
-    out["images"] = n
-    out["cam_source"] = source
+    out.update(images=scored, n_errors=n_errors, errors=errors, cam_source=source)
     return out
 
 
@@ -87,6 +96,7 @@ def evaluate_cam_dir(cam_dir, dataset, cfg, max_images: int = 0) -> dict[str, An
     for i in progress(range(n), f"scoring {location(cam_dir).name}"):
         sid = dataset.ids[i]
         try:
+            dataset.check_mask(i)
             _, mask, label = dataset.read(i)
             classes, cams = load_cams_npz(cam_path(cam_dir, sid), expected_classes=positive_classes(label))
             sweep.update(cams, classes, mask)
@@ -117,6 +127,7 @@ def evaluate_labels(label_dir, dataset, num_classes: int | None = None,
                       f"scoring {location(label_dir).name}"):
         sid = dataset.ids[i]
         try:
+            dataset.check_mask(i)
             mask = np.asarray(dataset.read(i)[1])
             pred = load_label_png(location(label_dir) / f"{sid}.png", expected_shape=mask.shape)
             cm.update(pred, mask, ignore_pred=True)

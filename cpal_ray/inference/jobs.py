@@ -39,8 +39,10 @@ from cpal_ray.inference.pseudo import IGNORE, pseudo_label_from_config
 log = logging.getLogger(__name__)
 
 _COMMON = [("id", pa.string()), ("status", pa.string()), ("path", pa.string()), ("classes", pa.list_(pa.int64())),
-           ("height", pa.int64()), ("width", pa.int64()), ("seconds", pa.float64()), ("error", pa.string())]
-# status: "done" (written now), "skipped" (a valid file was already there), "failed" (see error).
+           ("height", pa.int64()), ("width", pa.int64()), ("seconds", pa.float64()), ("error", pa.string()),
+           ("labels_source", pa.string())]
+# status: "done" (written now), "skipped" (a valid file was already there), "failed" (see error);
+# labels_source: the image-level label file the classes come from (filled in by ManifestWriter).
 CAM_SCHEMA = pa.schema(_COMMON + [("pacam_path", pa.string())])
 LABEL_SCHEMA = pa.schema(_COMMON + [("frac_ignored", pa.float64()), ("sha256", pa.string())])
 PNG_END = b"IEND\xaeB`\x82"
@@ -213,11 +215,14 @@ class ManifestWriter:
         folder: ``<out>/manifest``; parts are ``part-<run>-<seq>.parquet`` (run = start time in ns,
             so parts sort in run order). flush_rows: rows per part.
         keep_errors: how many failures are kept in memory for the report (all are in the parts).
+        labels_source: written into every row's ``labels_source`` (``cpal_ray.data.labels_source``).
     """
 
-    def __init__(self, folder, schema: pa.Schema, flush_rows: int = 256, keep_errors: int = 100):
+    def __init__(self, folder, schema: pa.Schema, flush_rows: int = 256, keep_errors: int = 100,
+                 labels_source: str = ""):
         self.folder = location(folder)
         self.schema = schema
+        self.labels_source = labels_source
         self.flush_rows = int(flush_rows)
         self.keep_errors = keep_errors
         self.run = f"{time.time_ns():020d}"
@@ -233,6 +238,8 @@ class ManifestWriter:
 
     def add(self, table: pa.Table) -> None:
         table = table.select(self.schema.names).cast(self.schema)
+        table = table.set_column(self.schema.get_field_index("labels_source"), "labels_source",
+                                 pa.array([self.labels_source] * table.num_rows, pa.string()))
         for status, sid, err in zip(*(table.column(c).to_pylist() for c in ("status", "id", "error"))):
             self.counts[status] = self.counts.get(status, 0) + 1
             if status == "failed" and len(self.failures) < self.keep_errors:
@@ -262,7 +269,10 @@ def consolidate_manifest(folder, out_path, schema: pa.Schema) -> pa.Table:
     parts = [p for p in location(folder).list(".parquet") if p.name.startswith("part-")]
     for i, part in enumerate(parts):
         try:
-            t = pq.read_table(io.BytesIO(part.read_bytes())).select(schema.names).cast(schema)
+            t = pq.read_table(io.BytesIO(part.read_bytes()))
+            for name in (n for n in schema.names if n not in t.column_names):  # a part of an older version
+                t = t.append_column(schema.field(name), pa.nulls(t.num_rows, schema.field(name).type))
+            t = t.select(schema.names).cast(schema)
         except Exception as e:  # noqa: BLE001 - a damaged part must not lose the others
             log.warning("%s: skipping unreadable manifest part (%s)", part, e)
             continue

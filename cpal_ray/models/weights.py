@@ -7,8 +7,8 @@ prefixes left by (Distributed)DataParallel are stripped.
 """
 from __future__ import annotations
 
+import io
 import os
-import pickle
 import warnings
 from pathlib import Path
 
@@ -32,6 +32,26 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
+def load_tensors(source: str | os.PathLike | bytes, name: str, map_location="cpu"):
+    """``torch.load(weights_only=True)`` of a file (path or its bytes). When torch cannot read it,
+    ValueError naming ``name`` and the reason, never torch's advice to retry with
+    ``weights_only=False`` (that would run whatever code a crafted or foreign file carries)."""
+    try:
+        return torch.load(io.BytesIO(source) if isinstance(source, bytes) else source, map_location=map_location,
+                          weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any failure means: not a weights-only file we can read
+        raise ValueError(f"{name}: not a weights-only torch file cpal-ray can read ({_reason(e)})") from None
+
+
+def _reason(e: BaseException) -> str:
+    """Why torch refused a file, without its advice (see ``load_tensors``)."""
+    text = str(e)
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1]
+    lines = [line.strip() for line in text.splitlines() if line.strip() and "weights_only" not in line]
+    return f"{type(e).__name__}: {lines[0] if lines else 'unsupported content'}"
+
+
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read a weights file into a flat {name: tensor} dict on the CPU.
 
@@ -41,10 +61,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"weights file not found: {p}")
-    try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
-        raise ValueError(f"{p}: cannot be loaded with torch.load(weights_only=True): {e}") from e
+    obj = load_tensors(p, str(p))
     for key in _NESTED_KEYS:
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
