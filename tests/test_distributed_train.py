@@ -151,3 +151,72 @@ def test_stopped_run_restarts_at_next_epoch_with_bank_restored(ray_start_2_cpus,
             epoch1[int(c)] += n
     assert added == epoch1 and sum(epoch1) > 0
     assert final["bank"]["version"] == saved["bank"]["version"] + 1
+
+
+def test_worker_sigkilled_by_pid_resumes_at_its_epoch_with_its_bank(ray_start_2_cpus, tmp_path):
+    """A node dying under a worker: rank 1 is SIGKILLed from outside, by PID, in epoch 2 once the
+    controller has registered the checkpoints of epochs 0 and 1. The retry must start at epoch 2
+    from exactly the bank of that checkpoint (not from epoch 0, not from an empty bank)."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from cpal_ray.distributed.trainer import SNAPSHOT_FILE, run_training
+
+    steps = 4
+    cfg = cfg_for(tmp_path, "sigkill", **{"train.epochs": 3, "dist.crash_rank": 1, "dist.crash_step": 2 * steps + 1,
+                                          "dist.crash_wait_s": 240.0, "dist.max_failures": 1})
+    run_dir, box = tmp_path / "sigkill", {}
+    thread = threading.Thread(target=lambda: box.update(res=run_training(cfg)), daemon=True)
+    thread.start()
+    marker, snapshot, deadline = run_dir / ".fault_worker_done", run_dir / SNAPSHOT_FILE, time.monotonic() + 600
+
+    def registered():
+        try:
+            return len(json.loads(snapshot.read_text())["checkpoint_results"])
+        except (OSError, ValueError, KeyError):
+            return 0
+
+    while not (marker.exists() and marker.read_text().startswith("pid") and registered() >= 2):
+        assert thread.is_alive() and time.monotonic() < deadline, "the worker never reached the fault"
+        time.sleep(0.2)
+    pid = int(marker.read_text().split()[1])
+    assert pid != os.getpid()
+    os.kill(pid, signal.SIGKILL)
+    thread.join(timeout=600)
+    res = box["res"]
+    records = {r["epoch"]: r for r in json.loads((run_dir / "history.json").read_text())}
+    assert sorted(records) == [0, 1, 2]
+    resumed = records[2]
+    assert resumed["start_epoch"] == 2  # resumed after the epoch-1 checkpoint, not from scratch
+    saved_keys = expected_keys(2, steps, 2)
+    saved_entries = sum(n for e in (0, 1) for per_rank in records[e]["pushed_per_rank"] for n in per_rank.values())
+    assert resumed["bank_at_start"]["bank_keys"] == len(saved_keys)  # the bank of that checkpoint, whole
+    assert resumed["bank_at_start"]["bank_entries"] == saved_entries > 0
+    assert records[0]["bank_at_start"]["bank_keys"] == 0  # the first attempt started empty
+    final = load_checkpoint(res.final_dir)
+    assert set(final["bank"]["keys"]) == expected_keys(3, steps, 2)  # every key once, none lost
+
+
+def test_an_error_retrying_cannot_fix_ends_the_run_at_once(ray_start_2_cpus, tmp_path):
+    """A truncated JPEG with data.on_bad_sample=error raises in the worker: the run fails with that
+    DataError, naming the file, on the first attempt, whatever dist.max_failures says."""
+    import time
+
+    from cpal_ray.data import DataError
+    from cpal_ray.distributed.trainer import run_training
+    from tests.fakes import make_voc_tree
+
+    ids = ("2007_000032", "2007_000039", "2008_000123", "2007_000061")
+    make_voc_tree(tmp_path / "voc", ids=ids)
+    jpeg = tmp_path / "voc" / "JPEGImages" / f"{ids[1]}.jpg"
+    jpeg.write_bytes(jpeg.read_bytes()[:60])
+    cfg = cfg_for(tmp_path, "badjpeg", **{"data.dataset": "voc", "data.root": str(tmp_path / "voc"),
+                                          "data.train_split": "train", "data.resize_long": [24, 40],
+                                          "data.crop_size": 32, "train.batch_size": 2, "dist.num_workers": 1,
+                                          "cpal.enabled": False, "dist.max_failures": 3})
+    t0 = time.monotonic()
+    with pytest.raises(DataError, match=ids[1]):
+        run_training(cfg)
+    assert time.monotonic() - t0 < 120

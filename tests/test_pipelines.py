@@ -341,7 +341,6 @@ def _kill_ray_session_of(driver_pid: int) -> None:
                 pass
 
 
-@pytest.mark.slow
 def test_sigkill_then_rerun_gives_identical_pngs(trained, cams, uninterrupted, tmp_path):
     """A real kill: the workflow (own local Ray) is SIGKILLed mid-run, then started again."""
     out = tmp_path / "killed"
