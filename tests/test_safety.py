@@ -252,3 +252,17 @@ def test_a_mask_written_back_restores_scoring(tmp_path):
         ds.check_mask(0)
     write_mask(mask, fake.masks[fake.ids[0]])
     ds.check_mask(0)
+
+
+@pytest.mark.parametrize("flag", ["--cams", "--checkpoint"])
+def test_eval_cams_on_a_missing_folder_says_so_and_writes_nothing(tmp_path, monkeypatch, capsys, flag):
+    from cpal_ray.distributed import runtime
+    from workflows import eval_cams
+    from workflows.common import run
+
+    monkeypatch.setattr(runtime, "init_ray", _no_ray)
+    missing = tmp_path / "no-cams-here"
+    with pytest.raises(SystemExit) as done:
+        run(eval_cams.main, [flag, str(missing), "--config", "configs/synthetic_tiny.yaml"])
+    assert done.value.code == 2 and str(missing) in capsys.readouterr().err
+    assert not missing.exists() and list(tmp_path.iterdir()) == []
