@@ -134,3 +134,15 @@ def test_contrast_report_runs_over_a_dataset():
     assert r["embedding_cosine"] == pytest.approx(0.0, abs=1e-6)       # two centred directions, opposite
     only_cam = contrast_report(_Model(), items, cfg, None, max_images=2)
     assert only_cam["instances"] == 2 and "pacam" not in only_cam
+
+
+def test_the_demo_report_says_what_cpal_did_from_its_diagnostics():
+    from cpal_ray.distributed.demo import diagnostic_note
+
+    last = {"diag_cam_ratio": 3.27, "diag_pacam_ratio": 1.70, "diag_cam_miou": 0.181, "diag_pacam_miou": 0.173,
+            "self": 0.013, "bce": 0.106, "self_image_share": 0.979}
+    note = diagnostic_note(last)
+    assert "contrast of 1.7 against the CAM's 3.3" in note and "17.3 against 18.1" in note
+    assert note.endswith("toward a map no better than it.") and "98 %" in note
+    assert diagnostic_note({**last, "diag_pacam_miou": 0.2}).endswith("toward a map better than it.")
+    assert "not recorded" in diagnostic_note({"self": 0.01})
