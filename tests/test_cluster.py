@@ -283,9 +283,13 @@ def test_make_cams_and_pseudo_labels_pools_grow_with_the_cluster(cluster, traine
     cams = location(cluster.bucket) / "cams" / "train"
     job = submit(cluster, "workflows.make_cams", "--checkpoint", str(trained_run), "--split", "train", "--source",
                  "both", "--out", str(cams), "--no-gpu", "--cam-cpus", "1", *data)
-    wait_job(cluster, job, until=lambda: len(cams.list(".npz")) >= 1)
+    from ray.job_submission import JobStatus
+
+    # Nodes arrive once the job runs on one node. Not later (after its first file): a CAM is
+    # milliseconds here, so the job could end before Ray Data sees the new nodes and grows the pool.
+    wait_job(cluster, job, until=lambda: client(cluster).get_job_status(job) == JobStatus.RUNNING)
     first = cluster.workers[0].node_id
-    scale_to(cluster, 3)  # nodes arrive while the job runs
+    scale_to(cluster, 3)
     summary = last_json(succeeded(cluster, job))
     assert summary["done"] == n and summary["failed"] == 0
     actors = [a for a in pool_actors("CamPredictor") if a.job_id == client(cluster).get_job_info(job).driver_info.id]
