@@ -58,3 +58,20 @@ def test_console_script_dispatches_to_the_workflows():
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["nope"])
     assert exit_info.value.code == 2
+
+
+def test_run_keeps_the_traceback_only_of_a_system_error_naming_no_file(capsys):
+    from workflows.common import run
+
+    def ours(argv):
+        raise FileNotFoundError("weights file not found: /x.pth")
+
+    with pytest.raises(SystemExit) as done:
+        run(ours, [])
+    assert done.value.code == 2 and "weights file not found: /x.pth" in capsys.readouterr().err
+
+    def system(argv):  # what os.getcwd() raises when the working folder was deleted
+        raise FileNotFoundError(2, "No such file or directory")
+
+    with pytest.raises(FileNotFoundError):
+        run(system, [])

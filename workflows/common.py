@@ -11,13 +11,13 @@ from cpal_ray.engine.inputs import USER_ERRORS
 
 def run(main, argv=None) -> None:
     """``sys.exit(main(argv))`` for an entry point, with ``USER_ERRORS`` as one line on stderr and
-    exit status 2 (the status argparse uses for a bad command line). An OSError that names no file
-    (``os.getcwd()`` of a deleted folder, say) is not a user's input: it keeps its traceback."""
+    exit status 2 (the status argparse uses for a bad command line). An OSError from the system that names
+    no file (``os.getcwd()`` of a deleted folder, say) is not about an input: it keeps its traceback."""
     try:
         code = main(argv)
     except USER_ERRORS as e:
-        if isinstance(e, OSError) and not e.filename:
-            raise
+        if isinstance(e, OSError) and e.errno is not None and not e.filename:
+            raise  # raised by the system about no file in particular; cpal-ray's own name their file
         print(f"error: {e}", file=sys.stderr)
         code = 2
     sys.exit(code)
