@@ -281,18 +281,18 @@ def assert_same_files(bucket_dir, local_dir: Path, suffix: str) -> int:
 
 def test_make_cams_and_pseudo_labels_pools_grow_with_the_cluster(cluster, trained_run, tmp_path):
     scale_to(cluster, 1)
-    n = 128
+    # Enough images that the job outlives the nodes' arrival: with 128 one run finished its CAMs
+    # (milliseconds each) before Ray Data saw the new nodes. Nodes join after the first file, not
+    # earlier: nodes started while the driver still imports (a one-machine cluster shares one
+    # runtime-env folder) removed files of its working_dir.
+    n = 256
     data = [f"data.synthetic_images={n}", "data.synthetic_size=160", "inference.scales=[1.0,0.5]"]
     cams = location(cluster.bucket) / "cams" / "train"
     job = submit(cluster, "workflows.make_cams", "--checkpoint", str(trained_run), "--split", "train", "--source",
                  "both", "--out", str(cams), "--no-gpu", "--cam-cpus", "1", *data)
-    from ray.job_submission import JobStatus
-
-    # Nodes arrive once the job runs on one node. Not later (after its first file): a CAM is
-    # milliseconds here, so the job could end before Ray Data sees the new nodes and grows the pool.
-    wait_job(cluster, job, until=lambda: client(cluster).get_job_status(job) == JobStatus.RUNNING)
+    wait_job(cluster, job, until=lambda: len(cams.list(".npz")) >= 1)
     first = cluster.workers[0].node_id
-    scale_to(cluster, 3)
+    scale_to(cluster, 3)  # nodes arrive while the job runs
     summary = last_json(succeeded(cluster, job))
     assert summary["done"] == n and summary["failed"] == 0
     actors = [a for a in pool_actors("CamPredictor") if a.job_id == client(cluster).get_job_info(job).driver_info.id]
