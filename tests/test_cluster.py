@@ -60,14 +60,11 @@ def cluster(s3_server):
 
 
 def scale_to(cluster, n: int) -> None:
-    """Add or remove worker nodes (1 CPU each) until there are ``n``, as an autoscaler (or a node
-    failure) would."""
+    """Add or remove worker nodes (1 CPU each) until there are ``n``, as an autoscaler would."""
     while len(cluster.workers) < n:
         cluster.workers.append(cluster.cluster.add_node(wait=False, num_cpus=1))
     while len(cluster.workers) > n:
-        # Killed, not shut down: a node that goes gracefully cleans its runtime-env folder, which the
-        # nodes of this one-machine cluster share, and could delete the next job's unpacked working_dir.
-        cluster.cluster.remove_node(cluster.workers.pop(), allow_graceful=False)
+        cluster.cluster.remove_node(cluster.workers.pop())
     cluster.cluster.wait_for_nodes()
 
 
