@@ -175,6 +175,9 @@ class CPALConfig:
     # Cold start (NOTES 8): steps of epoch 0 after which a first clustering runs; 0 = paper
     # reading (cluster only at the start of each epoch, so epoch 0 is BCE only).
     warmup_cluster_steps: int = 0
+    # S class shards of the support bank (cpal_ray.cpal.shards): class c in shard c % S, each a
+    # Ray actor of its own clustering in parallel; 1 = one bank actor. At most one shard per class.
+    bank_shards: int = 1
 
     def __post_init__(self):
         _check(0.0 < self.tau < 1.0, "cpal.tau", f"must be in (0, 1), got {self.tau}")
@@ -191,6 +194,7 @@ class CPALConfig:
         _check(self.kmeans_iters >= 1, "cpal.kmeans_iters", "must be >= 1")
         _check(self.kmeans_redo >= 1, "cpal.kmeans_redo", "must be >= 1")
         _check(self.warmup_cluster_steps >= 0, "cpal.warmup_cluster_steps", "must be >= 0")
+        _check(self.bank_shards >= 1, "cpal.bank_shards", f"must be >= 1, got {self.bank_shards}")
 
 
 @dataclass(frozen=True)
@@ -258,6 +262,9 @@ class DistConfig:
     bank_gpus: float = 0.0
     # Bounded number of fire-and-forget bank pushes in flight per worker.
     max_pushes_in_flight: int = 4
+    # A worker sends its prototypes to the bank every n steps in one call (still one key per
+    # step); 1 = every step. Flushed before each clustering and checkpoint.
+    bank_push_every: int = 1
     # Ray Train FailureConfig(max_failures); -1 = retry forever.
     max_failures: int = 0
     # Tune trials run at once by a sweep; 0 = what the cluster holds when the sweep starts (an
@@ -275,6 +282,7 @@ class DistConfig:
         _check(self.cpus_per_worker > 0, "dist.cpus_per_worker", "must be > 0")
         _check(self.bank_cpus >= 0 and self.bank_gpus >= 0, "dist.bank_cpus/bank_gpus", "must be >= 0")
         _check(self.max_pushes_in_flight >= 1, "dist.max_pushes_in_flight", "must be >= 1")
+        _check(self.bank_push_every >= 1, "dist.bank_push_every", "must be >= 1")
         _check(self.max_failures >= -1, "dist.max_failures", "must be >= -1")
         _check(self.crash_wait_s >= 0, "dist.crash_wait_s", "must be >= 0")
         _check(self.max_concurrent_trials >= 0, "dist.max_concurrent_trials", "must be >= 0 (0 = what the cluster holds)")
@@ -368,6 +376,9 @@ class Config:
     def __post_init__(self):
         _check(self.train.batch_size % self.dist.num_workers == 0, "train.batch_size",
                f"global batch {self.train.batch_size} must be divisible by dist.num_workers={self.dist.num_workers}")
+        _check(self.cpal.bank_shards <= self.data.num_classes, "cpal.bank_shards",
+               f"must be <= the dataset's {self.data.num_classes} classes (one class per shard at most), "
+               f"got {self.cpal.bank_shards}")
 
     def to_dict(self) -> dict[str, Any]:
         return _to_plain(dataclasses.asdict(self))

@@ -12,7 +12,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 BENCHES = ["bench_cpal_step.py", "bench_bank_traffic.py", "bench_kmeans.py", "bench_crf_throughput.py",
-           "bench_multiscale.py", "bench_data_loading.py"]
+           "bench_multiscale.py", "bench_data_loading.py", "bench_bank_scale.py"]
 # "ratio <name> = <number>[ unit] (target <op> <number>[ unit], met|MISSED)"
 RATIO_LINE = re.compile(r"^ratio \S.* = [0-9.]+(e[-+]?\d+)?( %)? \(target (<=|>=) [0-9.]+( %)?, (met|MISSED)\)$")
 

@@ -126,6 +126,28 @@ def test_killed_bank_actor_is_restored_from_checkpoint(ray_start_2_cpus, tmp_pat
     assert res.history[-1]["epoch"] == 1
 
 
+def test_sharded_bank_with_batched_pushes_survives_a_killed_shard(ray_start_2_cpus, tmp_path):
+    """The scale features under the same fault: 2 class shards, pushes sent every 3 steps, shard 0
+    killed mid-epoch 1. The run resumes from the checkpoint with every key once and the per-class
+    entries equal to what the ranks pushed, exactly as with one bank actor."""
+    from cpal_ray.distributed.trainer import run_training
+
+    steps = 4
+    cfg = cfg_for(tmp_path, "shardcrash", **{"cpal.bank_shards": 2, "dist.bank_push_every": 3,
+                                             "dist.crash_rank": -2, "dist.crash_step": steps + 1,
+                                             "dist.max_failures": 2})
+    res = run_training(cfg)
+    assert (res.run_dir / ".fault_bank_done").exists()
+    bank = load_checkpoint(res.final_dir)["bank"]
+    assert bank["shape"][0] == cfg.data.num_classes  # one logical bank in the checkpoint
+    assert set(bank["keys"]) == expected_keys(2, steps, 2)
+    last = res.history[-1]
+    assert last["epoch"] == 1 and last["bank_shards"] == 2
+    # Per epoch of 4 steps: a batch at step 3 and the rest flushed at the clustering, each one call
+    # per shard: 2 x 2 calls for 4 steps (one actor unbatched: 1 per step; 2 shards unbatched: 2).
+    assert last["bank_calls_per_step"] == 1.0
+
+
 def test_stopped_run_restarts_at_next_epoch_with_bank_restored(ray_start_2_cpus, tmp_path):
     import ray.train
 

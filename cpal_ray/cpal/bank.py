@@ -73,13 +73,19 @@ class PrototypeBank:
         spherical: run spherical k-means (for L2-normalised entries).
         kmeans_iters, seed, kmeans_redo: faiss k-means settings (iterations, seed, restarts).
         prefer_gpu: let faiss use a GPU when it sees one.
+        class_ids: the global class id of each of the bank's rows (a shard of a sharded bank,
+            ``cpal_ray.cpal.shards``); default 0..N-1. Only the k-means seeds use it (seed + id),
+            so a shard clusters its classes exactly as the unsharded bank would.
     """
 
     def __init__(self, num_classes: int, dim: int, capacity: int = 1000, num_clusters: int = 50,
                  spherical: bool = True, kmeans_iters: int = 20, seed: int = 1234, prefer_gpu: bool = True,
-                 kmeans_redo: int = 5):
+                 kmeans_redo: int = 5, class_ids=None):
         if num_classes < 1 or dim < 1 or capacity < 1 or not 1 <= num_clusters <= capacity:
             raise ValueError(f"bad bank shape: classes={num_classes} dim={dim} capacity={capacity} clusters={num_clusters}")
+        self.class_ids = np.arange(num_classes) if class_ids is None else np.asarray(class_ids, dtype=np.int64)
+        if self.class_ids.shape != (num_classes,):
+            raise ValueError(f"class_ids has shape {self.class_ids.shape}, the bank has {num_classes} classes")
         self.num_classes, self.dim, self.capacity, self.num_clusters = num_classes, dim, capacity, num_clusters
         self.spherical, self.kmeans_iters, self.seed, self.prefer_gpu = spherical, kmeans_iters, seed, prefer_gpu
         self.kmeans_redo = kmeans_redo
@@ -120,6 +126,10 @@ class PrototypeBank:
             self._pushed[c] += 1
         self._keys.add(k)
         return True
+
+    def push_many(self, items) -> list[bool]:
+        """``push`` for each (key, class_ids, protos) of items, in order (a batch of steps in one call)."""
+        return [self.push(key, class_ids, protos) for key, class_ids, protos in items]
 
     def has_key(self, key: Hashable) -> bool:
         return _key_str(key) in self._keys
@@ -163,7 +173,7 @@ class PrototypeBank:
             x = self.entries(c)
             if len(x) == 0:
                 continue
-            cents, dev = kmeans(x, self.num_clusters, niter=self.kmeans_iters, seed=self.seed + c,
+            cents, dev = kmeans(x, self.num_clusters, niter=self.kmeans_iters, seed=self.seed + int(self.class_ids[c]),
                                 spherical=self.spherical, prefer_gpu=self.prefer_gpu, nredo=self.kmeans_redo)
             context[c, : len(cents)] = cents
             counts[c] = len(cents)
@@ -219,9 +229,11 @@ class PrototypeBank:
         self.context = Context.from_state(state["context"])
 
     @classmethod
-    def from_config(cls, cfg, dim: int, prefer_gpu: bool = True) -> "PrototypeBank":
-        """The bank of a run: the one mapping from ``Config`` (``cpal`` + ``data``) to bank arguments."""
+    def from_config(cls, cfg, dim: int, prefer_gpu: bool = True, class_ids=None) -> "PrototypeBank":
+        """The bank of a run (or, with ``class_ids``, one shard of it): the one mapping from
+        ``Config`` (``cpal`` + ``data``) to bank arguments."""
         c = cfg.cpal
-        return cls(cfg.data.num_classes, dim, capacity=c.bank_size, num_clusters=c.num_clusters,
+        n = cfg.data.num_classes if class_ids is None else len(class_ids)
+        return cls(n, dim, capacity=c.bank_size, num_clusters=c.num_clusters,
                    spherical=c.normalize_bank, kmeans_iters=c.kmeans_iters, seed=c.kmeans_seed,
-                   prefer_gpu=prefer_gpu, kmeans_redo=c.kmeans_redo)
+                   prefer_gpu=prefer_gpu, kmeans_redo=c.kmeans_redo, class_ids=class_ids)

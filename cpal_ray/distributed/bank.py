@@ -1,24 +1,31 @@
-"""The support bank as a Ray actor, and the worker-side client that pushes to it.
+"""The support bank as Ray actors (one, or S class shards), and the worker-side client that pushes to them.
 
-``BankActor`` wraps a ``PrototypeBank`` and adds no logic beyond wiring, plus one guard: an
-actor restarted by Ray (``max_restarts``) comes back *empty*, so it refuses pushes
-(``BankLostError``) until the train loop restores it from the last checkpoint. The failed push
-fails the worker, Ray Train restarts the run from that checkpoint, and rank 0 loads the
-checkpoint's bank state into the actor: nothing lost, nothing stored twice.
+``BankActor`` wraps a ``PrototypeBank`` (the whole bank, or the shard of classes c % S == s,
+``cpal.bank_shards``) and adds no logic beyond wiring, plus one guard: an actor restarted by
+Ray (``max_restarts``) comes back *empty*, so it refuses pushes (``BankLostError``) until the
+train loop restores it from the last checkpoint. The failed push fails the worker, Ray Train
+restarts the run from that checkpoint, and rank 0 loads the checkpoint's bank state into the
+actors: nothing lost, nothing stored twice.
 
-How workers find it: by name. The driver creates ``cpal-bank-<run name>`` in the namespace
-``cpal-ray`` before ``TorchTrainer.fit``; the train-loop config carries the name, and each
-worker calls ``ray.get_actor(name, namespace)``. A named actor survives worker restarts (the
-driver owns it) and one name per run lets Tune trials each have their own bank.
+How workers find them: by name. The driver creates ``cpal-bank-<run name>`` (S = 1) or
+``cpal-bank-<run name>-shard<s>of<S>`` in the namespace ``cpal-ray`` before
+``TorchTrainer.fit``; the train-loop config carries the names, and each worker calls
+``ray.get_actor(name, namespace)``. A named actor survives worker restarts (the driver owns it)
+and one name per run lets Tune trials each have their own bank.
 
-Traffic: per step a worker sends M (valid instance prototypes in its local batch, about 1–2
-per image) x D float32 values + M int64 class ids + a short key: 4·M·D + 8·M + ~40 bytes
-(D=128, local batch 2: about 1.5 KB). Once per epoch each worker fetches the context
-prototypes, N x N_p x D float32 (VOC: 20 x 50 x 128 x 4 = 512 KB).
+Traffic (bench/bench_bank_scale.py measures it up to 256 workers): a worker buffers its pushes
+and sends them every ``dist.bank_push_every`` steps in one call per shard (``push_many``; each
+step keeps its own key, so idempotency is per step as before). Per step
+that is M (valid instance prototypes of the local batch, about 1-2 per image) x D float32 + M
+int64 + a short key. Once per epoch each worker fetches the context prototypes, N x N_p x D
+float32 (VOC: 20 x 50 x 128 x 4 = 512 KB): each shard ``ray.put``s its part once per clustering
+and every worker reads that same object from the object store (``context_ref``), rather than
+the actor serialising the context once per worker.
 """
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 
 import numpy as np
@@ -26,6 +33,7 @@ import ray
 
 from cpal_ray.config import Config, from_dict
 from cpal_ray.cpal.bank import Context, PrototypeBank
+from cpal_ray.cpal.shards import merge_contexts, merge_states, merge_stats, route_pushes, shard_classes, split_state
 from cpal_ray.distributed.runtime import NAMESPACE
 
 log = logging.getLogger(__name__)
@@ -42,8 +50,9 @@ def bank_actor_name(run_name: str) -> str:
 class BankActor:
     """Thin actor around ``PrototypeBank`` (all methods run one at a time, in call order)."""
 
-    def __init__(self, cfg_dict: dict, dim: int, prefer_gpu: bool):
-        self.bank = PrototypeBank.from_config(from_dict(cfg_dict), dim, prefer_gpu=prefer_gpu)
+    def __init__(self, cfg_dict: dict, dim: int, prefer_gpu: bool, class_ids: list[int] | None = None):
+        self.bank = PrototypeBank.from_config(from_dict(cfg_dict), dim, prefer_gpu=prefer_gpu, class_ids=class_ids)
+        self._shared: tuple[int, object] | None = None  # (bank version, ObjectRef of its context)
         if prefer_gpu:
             from cpal_ray.cpal.kmeans import faiss_device
 
@@ -65,12 +74,30 @@ class BankActor:
         self._guard()
         return self.bank.push(key, class_ids, protos)
 
+    def push_many(self, items: list) -> list[bool]:
+        """Several steps' pushes [(key, class_ids, protos)] in one call."""
+        self._guard()
+        return self.bank.push_many(items)
+
     def cluster(self, tag: str) -> Context | None:
         self._guard()
         return self.bank.cluster(tag)
 
+    def context_ref(self, tag: str) -> list:
+        """``cluster(tag)``, answered with ``[ObjectRef]`` of the context (``[None]`` while empty).
+
+        The context is ``ray.put`` once per clustering; every worker then reads the same object
+        from the object store (a list, so Ray hands the reference over instead of its value)."""
+        context = self.cluster(tag)
+        if context is None:
+            return [None]
+        if self._shared is None or self._shared[0] != self.bank.version:
+            self._shared = (self.bank.version, ray.put(context))
+        return [self._shared[1]]
+
     def stats(self) -> dict:
-        return {**self.bank.stats(), "restarted": self.restarted, "bank_node": ray.get_runtime_context().get_node_id()}
+        return {**self.bank.stats(), "restarted": self.restarted, "bank_node": ray.get_runtime_context().get_node_id(),
+                "actor_cpu_seconds": time.process_time()}
 
     def state_dict(self) -> dict:
         return self.bank.state_dict()
@@ -78,22 +105,42 @@ class BankActor:
     def load_state_dict(self, state: dict | None) -> int:
         """Restore from a checkpoint's bank state (None = start empty); re-enables pushes."""
         self.bank.load_state_dict(state)
+        self._shared = None
         self.restarted = False
         return self.bank.version
 
 
-def create_bank_actor(cfg: Config, name: str):
-    """Create (or reuse) the run's named bank actor. Resources from ``cfg.dist``; restarts allowed,
-    task retries not (a push to a restarted actor must fail, not land in an empty bank)."""
+def bank_actor_names(run_name: str, shards: int = 1) -> list[str]:
+    """The run's bank actor names: one for S = 1 (as before sharding), else one per shard."""
+    if shards == 1:
+        return [bank_actor_name(run_name)]
+    return [f"{bank_actor_name(run_name)}-shard{s}of{shards}" for s in range(shards)]
+
+
+def create_bank_actors(cfg: Config, names: list[str]) -> list:
+    """Create (or reuse) the run's named bank actors, shard s holding classes c % S == s.
+
+    Resources from ``cfg.dist`` (``bank_cpus``/``bank_gpus`` per actor); restarts allowed, task
+    retries not (a push to a restarted actor must fail, not land in an empty bank)."""
     from cpal_ray.models import embed_dim
 
-    opts = dict(name=name, namespace=NAMESPACE, get_if_exists=True, num_cpus=cfg.dist.bank_cpus,
-                max_restarts=-1, max_task_retries=0)
-    if cfg.dist.bank_gpus > 0:
-        opts["num_gpus"] = cfg.dist.bank_gpus
-    actor = ray.remote(BankActor).options(**opts).remote(cfg.to_dict(), embed_dim(cfg.model), cfg.dist.bank_gpus > 0)
-    ray.get(actor.ready.remote())
-    return actor
+    groups = shard_classes(cfg.data.num_classes, len(names))
+    actors = []
+    for name, group in zip(names, groups):
+        opts = dict(name=name, namespace=NAMESPACE, get_if_exists=True, num_cpus=cfg.dist.bank_cpus,
+                    max_restarts=-1, max_task_retries=0)
+        if cfg.dist.bank_gpus > 0:
+            opts["num_gpus"] = cfg.dist.bank_gpus
+        class_ids = None if len(names) == 1 else group.tolist()
+        actors.append(ray.remote(BankActor).options(**opts).remote(cfg.to_dict(), embed_dim(cfg.model),
+                                                                   cfg.dist.bank_gpus > 0, class_ids))
+    ray.get([a.ready.remote() for a in actors])
+    return actors
+
+
+def create_bank_actor(cfg: Config, name: str):
+    """The one actor of an unsharded bank (``create_bank_actors`` with one name)."""
+    return create_bank_actors(cfg, [name])[0]
 
 
 def remove_bank_actor(name: str) -> bool:
@@ -107,52 +154,97 @@ def remove_bank_actor(name: str) -> bool:
 
 
 class BankClient:
-    """The bank interface of ``cpal_ray.cpal.bank`` for a worker of a Ray Train group, over the actor.
+    """The bank interface of ``cpal_ray.cpal.bank`` for a worker of a Ray Train group, over the actor(s).
 
-    ``push`` is fire-and-forget with at most ``max_in_flight`` pending (then it waits for the
-    oldest). Errors of a push (``BankLostError``, a dead actor) surface at the next push or at
-    ``flush`` and fail the worker, which is what triggers recovery from the checkpoint.
+    Args:
+        actors: the bank actor, or the S shard actors in shard order (``create_bank_actors``).
+        max_in_flight: calls sent and not yet answered, at most (then it waits for the oldest).
+        rank, barrier: this worker's rank and the group's barrier (collective calls below).
+        push_every: steps buffered per call (``dist.bank_push_every``); 1 = a call per step.
+        num_classes: N, needed to route pushes to shards when there are several.
+
+    ``push`` buffers; every ``push_every`` pushes the buffer goes out fire-and-forget, one
+    ``push_many`` per shard (every shard records every step's key). Errors of a call (``BankLostError``, a dead
+    actor) surface at a later push or at ``flush`` and fail the worker, which is what triggers
+    recovery from the checkpoint (pushes still buffered then are redone by the resumed steps).
     ``cluster`` and ``load_state_dict`` are collective: every rank calls them at the same point;
     pushes are flushed and the ranks meet at ``barrier`` first, so the clustering sees every
     rank's pushes, and only rank 0 restores the state.
     """
 
-    def __init__(self, actor, max_in_flight: int = 4, rank: int = 0, barrier=lambda: None):
-        self.actor = actor
+    def __init__(self, actors, max_in_flight: int = 4, rank: int = 0, barrier=lambda: None, push_every: int = 1,
+                 num_classes: int | None = None):
+        self.actors = list(actors) if isinstance(actors, (list, tuple)) else [actors]
+        if len(self.actors) > 1 and num_classes is None:
+            raise ValueError("a sharded bank client needs num_classes to route pushes")
+        self.num_classes = num_classes
+        self.groups = shard_classes(num_classes, len(self.actors)) if len(self.actors) > 1 else None
         self.max_in_flight = max_in_flight
+        self.push_every = push_every
         self.rank = rank
         self.barrier = barrier
+        self._buffer: list = []
         self._pending: deque = deque()
         self.bytes_sent = 0
         self.pushes = 0
+        self.calls = 0
+
+    @property
+    def actor(self):
+        """The first (or only) bank actor."""
+        return self.actors[0]
 
     def push(self, key, class_ids, protos) -> None:
         class_ids = np.asarray(class_ids, dtype=np.int64)
         protos = np.asarray(protos, dtype=np.float32)
-        self._pending.append(self.actor.push.remote(key, class_ids, protos))
+        self._buffer.append((key, class_ids, protos))
         self.bytes_sent += class_ids.nbytes + protos.nbytes + len(str(key))
         self.pushes += 1
+        if len(self._buffer) >= self.push_every:
+            self._send()
+
+    def _send(self) -> None:
+        if not self._buffer:
+            return
+        parts = [self._buffer] if self.groups is None else route_pushes(self._buffer, self.groups, self.num_classes)
+        self._buffer = []
+        for actor, part in zip(self.actors, parts):
+            self._pending.append(actor.push_many.remote(part))
+            self.calls += 1
         while len(self._pending) > self.max_in_flight:
             ray.get(self._pending.popleft())
 
     def flush(self) -> None:
+        self._send()
         while self._pending:
             ray.get(self._pending.popleft())
 
     def cluster(self, tag: str) -> Context | None:
         self.flush()
         self.barrier()
-        return ray.get(self.actor.cluster.remote(tag))
+        refs = ray.get([a.context_ref.remote(tag) for a in self.actors])
+        parts = [None if r[0] is None else ray.get(r[0]) for r in refs]
+        if self.groups is None:
+            return parts[0]
+        return merge_contexts(parts, self.groups, self.num_classes)
 
     def stats(self) -> dict:
-        return {**ray.get(self.actor.stats.remote()),
-                "bank_bytes_per_step": self.bytes_sent / max(self.pushes, 1)}
+        own = {"bank_bytes_per_step": self.bytes_sent / max(self.pushes, 1),
+               "bank_calls_per_step": self.calls / max(self.pushes, 1)}
+        if self.groups is None:
+            return {**ray.get(self.actor.stats.remote()), **own}
+        parts = ray.get([a.stats.remote() for a in self.actors])
+        return {**merge_stats(parts, self.groups, self.num_classes),
+                "restarted": any(p["restarted"] for p in parts), **own}
 
     def state_dict(self) -> dict:
         self.flush()
-        return ray.get(self.actor.state_dict.remote())
+        if self.groups is None:
+            return ray.get(self.actor.state_dict.remote())
+        return merge_states(ray.get([a.state_dict.remote() for a in self.actors]), self.groups, self.num_classes)
 
     def load_state_dict(self, state: dict | None) -> None:
         if self.rank == 0:
-            ray.get(self.actor.load_state_dict.remote(state))
+            parts = [state] if self.groups is None else split_state(state, self.groups)
+            ray.get([a.load_state_dict.remote(p) for a, p in zip(self.actors, parts)])
         self.barrier()

@@ -34,7 +34,7 @@ CHECKPOINT_PREFIX = "checkpoint_"  # Ray Train's checkpoint folders: checkpoint_
 class FaultHook(Hook):
     """Fault injection for tests, once per run (a marker file in the run folder remembers):
     ``dist.crash_rank/crash_step`` kills that worker process at that global step;
-    ``crash_rank = -2`` kills the bank actor instead (from rank 0). With ``dist.crash_wait_s > 0``
+    ``crash_rank = -2`` kills the bank actor (shard 0 of a sharded bank) instead (from rank 0). With ``dist.crash_wait_s > 0``
     the worker does not exit by itself: it writes ``pid <pid>`` into the marker and waits that
     long to be killed from outside (a test's SIGKILL by PID, as when a node dies)."""
 
@@ -105,10 +105,12 @@ def train_loop_per_worker(config: dict) -> None:
     cfg = from_dict(config["cfg"])
     ctx = ray.train.get_context()  # (1) who am I
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    actor = ray.get_actor(config["bank_actor"], namespace=NAMESPACE) if config.get("bank_actor") else None
-    bank = BankClient(actor, cfg.dist.max_pushes_in_flight, rank=rank, barrier=barrier) if actor else None
+    actors = [ray.get_actor(n, namespace=NAMESPACE) for n in config.get("bank_actors", [])]
+    bank = BankClient(actors, cfg.dist.max_pushes_in_flight, rank=rank, barrier=barrier,
+                      push_every=cfg.dist.bank_push_every, num_classes=cfg.data.num_classes) if actors else None
     resume = resume_state(config["run_dir"])
-    hooks = [NodeHook(), *([FaultHook(cfg, actor, config["run_dir"])] if cfg.dist.crash_step >= 0 else [])]
+    hooks = [NodeHook(), *([FaultHook(cfg, actors[0] if actors else None, config["run_dir"])]
+                           if cfg.dist.crash_step >= 0 else [])]
     if cfg.train.mlflow_uri:  # Ray's MLflow integration: a run on rank 0, a no-op client elsewhere
         from ray.air.integrations.mlflow import setup_mlflow
 

@@ -28,7 +28,7 @@ import ray.train
 from ray.train.torch import TorchTrainer
 
 from cpal_ray.config import Config, ConfigError, save_config
-from cpal_ray.distributed.bank import bank_actor_name, create_bank_actor, remove_bank_actor
+from cpal_ray.distributed.bank import bank_actor_names, create_bank_actors, remove_bank_actor
 from cpal_ray.distributed.runtime import output_location
 from cpal_ray.distributed.train_loop import CHECKPOINT_PREFIX, train_loop_per_worker
 from cpal_ray.engine.checkpoint import CHECKPOINT_FILES, CONFIG_FILE, checkpoint_context, load_checkpoint
@@ -89,7 +89,7 @@ def remove_unregistered_checkpoints(run_dir: Location) -> list[str]:
     return removed
 
 
-def build_trainer(cfg: Config, *, bank_actor: str | None, storage: Location, name: str,
+def build_trainer(cfg: Config, *, bank_actors: list[str], storage: Location, name: str,
                   callbacks=None) -> TorchTrainer:
     d = cfg.dist
     resources = {"CPU": d.cpus_per_worker}
@@ -97,7 +97,7 @@ def build_trainer(cfg: Config, *, bank_actor: str | None, storage: Location, nam
         resources["GPU"] = 1
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg.to_dict(), "bank_actor": bank_actor, "run_dir": str(storage / name)},
+        train_loop_config={"cfg": cfg.to_dict(), "bank_actors": bank_actors, "run_dir": str(storage / name)},
         scaling_config=ray.train.ScalingConfig(num_workers=d.num_workers, use_gpu=d.use_gpu,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(name=name, storage_path=storage.path, storage_filesystem=storage.fs,
@@ -119,19 +119,19 @@ def run_training(cfg: Config, *, callbacks=None, storage_path: str | None = None
     cfg = check_training_inputs(cfg)
     save_config(cfg, run_dir / CONFIG_FILE)
     remove_unregistered_checkpoints(run_dir)
-    actor_name = bank_actor_name(name) if cfg.cpal.enabled else None
-    # Keep the handle for the whole fit: a non-detached actor dies with its last handle.
-    actor = create_bank_actor(cfg, actor_name) if actor_name else None
+    actor_names = bank_actor_names(name, cfg.cpal.bank_shards) if cfg.cpal.enabled else []
+    # Keep the handles for the whole fit: a non-detached actor dies with its last handle.
+    actors = create_bank_actors(cfg, actor_names) if actor_names else []
     try:
-        result = build_trainer(cfg, bank_actor=actor_name, storage=storage, name=name, callbacks=callbacks).fit()
+        result = build_trainer(cfg, bank_actors=actor_names, storage=storage, name=name, callbacks=callbacks).fit()
     except ray.train.ControllerError as e:
         if isinstance(e.controller_failure, NOT_RETRYABLE):
             raise e.controller_failure from None
         raise
     finally:
-        if actor is not None:
+        for actor_name in actor_names:
             remove_bank_actor(actor_name)
-            del actor
+        del actors
     if result.error is not None:
         raise result.error
     if result.checkpoint is None:

@@ -121,9 +121,10 @@ def build_spec(base_cfg: Config, space_module, experiment_dir: Location, *, seed
 
 def trial_resources(cfg: Config) -> dict[str, float]:
     """What the trial function holds: its own sliver of CPU plus the bank actor it owns."""
-    res = {"cpu": DRIVER_CPU + cfg.dist.bank_cpus}
+    shards = cfg.cpal.bank_shards
+    res = {"cpu": DRIVER_CPU + cfg.dist.bank_cpus * shards}
     if cfg.dist.bank_gpus > 0:
-        res["gpu"] = cfg.dist.bank_gpus
+        res["gpu"] = cfg.dist.bank_gpus * shards
     return res
 
 
@@ -135,8 +136,9 @@ def default_concurrency(cfg: Config, total: dict | None = None) -> int:
     if d.max_concurrent_trials > 0:
         return d.max_concurrent_trials
     total = ray.cluster_resources() if total is None else total
-    n = total.get("CPU", 0.0) // (DRIVER_CPU + d.bank_cpus + d.num_workers * d.cpus_per_worker)
-    gpus = (d.num_workers if d.use_gpu else 0) + d.bank_gpus
+    shards = cfg.cpal.bank_shards
+    n = total.get("CPU", 0.0) // (DRIVER_CPU + d.bank_cpus * shards + d.num_workers * d.cpus_per_worker)
+    gpus = (d.num_workers if d.use_gpu else 0) + d.bank_gpus * shards
     if gpus > 0:
         n = min(n, total.get("GPU", 0.0) // gpus)
     if n < 1:

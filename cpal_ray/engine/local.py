@@ -1,4 +1,4 @@
-"""Training in one process (no Ray): ``fit`` with an in-process ``PrototypeBank``.
+"""Training in one process (no Ray): ``fit`` with an in-process ``PrototypeBank`` (or its shards).
 
 Checkpoints go to ``<out_dir>/epoch_NNN/`` (the files of ``cpal_ray.engine.checkpoint``); run
 again into the same ``out_dir`` and training resumes after the newest one that verifies (a
@@ -10,7 +10,7 @@ import logging
 import re
 
 from cpal_ray.config import Config
-from cpal_ray.cpal import PrototypeBank
+from cpal_ray.cpal.shards import make_bank
 from cpal_ray.engine.checkpoint import load_first_valid, write_checkpoint
 from cpal_ray.engine.fit import FitResult, fit
 from cpal_ray.storage import Location, location
@@ -30,7 +30,7 @@ def fit_local(cfg: Config, out_dir=None, device: str = "cpu", model=None, datase
     path or URI) when given, with the run's records (TensorBoard, history.json, curves.png) there."""
     from cpal_ray.models import embed_dim
 
-    bank = PrototypeBank.from_config(cfg, embed_dim(cfg.model)) if cfg.cpal.enabled else None
+    bank = make_bank(cfg, embed_dim(cfg.model)) if cfg.cpal.enabled else None
     save_fn = resume = None
     if out_dir is not None:
         out = location(out_dir)
