@@ -11,20 +11,25 @@ context broadcast through the object store):
    each take a step every ``--step-s`` seconds (the paper's per-GPU step, 0.04 s, as in
    bench_bank_traffic.py) or 4x faster, and push M = 3 instance prototypes of D floats per step
    (local batch 2, about 1.5 per image), keyed (epoch, step, rank), through the client's own
-   routing (``cpal_ray.cpal.shards.route_pushes``) to the real ``BankActor``s, at most 4 calls in
-   flight per worker as ``BankClient`` does. Per setting: offered and absorbed steps/s, push
-   latency (submission to completion) p50/p99, pending calls at the start and end of the
-   window (backlog growth), the busiest bank actor's CPU share, and the generators' lag (how
-   late steps started: when it grows, this 2-core machine, not the bank, is the limit).
+   routing (``cpal_ray.cpal.shards.route_pushes``) to the real ``BankActor``s, at most 4 sends
+   in flight per worker as ``BankClient`` does. Per setting: offered and absorbed steps/s (steps
+   that started within the window), push latency (submission to completion) p50/p99, pending
+   calls at the start and end of the window (backlog growth), the busiest bank actor's CPU
+   share and its CPU per call (process time, Ray's threads included), the send stall (how long a
+   step waited for an in-flight slot: what a trainer would feel) and the step lag (how late
+   steps started). The lag grows when the bank back-pressures (the stall shows it) or when this
+   2-core machine cannot run W simulated workers (no stall, bank CPU low): read them together.
 2. The epoch-end k-means: ``PrototypeBank.cluster`` at VOC (20 classes) and COCO (80) scale,
-   banks of 1000 and 5000 per class, D = 128 / 256, faiss per class (the bank's code) timed
-   per class; S shards cluster in parallel, so their time is the largest per-shard sum (shown
-   for S = 1 and S = --shards; measured on one core, the shards' parallelism is derived). Beside
-   it, one batched torch call over all classes (spherical Lloyd, k-means++ seeding, the same
-   iterations and restarts), time and inertia vs faiss.
+   banks of 1000 and 5000 per class, D = 128 / 256, faiss per class (the bank's code; on the
+   CPU with --threads threads, on a GPU when faiss sees one) timed per class. S shards cluster
+   in parallel when each has its own core (``dist.bank_cpus`` >= 1; with the default 0 they may
+   share one), so their time is the largest per-shard sum: derived from the per-class times,
+   not measured in parallel. Beside it, one batched torch call over all classes (spherical
+   Lloyd, k-means++ seeding, the same iterations and restarts), time and inertia vs faiss.
 3. The context fetch at the end of an epoch: W workers each get the N x N_p x D context, by
    one actor call each returning it vs ``context_ref`` (one ``ray.put``, every worker reads
-   the same object). Bytes per worker and the time until all W hold it.
+   the same object). Bytes per worker and the time until all W hold it. All W readers are on
+   this one node (two processes), so no cross-node transfer is measured: a lower bound.
 
 The epoch-end barrier (k-means + fetch) is compared with a GPU epoch estimate: steps per epoch
 of the paper's global batch 16 (VOC 10582 / 16, COCO 82081 / 16) x --step-s.
@@ -75,7 +80,7 @@ class LoadGen:
         groups = shard_classes(num_classes, len(actors))
         rng = np.random.default_rng(seed)
         protos = rng.standard_normal((64, PROTOS_PER_STEP, dim)).astype(np.float32)
-        lat, lag, steps = [], [], [0]
+        lat, lag, stall, steps = [], [], [], [0]
         pending = [0]
         samples = []
         t_start = time.perf_counter() + 0.2
@@ -94,7 +99,7 @@ class LoadGen:
             my = np.random.default_rng(seed * 100003 + rank)
             buffer, inflight, step = [], set(), 0
             t_next = t_start + my.uniform(0, step_s)
-            while t_next < t_end:
+            while t_next < t_end and time.perf_counter() < t_end:  # steps that start within the window
                 await asyncio.sleep(max(0.0, t_next - time.perf_counter()))
                 lag.append(time.perf_counter() - t_next)
                 cls = my.integers(0, num_classes, PROTOS_PER_STEP)
@@ -104,11 +109,13 @@ class LoadGen:
                 if len(buffer) >= push_every:
                     parts = [buffer] if len(actors) == 1 else route_pushes(buffer, groups, num_classes)
                     buffer = []
+                    t_wait = time.perf_counter()
+                    while len(inflight) >= IN_FLIGHT * len(actors):  # the client's bound: the step waits
+                        _, inflight = await asyncio.wait(inflight, return_when=asyncio.FIRST_COMPLETED)
+                    stall.append(time.perf_counter() - t_wait)
                     for actor, part in zip(actors, parts):
-                        while len(inflight) >= IN_FLIGHT:  # the client's bound: the step waits
-                            _, inflight = await asyncio.wait(inflight, return_when=asyncio.FIRST_COMPLETED)
                         inflight.add(asyncio.ensure_future(call(actor, part)))
-                t_next += step_s
+                t_next = max(t_next + step_s, time.perf_counter() - step_s)  # a late worker does not burst
             if inflight:
                 await asyncio.wait(inflight)
 
@@ -119,7 +126,7 @@ class LoadGen:
 
         tasks = [asyncio.ensure_future(worker(r)) for r in ranks] + [asyncio.ensure_future(sampler())]
         await asyncio.gather(*tasks)
-        return {"lat": lat, "lag": lag, "steps": steps[0], "samples": samples}
+        return {"lat": lat, "lag": lag, "stall": stall, "steps": steps[0], "samples": samples}
 
     async def fetch(self, names: list[str], tag: str, n: int, broadcast: bool) -> list[float]:
         """n workers each get the context; seconds from the start until each one holds it."""
@@ -151,18 +158,19 @@ def run_load(ray, gens, cfg, names, workers: int, step_s: float, push_every: int
 
     actors = create_bank_actors(cfg, names)
     try:
-        cpu0 = ray.get([a.stats.remote() for a in actors])
+        cpu0 = ray.get([a.cpu_seconds.remote() for a in actors])
         t0 = time.perf_counter()
         per = [range(g, workers, len(gens)) for g in range(len(gens))]
         outs = ray.get([g.pushes.remote(names, cfg.data.num_classes, r, step_s, push_every, dim, seconds, i)
                         for i, (g, r) in enumerate(zip(gens, per))])
         wall = time.perf_counter() - t0
-        cpu1 = ray.get([a.stats.remote() for a in actors])
+        cpu1 = ray.get([a.cpu_seconds.remote() for a in actors])
     finally:
         for n in names:
             remove_bank_actor(n)
     lat = [x for o in outs for x in o["lat"]]
     lag = [x for o in outs for x in o["lag"]]
+    stall = [x for o in outs for x in o["stall"]]
     pend = {}
     for o in outs:
         for t, p in o["samples"]:
@@ -170,22 +178,27 @@ def run_load(ray, gens, cfg, names, workers: int, step_s: float, push_every: int
             pend[round(t, 1)] += p
     series = [pend[k] for k in sorted(pend)]
     third = max(1, len(series) // 3)
-    share = max((b["actor_cpu_seconds"] - a["actor_cpu_seconds"]) / wall for a, b in zip(cpu0, cpu1))
+    used = [b - a for a, b in zip(cpu0, cpu1)]
+    share = max(u / wall for u in used)
     return {"offered": workers / step_s, "absorbed": sum(o["steps"] for o in outs) / seconds,
             "calls_s": len(lat) / seconds, "p50": 1e3 * percentile(lat, 50), "p99": 1e3 * percentile(lat, 99),
             "pending_first": float(np.mean(series[:third])) if series else 0.0,
             "pending_last": float(np.mean(series[-third:])) if series else 0.0,
             "bank_cpu": 100.0 * share, "lag_p99": 1e3 * percentile(lag, 99),
-            "keys": sum(b["bank_keys"] for b in cpu1[:1])}
+            "ms_per_call": 1e3 * sum(used) / max(len(lat), 1), "stall_p99": 1e3 * percentile(stall, 99),
+            }
 
 
 # ------------------------------------------------------------------------------- k-means
 
 
-def faiss_per_class(x: np.ndarray, clusters: int, iters: int, redo: int) -> list[float]:
+def faiss_per_class(x: np.ndarray, clusters: int, iters: int, redo: int, threads: int) -> list[float]:
     """Seconds of the bank's own k-means (``cpal.kmeans.kmeans``) for each class of x (C, M, D)."""
     from cpal_ray.cpal.kmeans import kmeans
 
+    from cpal_ray.cpal.kmeans import import_faiss
+
+    import_faiss().omp_set_num_threads(threads)
     kmeans(x[0], clusters, niter=2, seed=0, spherical=True, nredo=1)  # faiss's first call pays its start-up
     out = []
     for c in range(len(x)):
@@ -231,7 +244,7 @@ def inertia(x: np.ndarray, centroids: np.ndarray) -> float:
     return float(np.maximum(2 - 2 * sims, 0).sum())
 
 
-def kmeans_rows(settings, clusters: int, iters: int, redo: int, shards: int) -> list[list]:
+def kmeans_rows(settings, clusters: int, iters: int, redo: int, shards: int, threads: int) -> list[list]:
     import torch
 
     from cpal_ray.cpal.kmeans import kmeans
@@ -240,7 +253,7 @@ def kmeans_rows(settings, clusters: int, iters: int, redo: int, shards: int) -> 
     rows = []
     for name, classes, cap, dim in settings:
         x = C.clustered_unit_vectors(classes, cap, dim, seed=3)
-        per_class = faiss_per_class(x, clusters, iters, redo)
+        per_class = faiss_per_class(x, clusters, iters, redo, threads)
         seq = sum(per_class)
         sharded = max(sum(per_class[c] for c in g) for g in shard_classes(classes, shards))
         t0 = time.perf_counter()
@@ -291,11 +304,17 @@ def main(argv=None) -> int:
                         r = run_load(ray, gens, cfg, names, w, args.step_s / mult, n, dim, args.seconds)
                         rows.append([label, dim, f"{mult}x", w, r["offered"], r["absorbed"], r["calls_s"], r["p50"],
                                      r["p99"], f"{r['pending_first']:.0f}->{r['pending_last']:.0f}", r["bank_cpu"],
-                                     r["lag_p99"]])
+                                     r["ms_per_call"], r["stall_p99"], r["lag_p99"]])
                         p99_at[(label, dim, mult, w)] = r
                         print("  " + " | ".join(C._fmt(c) for c in rows[-1]), flush=True)
         C.print_table(["design", "D", "rate", "W", "offered steps/s", "absorbed steps/s", "calls/s", "p50 ms",
-                       "p99 ms", "pending first->last third", "bank CPU %", "gen lag p99 ms"], rows)
+                       "p99 ms", "pending first->last third", "bank CPU %", "bank CPU ms/call", "send stall p99 ms", "step lag p99 ms"], rows)
+        # A single actor's ceiling: calls/s it can absorb = 1 / its CPU per call (one core, one thread).
+        today = [r for (lbl, _, _, _), r in p99_at.items() if lbl == list(designs)[0] and r["calls_s"] > 0]
+        ms_call = C.median([r["ms_per_call"] for r in today])
+        print(f"one bank actor: {ms_call:.3f} ms of CPU per push call (median over the settings) -> at most "
+              f"{1e3 / ms_call:.0f} calls/s; at a call per step and {1 / args.step_s:.0f} steps/s per worker it "
+              f"saturates at W = {1e3 / ms_call * args.step_s:.0f} workers (4x rate: {1e3 / ms_call * args.step_s / 4:.0f})")
 
         print("\n3. context fetch at the end of an epoch (VOC 20 x 50 x 128 and COCO 80 x 50 x 256 float32)")
         from cpal_ray.distributed.bank import create_bank_actors, remove_bank_actor
@@ -324,7 +343,7 @@ def main(argv=None) -> int:
                             dt = time.perf_counter() - t0
                             how = "broadcast (context_ref)" if broadcast else "actor call per worker"
                             fetch_rows.append([dataset, label, how, w, nbytes / 1e6, dt])
-                            fetch_at[(dataset, s, broadcast, w)] = dt
+                            fetch_at[(dataset, label, broadcast, w)] = dt
                 finally:
                     for n in names:
                         remove_bank_actor(n)
@@ -332,11 +351,12 @@ def main(argv=None) -> int:
     finally:
         ray.shutdown()
 
-    print("\n2. epoch-end k-means (faiss on CPU per class, N_p=50, 20 iterations, 5 restarts; torch batched: one call)")
+    print(f"\n2. epoch-end k-means (faiss per class, N_p=50, 20 iterations, 5 restarts, {max(1, args.threads)} thread(s); "
+          "torch batched: one call)")
     settings = [("VOC", 20, 1000, 128)] if args.quick else [
         ("VOC", 20, 1000, 128), ("VOC", 20, 1000, 256), ("VOC", 20, 5000, 128), ("VOC", 20, 5000, 256),
         ("COCO", 80, 1000, 128), ("COCO", 80, 1000, 256), ("COCO", 80, 5000, 128), ("COCO", 80, 5000, 256)]
-    km = kmeans_rows(settings, 50, 20, 5, args.shards)
+    km = kmeans_rows(settings, 50, 20, 5, args.shards, max(1, args.threads))
     C.print_table(["dataset", "classes", "bank/class", "D", "faiss S=1 s", f"faiss S={args.shards} s (derived)",
                    "torch batched s", "batched/faiss inertia (4 classes)"], km)
 
@@ -351,7 +371,7 @@ def main(argv=None) -> int:
             if not k_row:
                 continue
             k_s = k_row[0][4] if s == 1 else k_row[0][5]
-            f_s = fetch_at[(dataset.lower(), s, s != 1, w_max)]
+            f_s = fetch_at[(dataset.lower(), label, label != list(designs)[0], w_max)]
             barrier_rows.append([dataset, label, k_s, f_s, epoch, 100.0 * (k_s + f_s) / epoch])
     C.print_table(["dataset", "design", "k-means s (bank 1000)", f"fetch s (W={w_max})", "GPU epoch s", "barrier %"],
                   barrier_rows)

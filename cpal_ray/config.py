@@ -257,13 +257,15 @@ class DistConfig:
     num_workers: int = 1
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
-    # Bank actor resources: CPU share (0 by default) and GPU share for faiss k-means.
+    # Bank actor resources: CPU share (0 by default) and GPU share for faiss k-means, per actor
+    # (each of the cpal.bank_shards shards gets them).
     bank_cpus: float = 0.0
     bank_gpus: float = 0.0
-    # Bounded number of fire-and-forget bank pushes in flight per worker.
+    # Bounded number of fire-and-forget bank sends in flight per worker (a send = one call per shard).
     max_pushes_in_flight: int = 4
     # A worker sends its prototypes to the bank every n steps in one call (still one key per
-    # step); 1 = every step. Flushed before each clustering and checkpoint.
+    # step); 1 = every step. Every rank flushes at each clustering (collective), which the loop runs
+    # right before each checkpoint.
     bank_push_every: int = 1
     # Ray Train FailureConfig(max_failures); -1 = retry forever.
     max_failures: int = 0

@@ -141,6 +141,13 @@ def test_sharded_bank_with_batched_pushes_survives_a_killed_shard(ray_start_2_cp
     bank = load_checkpoint(res.final_dir)["bank"]
     assert bank["shape"][0] == cfg.data.num_classes  # one logical bank in the checkpoint
     assert set(bank["keys"]) == expected_keys(2, steps, 2)
+    pushed = [0] * cfg.data.num_classes  # the resumed attempt's records cover both epochs
+    for h in res.history:
+        for per_rank in h["pushed_per_rank"]:
+            for c, n in per_rank.items():
+                pushed[int(c)] += n
+    assert bank["pushed"].tolist() == pushed and sum(pushed) > 0
+    assert bank["size"].tolist() == [min(p, cfg.cpal.bank_size) for p in pushed]
     last = res.history[-1]
     assert last["epoch"] == 1 and last["bank_shards"] == 2
     # Per epoch of 4 steps: a batch at step 3 and the rest flushed at the clustering, each one call

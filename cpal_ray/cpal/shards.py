@@ -86,7 +86,8 @@ def merge_stats(parts: Sequence[dict], groups: Sequence[np.ndarray], num_classes
 
     Per-class lists are scattered back to global class order; every shard holds every key, so
     ``bank_keys`` is any shard's count (the largest, should one lag). The clustering time is the
-    slowest shard's (they cluster in parallel)."""
+    slowest shard's (on Ray the shards cluster in parallel; ``ShardedBank`` in one process
+    clusters them one after another)."""
     out = dict(parts[0])
     for field in ("bank_fill", "bank_pushed", "context_counts"):
         merged = [0] * num_classes
@@ -97,8 +98,8 @@ def merge_stats(parts: Sequence[dict], groups: Sequence[np.ndarray], num_classes
     out["bank_keys"] = max(p["bank_keys"] for p in parts)
     out["context_version"] = max(p["context_version"] for p in parts)
     out["cluster_seconds"] = max(p["cluster_seconds"] for p in parts)
-    devices = {p["cluster_device"] for p in parts}
-    out["cluster_device"] = "gpu" if "gpu" in devices else ("cpu" if "cpu" in devices else "none")
+    devices = {p["cluster_device"] for p in parts}  # "gpu" only if no shard fell back to the CPU
+    out["cluster_device"] = "cpu" if "cpu" in devices else ("gpu" if "gpu" in devices else "none")
     out["bank_shards"] = len(parts)
     return out
 
@@ -108,11 +109,13 @@ def merge_states(states: Sequence[dict], groups: Sequence[np.ndarray], num_class
     _, dim, capacity, clusters = states[0]["shape"]
     data = torch.zeros((num_classes, capacity, dim), dtype=torch.float32)
     size, head, pushed = (torch.zeros(num_classes, dtype=torch.int64) for _ in range(3))
-    keys: set[str] = set()
-    for g, st in zip(groups, states):
+    keys = set(states[0]["keys"])
+    for s, (g, st) in enumerate(zip(groups, states)):
         idx = torch.from_numpy(g)
         data[idx], size[idx], head[idx], pushed[idx] = st["data"], st["size"], st["head"], st["pushed"]
-        keys.update(st["keys"])
+        if set(st["keys"]) != keys:  # every shard stores every key: a difference means a shard lost state
+            raise ValueError(f"bank shard {s} holds {len(st['keys'])} keys, shard 0 holds {len(keys)}: "
+                             "a shard lost its state; resume from the last checkpoint")
     lead = max(states, key=lambda st: st["version"])
     contexts = [Context.from_state(st["context"]) for st in states]
     context = merge_contexts(contexts, groups, num_classes)

@@ -96,10 +96,14 @@ class BankActor:
         return [self._shared[1]]
 
     def stats(self) -> dict:
-        return {**self.bank.stats(), "restarted": self.restarted, "bank_node": ray.get_runtime_context().get_node_id(),
-                "actor_cpu_seconds": time.process_time()}
+        return {**self.bank.stats(), "restarted": self.restarted, "bank_node": ray.get_runtime_context().get_node_id()}
+
+    def cpu_seconds(self) -> float:
+        """CPU time of this actor's process so far (all its threads, Ray's included): for benchmarks."""
+        return time.process_time()
 
     def state_dict(self) -> dict:
+        self._guard()  # a restarted (empty) actor must not end up in a checkpoint as an empty bank
         return self.bank.state_dict()
 
     def load_state_dict(self, state: dict | None) -> int:
@@ -158,7 +162,7 @@ class BankClient:
 
     Args:
         actors: the bank actor, or the S shard actors in shard order (``create_bank_actors``).
-        max_in_flight: calls sent and not yet answered, at most (then it waits for the oldest).
+        max_in_flight: sends (of one call per shard) not yet answered, at most (then it waits for the oldest).
         rank, barrier: this worker's rank and the group's barrier (collective calls below).
         push_every: steps buffered per call (``dist.bank_push_every``); 1 = a call per step.
         num_classes: N, needed to route pushes to shards when there are several.
@@ -169,7 +173,9 @@ class BankClient:
     recovery from the checkpoint (pushes still buffered then are redone by the resumed steps).
     ``cluster`` and ``load_state_dict`` are collective: every rank calls them at the same point;
     pushes are flushed and the ranks meet at ``barrier`` first, so the clustering sees every
-    rank's pushes, and only rank 0 restores the state.
+    rank's pushes, and only rank 0 restores the state. ``state_dict`` flushes this rank's buffer
+    only: the loop calls it (rank 0, for the checkpoint) right after the collective ``cluster``,
+    which flushed every rank's.
     """
 
     def __init__(self, actors, max_in_flight: int = 4, rank: int = 0, barrier=lambda: None, push_every: int = 1,
@@ -195,8 +201,8 @@ class BankClient:
         return self.actors[0]
 
     def push(self, key, class_ids, protos) -> None:
-        class_ids = np.asarray(class_ids, dtype=np.int64)
-        protos = np.asarray(protos, dtype=np.float32)
+        class_ids = np.array(class_ids, dtype=np.int64)  # copies: the caller may reuse its arrays
+        protos = np.array(protos, dtype=np.float32)
         self._buffer.append((key, class_ids, protos))
         self.bytes_sent += class_ids.nbytes + protos.nbytes + len(str(key))
         self.pushes += 1
@@ -211,7 +217,7 @@ class BankClient:
         for actor, part in zip(self.actors, parts):
             self._pending.append(actor.push_many.remote(part))
             self.calls += 1
-        while len(self._pending) > self.max_in_flight:
+        while len(self._pending) > self.max_in_flight * len(self.actors):  # max_in_flight sends, S calls each
             ray.get(self._pending.popleft())
 
     def flush(self) -> None:
@@ -222,8 +228,9 @@ class BankClient:
     def cluster(self, tag: str) -> Context | None:
         self.flush()
         self.barrier()
-        refs = ray.get([a.context_ref.remote(tag) for a in self.actors])
-        parts = [None if r[0] is None else ray.get(r[0]) for r in refs]
+        refs = [r[0] for r in ray.get([a.context_ref.remote(tag) for a in self.actors])]
+        got = iter(ray.get([r for r in refs if r is not None]))
+        parts = [None if r is None else next(got) for r in refs]
         if self.groups is None:
             return parts[0]
         return merge_contexts(parts, self.groups, self.num_classes)

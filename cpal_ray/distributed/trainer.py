@@ -120,9 +120,10 @@ def run_training(cfg: Config, *, callbacks=None, storage_path: str | None = None
     save_config(cfg, run_dir / CONFIG_FILE)
     remove_unregistered_checkpoints(run_dir)
     actor_names = bank_actor_names(name, cfg.cpal.bank_shards) if cfg.cpal.enabled else []
-    # Keep the handles for the whole fit: a non-detached actor dies with its last handle.
-    actors = create_bank_actors(cfg, actor_names) if actor_names else []
+    actors = []
     try:
+        # Keep the handles for the whole fit: a non-detached actor dies with its last handle.
+        actors = create_bank_actors(cfg, actor_names) if actor_names else []
         result = build_trainer(cfg, bank_actors=actor_names, storage=storage, name=name, callbacks=callbacks).fit()
     except ray.train.ControllerError as e:
         if isinstance(e.controller_failure, NOT_RETRYABLE):
