@@ -238,6 +238,9 @@ class TrainConfig:
     # MLflow tracking server (or file:// store) for Ray runs, through Ray's integration; "" = off.
     # TensorBoard files, history.json and curves.png are always written into the run folder.
     mlflow_uri: str = ""
+    # Checkpoints kept per Ray run (Ray's CheckpointConfig num_to_keep, the newest): 0 = all; at
+    # least 2 so a damaged newest one has a verified fallback. Sweeps keep 2 per trial when 0.
+    keep_checkpoints: int = 0
     # Where runs are written (local path or URI) and the run's name (resume = same name).
     storage_path: str = "results"
     name: str = "cpal"
@@ -248,6 +251,8 @@ class TrainConfig:
         _check(self.max_steps_per_epoch >= 0, "train.max_steps_per_epoch", "must be >= 0")
         _check(self.log_every >= 1, "train.log_every", "must be >= 1")
         _check(self.diag_images >= 0, "train.diag_images", "must be >= 0 (0 = off)")
+        _check(self.keep_checkpoints == 0 or self.keep_checkpoints >= 2, "train.keep_checkpoints",
+               f"must be 0 (all) or >= 2 (a verified fallback), got {self.keep_checkpoints}")
         _check(bool(self.name) and "/" not in self.name, "train.name", "must be a non-empty name without '/'")
 
 

@@ -129,30 +129,32 @@ def test_killed_bank_actor_is_restored_from_checkpoint(ray_start_2_cpus, tmp_pat
 def test_sharded_bank_with_batched_pushes_survives_a_killed_shard(ray_start_2_cpus, tmp_path):
     """The scale features under the same fault: 2 class shards, pushes sent every 3 steps, shard 0
     killed mid-epoch 1. The run resumes from the checkpoint with every key once and the per-class
-    entries equal to what the ranks pushed, exactly as with one bank actor."""
+    entries equal to what the ranks pushed, exactly as with one bank actor. And only the newest
+    ``train.keep_checkpoints`` checkpoints stay."""
     from cpal_ray.distributed.trainer import run_training
 
     steps = 4
-    cfg = cfg_for(tmp_path, "shardcrash", **{"cpal.bank_shards": 2, "dist.bank_push_every": 3,
-                                             "dist.crash_rank": -2, "dist.crash_step": steps + 1,
-                                             "dist.max_failures": 2})
+    cfg = cfg_for(tmp_path, "shardcrash", **{"cpal.bank_shards": 2, "dist.bank_push_every": 3, "train.epochs": 3,
+                                             "train.keep_checkpoints": 2, "dist.crash_rank": -2,
+                                             "dist.crash_step": steps + 1, "dist.max_failures": 2})
     res = run_training(cfg)
     assert (res.run_dir / ".fault_bank_done").exists()
     bank = load_checkpoint(res.final_dir)["bank"]
     assert bank["shape"][0] == cfg.data.num_classes  # one logical bank in the checkpoint
-    assert set(bank["keys"]) == expected_keys(2, steps, 2)
-    pushed = [0] * cfg.data.num_classes  # the resumed attempt's records cover both epochs
-    for h in res.history:
-        for per_rank in h["pushed_per_rank"]:
-            for c, n in per_rank.items():
-                pushed[int(c)] += n
-    assert bank["pushed"].tolist() == pushed and sum(pushed) > 0
-    assert bank["size"].tolist() == [min(p, cfg.cpal.bank_size) for p in pushed]
+    assert set(bank["keys"]) == expected_keys(3, steps, 2)
+    # The history is the resumed attempt's (epochs 1-2): it started from the epoch-0 checkpoint's
+    # bank (8 keys = 4 steps x 2 ranks) and added exactly what its ranks pushed.
+    start = res.history[0]["bank_at_start"]
+    assert res.history[0]["epoch"] == 1 and start["bank_keys"] == steps * 2
+    pushed = sum(n for h in res.history for per_rank in h["pushed_per_rank"] for n in per_rank.values())
+    assert int(bank["pushed"].sum()) == start["bank_entries"] + pushed and pushed > 0
+    assert bank["size"].tolist() == [min(int(p), cfg.cpal.bank_size) for p in bank["pushed"]]
     last = res.history[-1]
-    assert last["epoch"] == 1 and last["bank_shards"] == 2
+    assert last["epoch"] == 2 and last["bank_shards"] == 2
     # Per epoch of 4 steps: a batch at step 3 and the rest flushed at the clustering, each one call
     # per shard: 2 x 2 calls for 4 steps (one actor unbatched: 1 per step; 2 shards unbatched: 2).
     assert last["bank_calls_per_step"] == 1.0
+    assert len([p for p in res.run_dir.glob("checkpoint_*") if p.is_dir()]) == 2
 
 
 def test_stopped_run_restarts_at_next_epoch_with_bank_restored(ray_start_2_cpus, tmp_path):

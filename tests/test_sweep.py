@@ -23,7 +23,8 @@ TINY = "configs/synthetic_tiny.yaml"
 FAST = {"train.epochs": 1, "train.max_steps_per_epoch": 2, "train.log_every": 100, "dist.num_workers": 1,
         "dist.cpus_per_worker": 0.5, "data.synthetic_images": 16, "inference.scales": [1.0]}
 # Grid sizes the space modules document.
-SIZES = {"k_tau": 12, "table1": 5, "table2": 5, "table3": 4, "bank": 8, "table1_center": 6, "photos": 5}
+SIZES = {"k_tau": 12, "table1": 5, "table2": 5, "table3": 4, "bank": 8, "table1_center": 6, "photos": 5,
+         "photos_table1": 4}
 
 
 def dotted(cfg: Config) -> dict:
@@ -154,6 +155,12 @@ def test_spec_resources_gpus_and_smoke(tmp_path):
     assert default_concurrency(gpu.replace(**{"dist.max_concurrent_trials": 2}), {"CPU": 0.0}) == 2
     assert load_config("configs/voc_resnet50_8gpu.yaml").dist.max_concurrent_trials == 2
     assert trial_resources(tiny.replace(**{"dist.bank_cpus": 0.5}))["cpu"] == pytest.approx(0.51)
+    sharded = tiny.replace(**{"dist.bank_cpus": 0.5, "cpal.bank_shards": 2})  # each shard's share
+    assert trial_resources(sharded)["cpu"] == pytest.approx(1.01)
+    assert default_concurrency(sharded, {"CPU": 2.0}) == 1  # 0.01 + 2 x 0.5 + one 0.5 worker = 1.51 CPU
+    assert spec["base"]["train"]["keep_checkpoints"] == 2  # sweeps keep the newest 2 per trial
+    kept = build_spec(tiny.replace(**{"train.keep_checkpoints": 5}), load_space("table3"), tmp_path, max_concurrent=1)
+    assert kept["base"]["train"]["keep_checkpoints"] == 5
     # Trials run in their own working directory: relative paths that exist here become absolute.
     weights = "cpal_ray/configs/synthetic_tiny.yaml"  # any file that exists relative to the repository
     rel = tiny.replace(**{"model.weights": weights, "data.val_split": "cpal_ray/assets/voc12_meta/val.txt"})

@@ -102,6 +102,8 @@ def build_trainer(cfg: Config, *, bank_actors: list[str], storage: Location, nam
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(name=name, storage_path=storage.path, storage_filesystem=storage.fs,
                                        failure_config=ray.train.FailureConfig(max_failures=d.max_failures),
+                                       checkpoint_config=ray.train.CheckpointConfig(
+                                           num_to_keep=cfg.train.keep_checkpoints or None),
                                        callbacks=[*(callbacks or []), FailFast()]),
     )
 

@@ -109,6 +109,8 @@ def build_spec(base_cfg: Config, space_module, experiment_dir: Location, *, seed
         spec["space"] = smoke_space(spec["space"])
         cfg = cfg.replace(**{"train.epochs": 1, "train.max_steps_per_epoch": 2, "inference.scales": [1.0]})
         eval_max_images = eval_max_images or 8
+    if cfg.train.keep_checkpoints == 0:  # every trial's every epoch would stay: keep the newest 2
+        cfg = cfg.replace(**{"train.keep_checkpoints": 2})
     base_seed = cfg.train.seed
     spec.update(base=cfg.to_dict(), raised=raised, seeds=[base_seed + i for i in range(seeds)], search=search,
                 num_samples=num_samples if search != "grid" else 1, eval_max_images=eval_max_images,
