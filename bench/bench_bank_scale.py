@@ -73,6 +73,7 @@ class LoadGen:
                      dim: int, seconds: float, seed: int) -> dict:
         import ray
 
+        from cpal_ray.cpal.bank import pack_pushes
         from cpal_ray.cpal.shards import route_pushes, shard_classes
         from cpal_ray.distributed.runtime import NAMESPACE
 
@@ -90,7 +91,7 @@ class LoadGen:
             t0 = time.perf_counter()
             pending[0] += 1
             try:
-                await actor.push_many.remote(part)
+                await actor.push_batch.remote(*pack_pushes(part))
             finally:
                 pending[0] -= 1
             lat.append(time.perf_counter() - t0)
@@ -286,7 +287,10 @@ def main(argv=None) -> int:
     dims = [int(d) for d in args.dims.split(",")]
     C.set_threads(args.threads)
     C.header("the prototype bank at cluster scale")
-    designs = {"today (S=1, n=1)": (1, 1), f"chosen (S={args.shards}, n={args.push_every})": (args.shards, args.push_every)}
+    designs = {"today (S=1, n=1)": (1, 1)}
+    if args.push_every > 1 and args.shards > 1:  # the two switches apart, then together
+        designs[f"batched only (S=1, n={args.push_every})"] = (1, args.push_every)
+    designs[f"chosen (S={args.shards}, n={args.push_every})"] = (args.shards, args.push_every)
     ray = start_ray(args.cpus or os.cpu_count() or 2)
     from cpal_ray.distributed.bank import bank_actor_names
 
@@ -321,7 +325,7 @@ def main(argv=None) -> int:
 
         fetch_rows, fetch_at = [], {}
         for dataset, dim in (("voc", 128), ("coco", 256)):
-            for label, (s, _) in designs.items():
+            for label, (s, _) in [(k, designs[k]) for k in dict.fromkeys([list(designs)[0], list(designs)[-1]])]:
                 cfg = bank_config(dataset, dim, s, capacity=200)
                 names = bank_actor_names(f"fetch-{os.getpid()}-{dataset}-{s}", s)
                 actors = create_bank_actors(cfg, names)
@@ -332,7 +336,9 @@ def main(argv=None) -> int:
                     items = [(("fill", c), np.full(200, c), fill[c]) for c in range(cfg.data.num_classes)]
                     parts = ([items] if s == 1 else route_pushes(items, shard_classes(cfg.data.num_classes, s),
                                                                   cfg.data.num_classes))
-                    ray.get([a.push_many.remote(pt) for a, pt in zip(actors, parts)])
+                    from cpal_ray.cpal.bank import pack_pushes
+
+                    ray.get([a.push_batch.remote(*pack_pushes(pt)) for a, pt in zip(actors, parts)])
                     ray.get([a.cluster.remote("e1") for a in actors])
                     nbytes = cfg.data.num_classes * cfg.cpal.num_clusters * dim * 4
                     for w in workers:
@@ -366,7 +372,7 @@ def main(argv=None) -> int:
           f"(global batch 16, {args.step_s} s per step)")
     w_max = max(workers)
     barrier_rows = []
-    today, chosen = list(designs)
+    today, chosen = list(designs)[0], list(designs)[-1]
     for dataset, images, dim in (("VOC", VOC_IMAGES, 128), ("COCO", COCO_IMAGES, 256)):
         epoch = images // 16 * args.step_s
         for k_row in [r for r in km if r[0] == dataset and r[3] == dim]:

@@ -116,3 +116,26 @@ def test_spherical_clustering_gives_unit_centroids():
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     cents, _ = kmeans(x, 5, spherical=True)
     np.testing.assert_allclose(np.linalg.norm(cents, axis=1), 1.0, atol=1e-4)
+
+
+@pytest.mark.parametrize("capacity", [1, 3, 50])
+def test_a_packed_batch_of_pushes_equals_pushing_one_by_one(capacity):
+    """push_batch (the Ray client's wire format) is sequential ``push`` in fewer operations:
+    same answers, same FIFO contents and order, also when a batch overflows a class and repeats a key."""
+    from cpal_ray.cpal.bank import pack_pushes
+
+    rng = np.random.default_rng(capacity)
+    one = PrototypeBank(num_classes=4, dim=3, capacity=capacity, num_clusters=1)
+    batched = PrototypeBank(num_classes=4, dim=3, capacity=capacity, num_clusters=1)
+    items = [(("e", int(rng.integers(0, 25)), 0), rng.integers(0, 4, m), rng.normal(size=(m, 3)).astype(np.float32))
+             for m in rng.integers(0, 5, 60)]
+    expected = [one.push(*item) for item in items]
+    got = batched.push_batch(*pack_pushes(items[:20])) + batched.push_many(items[20:])
+    assert got == expected and False in got  # some keys repeat
+    a, b = one.state_dict(), batched.state_dict()
+    for k in ("data", "size", "head", "pushed"):
+        assert torch.equal(a[k], b[k]), k
+    assert a["keys"] == b["keys"]
+    with pytest.raises(ValueError, match="push e-99-0: class ids"):
+        batched.push_many([(("e", 98, 0), [1], np.zeros((1, 3))), (("e", 99, 0), [0, 7], np.zeros((2, 3)))])
+    assert not batched.has_key(("e", 98, 0))  # a bad batch stores nothing

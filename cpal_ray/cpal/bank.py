@@ -31,6 +31,24 @@ from cpal_ray.cpal.kmeans import kmeans
 log = logging.getLogger(__name__)
 
 
+def pack_pushes(items) -> tuple[list, np.ndarray, np.ndarray, np.ndarray]:
+    """[(key, class_ids (M_i,), protos (M_i, D))] -> (keys, counts (K,), class_ids (sum M,), protos (sum M, D)).
+
+    The wire format of a batch of pushes: four objects whatever the number of steps, so a Ray
+    call carrying n steps costs about what a call carrying one does."""
+    keys = [k for k, _, _ in items]
+    cls = [np.asarray(c, dtype=np.int64).reshape(-1) for _, c, _ in items]
+    vecs = [v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v, dtype=np.float32)
+            for _, _, v in items]
+    dim = next((v.shape[-1] for v in vecs if v.ndim == 2 and v.size), 0)
+    vecs = [v.astype(np.float32, copy=False).reshape(len(c), -1) if len(c) else np.zeros((0, dim), np.float32)
+            for c, v in zip(cls, vecs)]
+    counts = np.array([len(c) for c in cls], dtype=np.int64)
+    if not items or counts.sum() == 0:
+        return keys, counts, np.zeros(0, np.int64), np.zeros((0, dim), np.float32)
+    return keys, counts, np.concatenate(cls), np.concatenate(vecs)
+
+
 @dataclass(frozen=True)
 class Context:
     """Context prototypes as a training step and the PACAM see them.
@@ -128,8 +146,54 @@ class PrototypeBank:
         return True
 
     def push_many(self, items) -> list[bool]:
-        """``push`` for each (key, class_ids, protos) of items, in order (a batch of steps in one call)."""
-        return [self.push(key, class_ids, protos) for key, class_ids, protos in items]
+        """``push`` for each (key, class_ids, protos) of items, in order (a batch of steps)."""
+        return self.push_batch(*pack_pushes(items))
+
+    def push_batch(self, keys: list, counts, class_ids, protos) -> list[bool]:
+        """Several steps' pushes packed in 4 arrays (``pack_pushes``): the same result as ``push``
+        for each key in order, validated and written with a handful of array operations.
+
+        keys: K step keys; counts: (K,) int64 entries per key; class_ids: (sum counts,) int64;
+        protos: (sum counts, D) float32. Returns per key True if stored, False if seen before.
+        """
+        keys = [_key_str(k) for k in keys]
+        counts = np.asarray(counts, dtype=np.int64).reshape(-1)
+        cls = np.asarray(class_ids, dtype=np.int64).reshape(-1)
+        vec = np.asarray(protos, dtype=np.float32).reshape(len(cls), -1) if len(cls) else np.zeros((0, self.dim))
+        ends = np.cumsum(counts)
+        if len(counts) != len(keys) or (ends[-1] if len(ends) else 0) != len(cls):
+            raise ValueError(f"push batch: {len(keys)} keys, {len(counts)} counts summing to "
+                             f"{int(ends[-1]) if len(ends) else 0}, {len(cls)} class ids")
+        if vec.shape[1] != self.dim:
+            raise ValueError(f"push {keys[0]}: prototypes have dim {vec.shape[1]}, bank has {self.dim}")
+        bad = (cls < 0) | (cls >= self.num_classes) | ~np.isfinite(vec).all(1)
+        if bad.any():
+            i = int(np.argmax(bad))
+            k = keys[int(np.searchsorted(ends, i, side="right"))]
+            what = (f"class ids {cls[i]} outside [0, {self.num_classes})" if not 0 <= cls[i] < self.num_classes
+                    else "non-finite prototype values")
+            raise ValueError(f"push {k}: {what}")
+        stored, take = [], np.zeros(len(cls), dtype=bool)
+        for k, start, end in zip(keys, ends - counts, ends):
+            new = k not in self._keys
+            if new:
+                self._keys.add(k)
+                take[start:end] = True
+            stored.append(new)
+        cls, vec = cls[take], vec[take]
+        for c in np.unique(cls):  # per class, in arrival order: the FIFO of sequential pushes
+            rows = vec[cls == c]
+            n = len(rows)
+            if n > self.capacity:  # only the newest capacity entries survive
+                skip = n - self.capacity
+                self._head[c] = (self._head[c] + skip) % self.capacity
+                rows = rows[skip:]
+            slots = (self._head[c] + np.arange(len(rows))) % self.capacity
+            self._data[c, slots] = rows
+            self._head[c] = (self._head[c] + len(rows)) % self.capacity
+            self._size[c] = min(self._size[c] + n, self.capacity)
+            self._pushed[c] += n
+        return stored
 
     def has_key(self, key: Hashable) -> bool:
         return _key_str(key) in self._keys

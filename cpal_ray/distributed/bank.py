@@ -14,8 +14,8 @@ How workers find them: by name. The driver creates ``cpal-bank-<run name>`` (S =
 and one name per run lets Tune trials each have their own bank.
 
 Traffic (bench/bench_bank_scale.py measures it up to 256 workers): a worker buffers its pushes
-and sends them every ``dist.bank_push_every`` steps in one call per shard (``push_many``; each
-step keeps its own key, so idempotency is per step as before). Per step
+and sends them every ``dist.bank_push_every`` steps in one call per shard (``push_batch``: the
+steps packed into four arrays; each step keeps its own key, so idempotency is per step as before). Per step
 that is M (valid instance prototypes of the local batch, about 1-2 per image) x D float32 + M
 int64 + a short key. Once per epoch each worker fetches the context prototypes, N x N_p x D
 float32 (VOC: 20 x 50 x 128 x 4 = 512 KB): each shard ``ray.put``s its part once per clustering
@@ -32,7 +32,7 @@ import numpy as np
 import ray
 
 from cpal_ray.config import Config, from_dict
-from cpal_ray.cpal.bank import Context, PrototypeBank
+from cpal_ray.cpal.bank import Context, PrototypeBank, pack_pushes
 from cpal_ray.cpal.shards import merge_contexts, merge_states, merge_stats, route_pushes, shard_classes, split_state
 from cpal_ray.distributed.runtime import NAMESPACE
 
@@ -74,10 +74,10 @@ class BankActor:
         self._guard()
         return self.bank.push(key, class_ids, protos)
 
-    def push_many(self, items: list) -> list[bool]:
-        """Several steps' pushes [(key, class_ids, protos)] in one call."""
+    def push_batch(self, keys: list, counts, class_ids, protos) -> list[bool]:
+        """Several steps' pushes in one call, packed by ``pack_pushes`` (four objects on the wire)."""
         self._guard()
-        return self.bank.push_many(items)
+        return self.bank.push_batch(keys, counts, class_ids, protos)
 
     def cluster(self, tag: str) -> Context | None:
         self._guard()
@@ -168,7 +168,7 @@ class BankClient:
         num_classes: N, needed to route pushes to shards when there are several.
 
     ``push`` buffers; every ``push_every`` pushes the buffer goes out fire-and-forget, one
-    ``push_many`` per shard (every shard records every step's key). Errors of a call (``BankLostError``, a dead
+    ``push_batch`` per shard (every shard records every step's key). Errors of a call (``BankLostError``, a dead
     actor) surface at a later push or at ``flush`` and fail the worker, which is what triggers
     recovery from the checkpoint (pushes still buffered then are redone by the resumed steps).
     ``cluster`` and ``load_state_dict`` are collective: every rank calls them at the same point;
@@ -215,7 +215,7 @@ class BankClient:
         parts = [self._buffer] if self.groups is None else route_pushes(self._buffer, self.groups, self.num_classes)
         self._buffer = []
         for actor, part in zip(self.actors, parts):
-            self._pending.append(actor.push_many.remote(part))
+            self._pending.append(actor.push_batch.remote(*pack_pushes(part)))
             self.calls += 1
         while len(self._pending) > self.max_in_flight * len(self.actors):  # max_in_flight sends, S calls each
             ray.get(self._pending.popleft())
