@@ -1,11 +1,11 @@
 """The prototype bank at cluster scale: W simulated workers against S bank shards, batched pushes, k-means, broadcast.
 
-    python bench/bench_bank_scale.py [--quick] [--workers 8,32,64,128,256] [--seconds 6] [--shards 4] [--push-every 8]
+    python bench/bench_bank_scale.py [--quick] [--workers 8,32,64,128,256] [--seconds 6] [--designs 4x16,1x64]
 
 Starts its own local Ray (``address="local"``, shut down at the end). Three measurements, each
 side by side for today's design (one actor, a call per step, the context returned by each call)
-and the chosen one (``--shards`` class shards, a call per ``--push-every`` steps per shard, the
-context broadcast through the object store):
+and the ``--designs`` (S class shards, a call per n steps per shard, the context broadcast
+through the object store):
 
 1. Push load. W simulated workers (coroutines in ``--generators`` async Ray actors; no model)
    each take a step every ``--step-s`` seconds (the paper's per-GPU step, 0.04 s, as in
@@ -276,9 +276,11 @@ def main(argv=None) -> int:
     p.add_argument("--dims", default="128,256", help="D values of the push load")
     p.add_argument("--seconds", type=float, default=6.0, help="load window per setting")
     p.add_argument("--step-s", type=float, default=0.04, help="the paper's per-GPU step (s), as bench_bank_traffic")
-    p.add_argument("--shards", type=int, default=4, help="S of the chosen design")
-    p.add_argument("--push-every", type=int, default=16, help="n of the chosen design")
+    p.add_argument("--designs", default="4x16,1x64",
+                   help="designs compared with today's (S=1, n=1), as SxN (S shards, a call per N steps); the last "
+                        "one is the chosen design of the ratio line; the largest S is the sharded one of parts 2-3")
     p.add_argument("--generators", type=int, default=2, help="async actors simulating the workers")
+    p.add_argument("--push-only", action="store_true", help="part 1 only (no fetch, no k-means)")
     p.add_argument("--cpus", type=int, default=0, help="CPUs given to the local Ray (0 = this machine's cores)")
     args = p.parse_args(argv)
     if args.quick:
@@ -288,9 +290,10 @@ def main(argv=None) -> int:
     C.set_threads(args.threads)
     C.header("the prototype bank at cluster scale")
     designs = {"today (S=1, n=1)": (1, 1)}
-    if args.push_every > 1 and args.shards > 1:  # the two switches apart, then together
-        designs[f"batched only (S=1, n={args.push_every})"] = (1, args.push_every)
-    designs[f"chosen (S={args.shards}, n={args.push_every})"] = (args.shards, args.push_every)
+    for sn in args.designs.split(","):  # the last one is the chosen design of the ratio line
+        s_, n_ = (int(v) for v in sn.lower().split("x"))
+        designs[f"S={s_}, n={n_}"] = (s_, n_)
+    args.shards = max(s_ for s_, _ in designs.values())
     ray = start_ray(args.cpus or os.cpu_count() or 2)
     from cpal_ray.distributed.bank import bank_actor_names
 
@@ -320,6 +323,11 @@ def main(argv=None) -> int:
               f"{1e3 / ms_call:.0f} calls/s; at a call per step and {1 / args.step_s:.0f} steps/s per worker it "
               f"saturates at W = {1e3 / ms_call * args.step_s:.0f} workers (4x rate: {1e3 / ms_call * args.step_s / 4:.0f})")
 
+        if args.push_only:
+            chosen = list(designs)[-1]
+            worst = max(p99_at[(chosen, d, 1, max(workers))]["p99"] for d in dims)
+            print(C.ratio_line(f"push_p99_ms_at_{max(workers)}_workers_chosen_design", worst, "<=", 50.0))
+            return 0
         print("\n3. context fetch at the end of an epoch (VOC 20 x 50 x 128 and COCO 80 x 50 x 256 float32)")
         from cpal_ray.distributed.bank import create_bank_actors, remove_bank_actor
 
