@@ -154,7 +154,7 @@ def test_sharded_bank_with_batched_pushes_survives_a_killed_shard(ray_start_2_cp
     # Per epoch of 4 steps: a batch at step 3 and the rest flushed at the clustering, each one call
     # per shard: 2 x 2 calls for 4 steps (one actor unbatched: 1 per step; 2 shards unbatched: 2).
     assert last["bank_calls_per_step"] == 1.0
-    assert len([p for p in res.run_dir.glob("checkpoint_*") if p.is_dir()]) == 2
+    assert len([p for p in (tmp_path / "shardcrash").glob("checkpoint_*") if p.is_dir()]) == 2
 
 
 def test_stopped_run_restarts_at_next_epoch_with_bank_restored(ray_start_2_cpus, tmp_path):
