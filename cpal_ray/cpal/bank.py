@@ -31,6 +31,13 @@ from cpal_ray.cpal.kmeans import kmeans
 log = logging.getLogger(__name__)
 
 
+def host_float32(protos) -> np.ndarray:
+    """Prototypes as a float32 numpy array on the host (a tensor is detached and copied off its device)."""
+    if isinstance(protos, torch.Tensor):
+        protos = protos.detach().cpu().numpy()
+    return np.asarray(protos, dtype=np.float32)
+
+
 def pack_pushes(items) -> tuple[list, np.ndarray, np.ndarray, np.ndarray]:
     """[(key, class_ids (M_i,), protos (M_i, D))] -> (keys, counts (K,), class_ids (sum M,), protos (sum M, D)).
 
@@ -38,8 +45,7 @@ def pack_pushes(items) -> tuple[list, np.ndarray, np.ndarray, np.ndarray]:
     call carrying n steps costs about what a call carrying one does."""
     keys = [k for k, _, _ in items]
     cls = [np.asarray(c, dtype=np.int64).reshape(-1) for _, c, _ in items]
-    vecs = [v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v, dtype=np.float32)
-            for _, _, v in items]
+    vecs = [host_float32(v) for _, _, v in items]
     dim = next((v.shape[-1] for v in vecs if v.ndim == 2 and v.size), 0)
     vecs = [v.astype(np.float32, copy=False).reshape(len(c), -1) if len(c) else np.zeros((0, dim), np.float32)
             for c, v in zip(cls, vecs)]
@@ -129,7 +135,7 @@ class PrototypeBank:
         if k in self._keys:
             return False
         cls = np.asarray(class_ids, dtype=np.int64).reshape(-1)
-        vec = protos.detach().cpu().numpy() if isinstance(protos, torch.Tensor) else np.asarray(protos)
+        vec = host_float32(protos)
         vec = vec.astype(np.float32, copy=False).reshape(len(cls), -1) if len(cls) else vec.reshape(0, self.dim)
         if vec.shape[1] != self.dim:
             raise ValueError(f"push {k}: prototypes have dim {vec.shape[1]}, bank has {self.dim}")

@@ -22,7 +22,7 @@ from collections.abc import Hashable, Sequence
 import numpy as np
 import torch
 
-from cpal_ray.cpal.bank import Context, PrototypeBank
+from cpal_ray.cpal.bank import Context, PrototypeBank, host_float32
 
 PushItem = tuple  # (key, class_ids (M,) int64, protos (M, D) float32)
 
@@ -163,7 +163,7 @@ class ShardedBank:
 
     def push_many(self, items: Sequence[PushItem]) -> list[bool]:
         """Store several pushes; per push, True if stored (False = key seen before, by every shard)."""
-        items = [(k, np.asarray(c, dtype=np.int64), _numpy(p)) for k, c, p in items]
+        items = [(k, np.asarray(c, dtype=np.int64), host_float32(p)) for k, c, p in items]
         answers = [shard.push_many(part) for shard, part in
                    zip(self.shards, route_pushes(items, self.groups, self.num_classes))]
         return [any(col) for col in zip(*answers)]
@@ -180,12 +180,6 @@ class ShardedBank:
     def load_state_dict(self, state: dict | None) -> None:
         for shard, part in zip(self.shards, split_state(state, self.groups)):
             shard.load_state_dict(part)
-
-
-def _numpy(protos) -> np.ndarray:
-    if isinstance(protos, torch.Tensor):
-        return protos.detach().cpu().numpy().astype(np.float32, copy=False)
-    return np.asarray(protos, dtype=np.float32)
 
 
 def make_bank(cfg, dim: int, prefer_gpu: bool = True) -> PrototypeBank | ShardedBank:
