@@ -20,6 +20,10 @@ METRICS = ("dot", "l1", "l2", "cosine")
 CAM_SOURCES = ("cam", "pacam")
 CENTERS = ("none", "image")
 PSEUDO_MODES = ("irn", "crf_argmax")
+# What a training run trains (train.task): the CAM network (CPAL or the BCE baseline), IRN's
+# boundary network for the affinities (refine stage 1), or the segmentation network (stage 2).
+TASKS = ("cam", "affinity", "seg")
+WALK_MODES = ("average", "mass")
 # Named (conf_fg, conf_bg) presets for IRN-style pseudo-labels.
 PSEUDO_PRESETS = {"irn": (0.30, 0.05), "amn": (0.45, 0.15)}
 # The configs shipped inside the package (configs/<name>.yaml names them from anywhere).
@@ -244,8 +248,13 @@ class TrainConfig:
     # Where runs are written (local path or URI) and the run's name (resume = same name).
     storage_path: str = "results"
     name: str = "cpal"
+    # What this run trains: "cam" (CPAL / baseline), "affinity" (IRN boundary network on CRF seeds)
+    # or "seg" (segmentation network on pseudo masks). The stage commands set it with
+    # ``stage_config``; it also tells a checkpoint's loader which network to rebuild.
+    task: str = "cam"
 
     def __post_init__(self):
+        _check(self.task in TASKS, "train.task", f"must be one of {TASKS}, got {self.task!r}")
         _check(self.epochs >= 1, "train.epochs", f"must be >= 1, got {self.epochs}")
         _check(self.batch_size >= 1, "train.batch_size", f"must be >= 1, got {self.batch_size}")
         _check(self.max_steps_per_epoch >= 0, "train.max_steps_per_epoch", "must be >= 0")
@@ -370,6 +379,90 @@ class PseudoLabelConfig:
 
 
 @dataclass(frozen=True)
+class AffinityConfig:
+    # Refine stage 1 (IRN, Ahn et al. CVPR 2019): a boundary network trained on the confident CRF
+    # seeds, then a random walk of the CAMs over its affinities. Folder of the seed PNGs
+    # (workflows.pseudo_labels output, 255 = unknown) and of the CAM files the walk propagates;
+    # "" = what the pipeline made (<run>/pseudo-labels-train and its cams/).
+    seeds_dir: str = ""
+    cam_dir: str = ""
+    # Training (IRN's train_irn.py defaults: 3 epochs, batch 32, lr 0.1, wd 1e-4, crop 512, long
+    # side 320-640); the backbone is frozen as in IRN, only the boundary branch learns.
+    epochs: int = 3
+    batch_size: int = 32
+    lr: float = 0.1
+    crop_size: int = 512
+    resize_long: tuple[int, int] = (320, 640)
+    # Pixel pairs within this radius get affinity labels during training (IRN: 10).
+    radius: int = 10
+    # Random walk (IRN's make_sem_seg_labels.py): pairs within walk_radius (5), affinity exponent
+    # beta (10), 2^exp_times steps (8), constant background score bg_threshold (0.25); mode
+    # "average" is IRN's operator, "mass" the mass-conserving one (cpal_ray.refine.affinity).
+    walk_radius: int = 5
+    beta: float = 10.0
+    exp_times: int = 8
+    bg_threshold: float = 0.25
+    walk_mode: str = "average"
+    # Boundary map = mean of the image's and its mirror's (IRN's EdgeDisplacement does this).
+    flip: bool = True
+    # Ray Data mask actors: CPUs each and the most actors (0 = grow with the cluster).
+    cpus_per_task: float = 1.0
+    max_actors: int = 0
+
+    def __post_init__(self):
+        _check(self.epochs >= 1, "affinity.epochs", "must be >= 1")
+        _check(self.batch_size >= 1, "affinity.batch_size", "must be >= 1")
+        _check(self.lr > 0, "affinity.lr", "must be > 0")
+        _check(self.crop_size >= 16, "affinity.crop_size", "must be >= 16")
+        _check(len(self.resize_long) == 2 and 0 < self.resize_long[0] <= self.resize_long[1],
+               "affinity.resize_long", f"must be (min, max) with 0 < min <= max, got {self.resize_long}")
+        _check(self.radius >= 2 and self.walk_radius >= 2, "affinity.radius/walk_radius", "must be >= 2")
+        _check(self.beta > 0, "affinity.beta", "must be > 0")
+        _check(0 <= self.exp_times <= 12, "affinity.exp_times", f"must be in [0, 12], got {self.exp_times}")
+        _check(0 <= self.bg_threshold <= 1, "affinity.bg_threshold", "must be in [0, 1]")
+        _check(self.walk_mode in WALK_MODES, "affinity.walk_mode", f"must be one of {WALK_MODES}")
+        _check(self.cpus_per_task > 0, "affinity.cpus_per_task", "must be > 0")
+        _check(self.max_actors >= 0, "affinity.max_actors", "must be >= 0 (0 = grow with the cluster)")
+
+
+@dataclass(frozen=True)
+class SegConfig:
+    # Refine stage 2: a segmentation network trained on the pseudo masks (255 ignored). Folder of
+    # the mask PNGs; "" = what the pipeline made (<run>/masks-train).
+    masks_dir: str = ""
+    # The network: the config's backbone (model.backbone, its weights) at output stride 16 with
+    # torchvision's DeepLabV3 head (ASPP); "deeplabv3" is the only head.
+    head: str = "deeplabv3"
+    # Training (cpal-ray's choice, DeepLab-style: SGD momentum 0.9, poly, new layers x10).
+    epochs: int = 30
+    batch_size: int = 16
+    lr: float = 0.01
+    crop_size: int = 512
+    resize_long: tuple[int, int] = (320, 640)
+    # Evaluation / prediction: scales (each with its flip when flip is true) and DenseCRF
+    # post-processing of the softmax with the pseudo.* CRF parameters.
+    scales: tuple[float, ...] = (1.0,)
+    flip: bool = False
+    crf: bool = False
+    # Ray Data prediction actors: CPUs each and the most actors (0 = grow with the cluster).
+    cpus_per_task: float = 1.0
+    max_actors: int = 0
+
+    def __post_init__(self):
+        _check(self.head in ("deeplabv3",), "seg.head", f"must be 'deeplabv3', got {self.head!r}")
+        _check(self.epochs >= 1, "seg.epochs", "must be >= 1")
+        _check(self.batch_size >= 1, "seg.batch_size", "must be >= 1")
+        _check(self.lr > 0, "seg.lr", "must be > 0")
+        _check(self.crop_size >= 16, "seg.crop_size", "must be >= 16")
+        _check(len(self.resize_long) == 2 and 0 < self.resize_long[0] <= self.resize_long[1],
+               "seg.resize_long", f"must be (min, max) with 0 < min <= max, got {self.resize_long}")
+        _check(len(self.scales) >= 1 and all(s > 0 for s in self.scales), "seg.scales",
+               f"must be a non-empty list of positive numbers, got {self.scales}")
+        _check(self.cpus_per_task > 0, "seg.cpus_per_task", "must be > 0")
+        _check(self.max_actors >= 0, "seg.max_actors", "must be >= 0 (0 = grow with the cluster)")
+
+
+@dataclass(frozen=True)
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -379,6 +472,8 @@ class Config:
     dist: DistConfig = field(default_factory=DistConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     pseudo: PseudoLabelConfig = field(default_factory=PseudoLabelConfig)
+    affinity: AffinityConfig = field(default_factory=AffinityConfig)
+    seg: SegConfig = field(default_factory=SegConfig)
 
     def __post_init__(self):
         _check(self.train.batch_size % self.dist.num_workers == 0, "train.batch_size",
@@ -393,6 +488,24 @@ class Config:
     def replace(self, **dotted: Any) -> "Config":
         """A copy with dotted keys changed, e.g. ``cfg.replace(**{"cpal.tau": 0.2})``."""
         return from_dict(_apply_overrides(self.to_dict(), dotted))
+
+
+def stage_config(cfg: Config, task: str, name: str | None = None) -> Config:
+    """The config of a refine stage's training run, derived from a CAM run's config: ``train.task``
+    set, the stage's epochs, batch, lr, crop and resize copied into ``train``/``optim``/``data``, the
+    bank off, and the run named ``<train.name>-<task>`` (or ``name``). ``task="cam"`` returns ``cfg``."""
+    if task not in TASKS:
+        raise ConfigError(f"train.task: must be one of {TASKS}, got {task!r}", "train.task")
+    if task == "cam":
+        return cfg
+    stage = cfg.affinity if task == "affinity" else cfg.seg
+    base = cfg.train.name.removesuffix(f"-{task}") if cfg.train.task == task else cfg.train.name
+    return cfg.replace(**{
+        "train.task": task, "train.name": name or f"{base}-{task}", "train.epochs": stage.epochs,
+        "train.batch_size": stage.batch_size, "train.diag_images": 0, "optim.lr": stage.lr,
+        "data.crop_size": stage.crop_size, "data.resize_long": list(stage.resize_long), "cpal.enabled": False,
+        # IRN trains only its new branch (the backbone is frozen): its lr is the stage's lr.
+        **({"optim.new_layer_lr_mult": 1.0} if task == "affinity" else {})})
 
 
 def _to_plain(obj: Any) -> Any:

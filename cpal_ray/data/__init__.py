@@ -25,6 +25,7 @@ from cpal_ray.data.base import DataError, FileDataset, SampleDataset, SkipUnread
 from cpal_ray.data.classes import (COCO_CLASSES, VOC_CLASSES, attribute_class_names, colorize, synthetic_class_names,
                                    voc_palette)
 from cpal_ray.data.coco import COCOSegmentation, convert_instances
+from cpal_ray.data.folders import ImageFolderDataset, LabelFolderDataset
 from cpal_ray.data.labels import convert_labels
 from cpal_ray.data.synthetic import SyntheticShapes
 from cpal_ray.data.transforms import EvalTransform, TrainTransform
@@ -35,7 +36,8 @@ __all__ = [
     "record_labels_source", "VOCSegmentation", "COCOSegmentation", "SyntheticShapes", "AttributeShapes",
     "TrainTransform", "EvalTransform", "VOC_CLASSES", "COCO_CLASSES", "voc_palette", "colorize",
     "synthetic_class_names", "attribute_class_names", "convert_instances", "resolve_root", "class_names", "build_dataset",
-    "collate", "build_loader", "set_epoch", "VOC_MINI_DIR", "VOC12_META_DIR",
+    "collate", "build_loader", "set_epoch", "VOC_MINI_DIR", "VOC12_META_DIR", "LabelFolderDataset",
+    "build_train_dataset", "stage_label_dir", "ImageFolderDataset",
 ]
 
 _READERS = {"voc": VOCSegmentation, "coco": COCOSegmentation, "synthetic": SyntheticShapes,
@@ -81,16 +83,39 @@ def build_dataset(data_cfg, split: str = "train", train: bool | None = None, ret
     return _READERS[data_cfg.dataset].from_config(data_cfg, name, train, return_rgb)
 
 
+def stage_label_dir(cfg) -> str:
+    """The label folder a refine stage trains on: ``affinity.seeds_dir`` or ``seg.masks_dir``."""
+    field, value = {"affinity": ("affinity.seeds_dir", cfg.affinity.seeds_dir),
+                    "seg": ("seg.masks_dir", cfg.seg.masks_dir)}[cfg.train.task]
+    if not value:
+        raise DataError(f"{field}: not set; name the folder of label PNGs this stage trains on")
+    return value
+
+
+def build_train_dataset(cfg) -> SampleDataset:
+    """The training items of a run's ``train.task``: the dataset's own items for the CAM network
+    (image-level labels), or its images with the label PNGs of ``stage_label_dir(cfg)`` as masks
+    (``LabelFolderDataset``) for the affinity and segmentation networks; training transform."""
+    if cfg.train.task == "cam":
+        return build_dataset(cfg.data, "train", train=True)
+    base = build_dataset(cfg.data, "train", train=False)
+    return LabelFolderDataset(base, stage_label_dir(cfg), TrainTransform.from_config(cfg.data), seed=cfg.data.seed,
+                              on_bad_sample=cfg.data.on_bad_sample)
+
+
 def labels_source(dataset) -> str:
     """Where the image-level labels of ``dataset`` come from, as runs record them (saved configs,
     manifests): the label file's ``bundled:`` name or absolute path; "procedural" for the
     synthetic and attribute sets."""
+    if isinstance(dataset, LabelFolderDataset):
+        return labels_source(dataset.base)
     return dataset.labels_source if isinstance(dataset, FileDataset) else "procedural"
 
 
 def record_labels_source(data_cfg, dataset):
     """``data_cfg`` with ``cls_labels`` naming the label file ``dataset`` read (file datasets; others
     are returned unchanged): the config a run saves then says, and reloads, the labels it used."""
+    dataset = dataset.base if isinstance(dataset, LabelFolderDataset) else dataset
     if not isinstance(dataset, FileDataset):
         return data_cfg
     return dataclasses.replace(data_cfg, cls_labels=dataset.labels_source)

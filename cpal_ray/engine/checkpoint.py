@@ -146,16 +146,20 @@ def checkpoint_context(state: dict):
 
 
 def load_trained(folder, map_location="cpu", cfg: Config | None = None):
-    """Rebuild a trained model from a checkpoint or ``final/`` folder.
+    """Rebuild a trained model from a checkpoint or ``final/`` folder: the network of the saved
+    config's ``train.task`` (CAMNet, EdgeNet, SegNet).
 
     Returns (model in eval mode, Config (the saved one unless ``cfg`` is given), Context or None).
     No ImageNet weights are loaded (the checkpoint has all of them).
     """
-    from cpal_ray.models import build_model
+    from cpal_ray.models import build_task_model
 
     state = load_checkpoint(folder, map_location=map_location)
     cfg = cfg or state["config"]
-    model = build_model(dataclasses.replace(cfg.model, pretrained=False, weights=""), cfg.data.num_classes)
+    task = state["config"].train.task
+    if cfg.train.task != task:
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, task=task))
+    model = build_task_model(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, pretrained=False, weights="")))
     model.load_state_dict(state["model"])
     model.eval()
     return model, cfg, checkpoint_context(state)

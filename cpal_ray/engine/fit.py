@@ -1,4 +1,5 @@
-"""``fit``: the one training loop of cpal-ray, for one process and for every Ray Train worker.
+"""``fit``: the one training loop of cpal-ray, for one process and for every Ray Train worker, and
+for each network ``train.task`` names (the CAM network, IRN's affinity network, the segmenter).
 
     fit_local(cfg)      = fit(cfg, bank=PrototypeBank, save_fn=<write epoch_NNN/>)
     Ray Train worker    = fit(cfg, bank=BankClient, prepare_model=ray.train.torch.prepare_model,
@@ -94,15 +95,15 @@ def fit(cfg: Config, *, bank=None, device: torch.device | str = "cpu", rank: int
     model / dataset: built from ``cfg`` (seeded with ``train.seed``) when not given; run_dir: where
     the run's records go as it trains (``TrackingHook``: TensorBoard, history.json, curves.png).
     """
-    from cpal_ray.data import SkipUnreadable, build_dataset, record_labels_source
-    from cpal_ray.models import build_model, unwrap
+    from cpal_ray.data import SkipUnreadable, build_train_dataset, record_labels_source
+    from cpal_ray.models import build_task_model, unwrap
 
     torch.manual_seed(cfg.train.seed)
-    dataset = dataset if dataset is not None else build_dataset(cfg.data, "train", train=True)
+    dataset = dataset if dataset is not None else build_train_dataset(cfg)
     cfg = dataclasses.replace(cfg, data=record_labels_source(cfg.data, dataset))  # checkpoints name the labels used
     if cfg.data.on_bad_sample == "skip":
         dataset = SkipUnreadable(dataset)
-    model = model if model is not None else build_model(cfg.model, cfg.data.num_classes)
+    model = model if model is not None else build_task_model(cfg)
     sampler = GlobalBatchSampler(len(dataset), cfg.train.batch_size, world_size, rank, seed=cfg.train.seed,
                                  max_steps=cfg.train.max_steps_per_epoch)
     # Not persistent: loader workers must see dataset.set_epoch() (the augmentation stream).
@@ -128,7 +129,7 @@ def fit(cfg: Config, *, bank=None, device: torch.device | str = "cpu", rank: int
     state = TrainState(cfg, model, optimizer, scheduler, bank, context, device, rank, world_size, len(sampler),
                        epoch=start_epoch)
     all_hooks = [*([ClusterHook(cfg.cpal.warmup_cluster_steps)] if bank is not None else []),
-                 DiagnosticsHook(cfg, cfg.train.diag_images), *hooks,
+                 *([DiagnosticsHook(cfg, cfg.train.diag_images)] if cfg.train.task == "cam" else []), *hooks,
                  *([TrackingHook(run_dir, cfg.train.name)] if run_dir is not None else []),
                  *([CheckpointHook(save_fn)] if save_fn is not None else [])]
     for epoch in range(start_epoch, cfg.train.epochs):

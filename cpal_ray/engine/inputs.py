@@ -30,12 +30,12 @@ def check_training_inputs(cfg: Config) -> Config:
     id; images exist, not decoded) and the model (backbone, weights file). Raises DataError or
     ConfigError naming what is wrong.
     """
-    from cpal_ray.data import build_dataset, record_labels_source
-    from cpal_ray.models import build_model
+    from cpal_ray.data import build_train_dataset, record_labels_source
+    from cpal_ray.models import build_task_model
 
-    dataset = build_dataset(cfg.data, "train", train=True)
+    dataset = build_train_dataset(cfg)  # for the refine stages, also their label folder
     try:
-        build_model(cfg.model, cfg.data.num_classes)
+        build_task_model(cfg)
     except (ValueError, FileNotFoundError) as e:
         raise ConfigError(f"model: {e}") from e
     return dataclasses.replace(cfg, data=record_labels_source(cfg.data, dataset))

@@ -1,8 +1,10 @@
-"""One epoch of CPAL training: plain PyTorch, the same code in one process and in a Ray worker.
+"""One training epoch: plain PyTorch, the same code in one process and in a Ray worker.
 
 ``train_one_epoch`` runs the steps of one epoch on a ``TrainState`` (``cpal_ray.engine.fit``):
-forward, the CPAL loss terms, backward, SGD + poly step, the push of the instance prototypes to
-the bank (keyed (epoch, step, rank)), then every hook's ``after_step``.
+forward and loss terms (the step of ``train.task``, ``engine.tasks``: CPAL's for the CAM network,
+IRN's affinity loss, the segmenter's cross-entropy), backward, SGD + poly step, for CPAL the
+push of the instance prototypes to the bank (keyed (epoch, step, rank)), then every hook's
+``after_step``.
 
 No host synchronisation per step beyond the bank push (the prototypes must reach the bank):
 loss terms, the L_self image count and the first non-finite loss are accumulated on the device
@@ -18,11 +20,10 @@ import time
 import numpy as np
 import torch
 
-from cpal_ray.cpal import cpal_step
+from cpal_ray.engine.tasks import STEPS, TERMS
 from cpal_ray.numbers import progress
 
 log = logging.getLogger(__name__)
-LOSS_TERMS = ("loss", "bce", "self")
 
 
 def push_prototypes(bank, key: tuple, protos: torch.Tensor | None, valid: torch.Tensor | None) -> dict[int, int]:
@@ -43,9 +44,10 @@ def push_prototypes(bank, key: tuple, protos: torch.Tensor | None, valid: torch.
 class _NonFiniteWatch:
     """Remembers, on the device, the first step whose loss terms were not all finite."""
 
-    def __init__(self, device):
+    def __init__(self, device, names: tuple[str, ...]):
+        self.names = names
         self.step = torch.full((), -1, dtype=torch.long, device=device)
-        self.values = torch.zeros(len(LOSS_TERMS), device=device)
+        self.values = torch.zeros(len(names), device=device)
 
     def update(self, step: int, values: torch.Tensor) -> None:
         first = (self.step < 0) & ~torch.isfinite(values).all()
@@ -55,20 +57,21 @@ class _NonFiniteWatch:
     def check(self, epoch: int, rank: int) -> None:
         step = int(self.step)  # the only read: a host sync every log_every steps
         if step >= 0:
-            terms = dict(zip(LOSS_TERMS, self.values.tolist()))
+            terms = dict(zip(self.names, self.values.tolist()))
             raise FloatingPointError(f"non-finite loss at epoch {epoch} step {step} (rank {rank}): {terms}")
 
 
 def train_one_epoch(state, loader, hooks=()) -> dict:
-    """One epoch of CPAL (or the BCE baseline when ``cfg.cpal.enabled`` is False).
+    """One epoch of ``cfg.train.task``: CPAL (the BCE baseline when ``cfg.cpal.enabled`` is False),
+    the affinity network or the segmenter (``engine.tasks``).
 
     state: the ``TrainState`` (model, possibly DDP-wrapped; optimizer; scheduler stepped every
         step; cfg; device; bank (``push`` per step, None = no bank); context (None before the
         first clustering, may be replaced by a hook mid-epoch); epoch; rank; steps_per_epoch).
-    loader: yields dicts with "image" (B, 3, H, W) and "label" (B, N).
+    loader: yields dicts with "image" (B, 3, H, W), "label" (B, N) and "mask" (B, H, W).
     hooks: objects with ``after_step(state, step)``; on every ``train.log_every``-th step
         ``state.logged`` holds that step's loss terms and lr (None on the others).
-    Returns epoch means of loss/bce/self, and steps, images, self_images (images in L_self),
+    Returns epoch means of the task's terms (``TERMS``: loss/bce/self for CPAL), and steps, images, self_images (images in L_self),
     self_image_share and self_class_share (the shares of images and of positive (image, class)
     pairs that took part in L_self), pushed ({class: count}), skipped_ids (unreadable samples
     replaced in their batch, see ``cpal_ray.data.SkipUnreadable``), data_seconds, step_seconds,
@@ -77,9 +80,10 @@ def train_one_epoch(state, loader, hooks=()) -> dict:
     cfg, model, optimizer, device = state.cfg, state.model, state.optimizer, state.device
     model.train()
     state.logged = None
-    sums = torch.zeros(len(LOSS_TERMS), device=device)
-    counts = torch.zeros(3, device=device)  # images in L_self, positive pairs, pairs in L_self
-    watch = _NonFiniteWatch(device)
+    names, step_fn = TERMS[cfg.train.task], STEPS[cfg.train.task]
+    sums = torch.zeros(len(names), device=device)
+    counts = torch.zeros(3, device=device)  # CPAL: images in L_self, positive pairs, pairs in L_self
+    watch = _NonFiniteWatch(device, names)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     pushed: dict[int, int] = {}
     skipped: set[str] = set()
@@ -94,14 +98,8 @@ def train_one_epoch(state, loader, hooks=()) -> dict:
         data_time += t_step - t_data
         skipped.update(sid for ids in batch.get("skipped", ()) for sid in ids.split())
         x = batch["image"].to(device, non_blocking=True)
-        labels = batch["label"].to(device, non_blocking=True)
-        out = model(x)
-        ctx = state.context
-        terms = cpal_step(out, labels, cfg.cpal, ctx.prototypes if ctx else None, ctx.counts if ctx else None)
-        # Keep every parameter in the graph (the projection head is idle in the baseline and
-        # before the first clustering) so DDP needs no unused-parameter search.
-        loss = terms["loss"] + 0.0 * out["z"].sum()
-        values = torch.stack([terms[k].detach() for k in LOSS_TERMS])
+        loss, terms = step_fn(state, batch, x)
+        values = torch.stack([terms[k].detach() for k in names])
         watch.update(step, values)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -109,29 +107,30 @@ def train_one_epoch(state, loader, hooks=()) -> dict:
             torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
         optimizer.step()
         state.scheduler.step()
-        for c, n in push_prototypes(state.bank, (state.epoch, step, state.rank), terms["protos"],
-                                    terms["proto_valid"]).items():
+        for c, n in push_prototypes(state.bank, (state.epoch, step, state.rank), terms.get("protos"),
+                                    terms.get("proto_valid")).items():
             pushed[c] = pushed.get(c, 0) + n
         sums += values
-        counts += torch.stack([torch.as_tensor(terms[k], dtype=counts.dtype, device=device)
-                               for k in ("self_images", "pairs", "self_pairs")])
+        if "pairs" in terms:
+            counts += torch.stack([torch.as_tensor(terms[k], dtype=counts.dtype, device=device)
+                                   for k in ("self_images", "pairs", "self_pairs")])
         steps += 1
         images += x.shape[0]
         step_time += time.perf_counter() - t_step
         state.logged = None
         if step % cfg.train.log_every == 0:
             watch.check(state.epoch, state.rank)
-            v = dict(zip(LOSS_TERMS, values.tolist()), lr=optimizer.param_groups[0]["lr"])
+            v = dict(zip(names, values.tolist()), lr=optimizer.param_groups[0]["lr"])
             state.logged = v  # hooks (tracking) see the values read at this step
-            log.info(f"epoch {state.epoch} step {step} rank {state.rank}: loss {v['loss']:.4f} bce {v['bce']:.4f} "
-                     f"self {v['self']:.4f} lr {v['lr']:.2e}")
+            log.info(f"epoch {state.epoch} step {step} rank {state.rank}: "
+                     + " ".join(f"{k} {v[k]:.4f}" for k in names) + f" lr {v['lr']:.2e}")
         for hook in hooks:
             hook.after_step(state, step)
         t_data = time.perf_counter()
     watch.check(state.epoch, state.rank)
     means = (sums / max(steps, 1)).tolist()
     self_images, pairs, self_pairs = counts.tolist()
-    return {**dict(zip(LOSS_TERMS, means)), "steps": steps, "images": images, "self_images": int(self_images),
+    return {**dict(zip(names, means)), "steps": steps, "images": images, "self_images": int(self_images),
             "self_image_share": self_images / max(images, 1), "self_class_share": self_pairs / max(pairs, 1),
             "pushed": pushed, "skipped_ids": sorted(skipped), "data_seconds": data_time, "step_seconds": step_time,
             "context_version": state.context.version if state.context else 0}

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from . import backbones  # noqa: F401  (registers resnet50, efficientnet_lite0, tiny)
 from .cam_net import CAMNet, projection_head
+from .refine_nets import EdgeNet, SegNet
 from .registry import backbone_channels, build_backbone, list_backbones, register_backbone
 from .weights import export_weights, load_weights, read_state_dict
 
-__all__ = ["CAMNet", "backbone_channels", "build_backbone", "build_model", "embed_dim", "export_weights",
+__all__ = ["CAMNet", "EdgeNet", "SegNet", "backbone_channels", "build_backbone", "build_model", "build_task_model", "embed_dim", "export_weights",
            "list_backbones", "load_weights", "projection_head", "read_state_dict", "register_backbone", "unwrap"]
 
 
@@ -27,6 +28,19 @@ def build_model(model_cfg, num_classes: int) -> CAMNet:
     ``weights``; ``tiny_width`` for the tiny net), projection dim ``proj_dim``, ``freeze_bn``."""
     backbone = build_backbone(model_cfg.backbone, **_backbone_kwargs(model_cfg))
     return CAMNet(backbone, num_classes, proj_dim=model_cfg.proj_dim, freeze_bn=model_cfg.freeze_bn)
+
+
+def build_task_model(cfg):
+    """The network a ``Config`` trains (``train.task``): CAMNet ("cam"), the IRN boundary network
+    ("affinity", backbone frozen) or the DeepLabV3 segmenter ("seg", N + 1 classes), each on
+    ``model.backbone`` with its ``pretrained`` / ``weights``."""
+    task = cfg.train.task
+    if task == "cam":
+        return build_model(cfg.model, cfg.data.num_classes)
+    backbone = build_backbone(cfg.model.backbone, **_backbone_kwargs(cfg.model))
+    if task == "affinity":
+        return EdgeNet(backbone)
+    return SegNet(backbone, cfg.data.num_classes + 1, freeze_bn=cfg.model.freeze_bn)
 
 
 def embed_dim(model_cfg) -> int:
