@@ -13,7 +13,9 @@ import sys
 from workflows.common import run
 
 COMMANDS = {"train": "train", "sweep": "sweep", "make-cams": "make_cams", "eval-cams": "eval_cams",
-            "pseudo-labels": "pseudo_labels", "convert-labels": "convert_labels", "demo": "demo"}
+            "pseudo-labels": "pseudo_labels", "convert-labels": "convert_labels", "demo": "demo",
+            "train-affinity": "train_affinity", "make-masks": "make_masks", "train-seg": "train_seg",
+            "eval-seg": "eval_seg", "predict": "predict", "pipeline": "pipeline"}
 
 
 def main(argv=None) -> None:

@@ -85,3 +85,33 @@ def config_from_folders(args, *folders) -> Config:
 
 def setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def stage_training_main(doc: str, task: str, label_flag: str, label_field: str, argv=None) -> int:
+    """The body of ``workflows.train_affinity`` / ``train_seg``: the CAM run's config (``--config``,
+    else the ``config.yaml`` of ``--from``), the label folder (``--<label_flag>``), the stage's
+    config (``stage_config``), checked before Ray starts, then Ray Train."""
+    import json
+
+    p = base_parser(doc.splitlines()[0])
+    p.add_argument("--from", dest="source", default=None,
+                   help="the CAM run's final/ folder (or any folder with its config.yaml): its config is the base")
+    p.add_argument(f"--{label_flag}", dest="labels", default=None,
+                   help=f"folder of label PNGs to train on ({label_field}; default: the config's)")
+    p.add_argument("--name", default=None, help="run name (default <train.name>-" + task + ")")
+    add_tracking_flags(p)
+    args = p.parse_args(argv)
+    setup_logging()
+    args.overrides = [*args.overrides, *tracking_overrides(args),
+                      *([f"{label_field}={args.labels}"] if args.labels else [])]
+    from cpal_ray.config import stage_config
+    from cpal_ray.distributed.runtime import init_ray
+    from cpal_ray.distributed.trainer import run_training
+    from cpal_ray.engine.inputs import check_training_inputs
+
+    cfg = check_training_inputs(stage_config(config_from_folders(args, args.source), task, args.name))
+    init_ray(args.address, args.num_cpus)
+    result = run_training(cfg)
+    print(json.dumps({"run_dir": str(result.run_dir), "final": str(result.final_dir), "task": task,
+                      "epoch": result.metrics.get("epoch"), "loss": result.metrics.get("loss")}, default=str))
+    return 0

@@ -1,12 +1,16 @@
 """The end-to-end demo: CAM baseline vs CPAL on the bundled photos, every stage, one report.
 
-1. train the plain CAM baseline and CPAL (same seed, backbone, data, epochs) on Ray Train;
+For each arm, the plain CAM baseline and CPAL (same seed, backbone, data, epochs):
+1. the whole WSSS pipeline (``cpal_ray.distributed.wsss.run_pipeline``): CAM training on Ray
+   Train, CAMs and CRF seeds of the train split (Ray Data), IRN's affinity network, pseudo masks by
+   random walk, the segmentation network, its predictions on val; scored at each stage (seeds, CRF
+   and masks on the training images, the segmenter on val);
 2. multi-scale + flip CAMs (and PACAMs for CPAL) of the val split, seed mIoU with the sweep;
-3. CRF pseudo-labels of the train split (Ray Data) with their mIoU, and the train seeds;
-4. figures and ``report.md``; the same numbers come back for printing.
+then figures and ``report.md``; the same numbers come back for printing.
 """
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import time
@@ -17,9 +21,9 @@ import numpy as np
 from cpal_ray.config import Config, save_config
 from cpal_ray.data import build_dataset
 from cpal_ray.distributed.pipelines import run_make_cams, run_pseudo_labels
-from cpal_ray.distributed.trainer import run_training
+from cpal_ray.distributed.wsss import run_pipeline
 from cpal_ray.engine.checkpoint import load_checkpoint
-from cpal_ray.inference.evaluate import evaluate_cam_dir, evaluate_labels, write_json
+from cpal_ray.inference.evaluate import evaluate_cam_dir
 from cpal_ray.inference.io import load_cams_npz, load_label_png
 from cpal_ray.inference.jobs import cam_path, source_dir
 from cpal_ray.inference.metrics import write_report
@@ -68,7 +72,7 @@ def _stage(timings: dict, name: str, say):
     return _Timer()
 
 
-def _grid_rows(cfg: Config, cam_dir: Path, label_dir: Path, n: int) -> list[dict]:
+def _grid_rows(cfg: Config, cam_dir: Path, label_dir: Path, n: int, seg_dir: Path | None = None) -> list[dict]:
     ds = build_dataset(cfg.data, "val", train=False, return_rgb=True)
     rows = []
     for i in range(min(n, len(ds))):
@@ -81,6 +85,8 @@ def _grid_rows(cfg: Config, cam_dir: Path, label_dir: Path, n: int) -> list[dict
                 row[key] = max_map(load_cams_npz(path)[1], rgb.shape[:2])
         if (label_dir / f"{sid}.png").is_file():
             row["pseudo"] = load_label_png(label_dir / f"{sid}.png")
+        if seg_dir is not None and (seg_dir / f"{sid}.png").is_file():
+            row["seg"] = load_label_png(seg_dir / f"{sid}.png")
         rows.append(row)
     return rows
 
@@ -95,31 +101,29 @@ def run_demo(cfg: Config, out_dir: str | Path, *, fresh: bool = True, grid_image
     timings: dict[str, float] = {}
     runs: dict[str, dict] = {}
     names = list(build_dataset(cfg.data, "val", train=False).class_names)
-    train_eval = build_dataset(cfg.data, "train", train=False)
     val_eval = build_dataset(cfg.data, "val", train=False)
     for run, overrides in RUNS.items():
-        rcfg = cfg.replace(**{"train.name": f"demo-{run}", "train.storage_path": str(out / "runs"), **overrides})
-        r: dict = {"timings": {}}
-        train_stage = f"{run}: train ({rcfg.train.epochs} epochs, {rcfg.dist.num_workers} workers)"
-        with _stage(timings, train_stage, say):
-            result = run_training(rcfg)
-        r["timings"]["train"] = timings[train_stage]
-        r["final"] = result.final_dir
-        r["history"] = result.history
+        rcfg = cfg.replace(**{"train.name": f"demo-{run}", **overrides})
+        r: dict = {}
+        with _stage(timings, f"{run}: pipeline (train, CRF seeds, affinity, masks, segmenter)", say):
+            res = run_pipeline(rcfg, out / run, say=say)
+        r["timings"] = {"train": res["timings"]["train_cam"], **res["timings"]}
+        timings.update({f"{run}: {k}": v for k, v in res["timings"].items()})
+        r["final"] = res["final"]["cam"]
+        r["history"] = json.loads((r["final"] / "history.json").read_text()) \
+            if (r["final"] / "history.json").is_file() else []
+        for key, score in (("seeds_train", "seeds"), ("pseudo_train", "crf"), ("masks_train", "masks"),
+                           ("seg_val", "seg_val")):
+            r[key] = res["scores"][score]
+        write_report(r["seeds_train"], out / run / "seeds_train", r["seeds_train"]["class_names"])
         source = "both" if rcfg.cpal.enabled else "cam"
         with _stage(timings, f"{run}: val CAMs + seed mIoU", say):
-            run_make_cams(rcfg, result.final_dir, out / run / "cams_val", split="val", source=source)
+            run_make_cams(rcfg, r["final"], out / run / "cams_val", split="val", source=source)
             r["seeds_val"] = evaluate_cam_dir(out / run / "cams_val", val_eval, rcfg)
             write_report(r["seeds_val"], out / run / "seeds_val", r["seeds_val"]["class_names"])
             if rcfg.cpal.enabled:
                 r["pacam_val"] = evaluate_cam_dir(source_dir(out / run / "cams_val", "pacam"), val_eval, rcfg)
                 write_report(r["pacam_val"], out / run / "pacam_val", r["pacam_val"]["class_names"])
-        with _stage(timings, f"{run}: train CRF pseudo-labels + mIoU", say):
-            run_pseudo_labels(rcfg, out / run / "pseudo_train", checkpoint=result.final_dir, split="train")
-            r["pseudo_train"] = evaluate_labels(out / run / "pseudo_train", train_eval)
-            r["seeds_train"] = evaluate_cam_dir(out / run / "pseudo_train" / "cams", train_eval, rcfg)
-            write_json(r["pseudo_train"], out / run / "pseudo_train_miou.json")
-            write_report(r["seeds_train"], out / run / "seeds_train", r["seeds_train"]["class_names"])
         runs[run] = r
     figures = _figures(cfg, out, runs, names, grid_images, timings, say)
     notes = list(NOTES)
@@ -142,8 +146,9 @@ def _figures(cfg, out: Path, runs: dict, names, grid_images: int, timings: dict,
         if cp:
             ccfg = cfg.replace(**{"train.name": "demo-cpal"})
             run_pseudo_labels(ccfg, out / "cpal" / "pseudo_val", cam_dir=out / "cpal" / "cams_val", split="val")
-            rows = _grid_rows(cfg, out / "cpal" / "cams_val", out / "cpal" / "pseudo_val", grid_images)
-            figs["val images: photo, CAM, PACAM, pseudo-label, ground truth (CPAL)"] = \
+            rows = _grid_rows(cfg, out / "cpal" / "cams_val", out / "cpal" / "pseudo_val", grid_images,
+                              out / "cpal" / "seg-val")
+            figs["val images: photo, CAM, PACAM, CRF pseudo-label, segmenter, ground truth (CPAL)"] = \
                 image_grid(rows, out / "figures" / "val_grid.png").relative_to(out).as_posix()
             state = load_checkpoint(cp["final"])
             figs["support bank (PCA)"] = bank_plot(state["bank"], names,

@@ -154,3 +154,19 @@ def evaluate_labels(label_dir, dataset, num_classes: int | None = None,
 def write_json(result: dict[str, Any], path) -> Location:
     """Save a result dict as indented strict JSON (NaN -> null), atomically."""
     return atomic_write_bytes(path, json.dumps(json_safe(result), indent=2, default=str).encode())
+
+
+def write_label_report(result: dict[str, Any], out_dir, title: str = "Label mIoU") -> dict[str, Location]:
+    """Save an ``evaluate_labels`` result as ``miou.json`` and ``miou.md`` (mIoU, pixel accuracy,
+    ignored share, per-class IoU table) in ``out_dir``; returns {"json", "md"} -> paths."""
+    from cpal_ray.numbers import pct
+
+    out = location(out_dir)
+    paths = {"json": out / "miou.json", "md": out / "miou.md"}
+    write_json(result, paths["json"])
+    lines = [f"# {title}", "", f"- mIoU: **{pct(result['miou'], 2)}** over {result['images']} images "
+             f"({result['n_errors']} left out)", f"- pixel accuracy: {pct(result['pixel_acc'], 2)}",
+             f"- pixels labelled 255 (ignored): {pct(result['frac_ignored'], 2)}", "", "| class | IoU (%) |", "|---|---:|"]
+    lines += [f"| {name} | {pct(v, 2)} |" for name, v in zip(result["class_names"], result["iou"])]
+    atomic_write_bytes(paths["md"], ("\n".join(lines) + "\n").encode())
+    return paths

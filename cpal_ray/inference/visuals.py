@@ -35,13 +35,14 @@ def max_map(cams: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return cams.max(0) if len(cams) else np.zeros(size, dtype=np.float32)
 
 
-def image_grid(rows: list[dict], path: str | Path, columns=("photo", "cam", "pacam", "pseudo", "gt")) -> Path:
-    """One row per image: photo, CAM, PACAM, pseudo-label, ground truth side by side.
+def image_grid(rows: list[dict], path: str | Path, columns=("photo", "cam", "pacam", "pseudo", "seg", "gt")) -> Path:
+    """One row per image: photo, CAM, PACAM, pseudo-label, segmenter, ground truth side by side.
 
     rows: dicts with "id", "photo" (H, W, 3) uint8, "cam"/"pacam" (H, W) float in [0, 1] (max over
-    the image's classes), "pseudo"/"gt" (H, W) label maps; a missing entry leaves its cell blank.
+    the image's classes), "pseudo"/"seg"/"gt" (H, W) label maps; a missing entry leaves its cell blank.
     """
-    titles = {"photo": "photo", "cam": "CAM", "pacam": "PACAM", "pseudo": "pseudo-label", "gt": "ground truth"}
+    titles = {"photo": "photo", "cam": "CAM", "pacam": "PACAM", "pseudo": "pseudo-label", "seg": "segmenter",
+              "gt": "ground truth"}
     fig = Figure(figsize=(2.4 * len(columns), 2.2 * max(len(rows), 1)), dpi=100)
     for r, row in enumerate(rows):
         for c, key in enumerate(columns):

@@ -16,6 +16,7 @@ from cpal_ray.refine.affinity import (
     labels_from_walk,
     pair_indices,
     pair_offsets,
+    pair_walk,
     path_points,
     propagate_cams,
     random_walk,
@@ -25,6 +26,6 @@ from cpal_ray.refine.affinity import (
 __all__ = [
     "IRN_BETA", "IRN_EPS", "IRN_EXP_TIMES", "IRN_FEATURE_STRIDE", "IRN_RADIUS", "IRN_SEM_SEG_BG_THRES",
     "IRN_TRAIN_RADIUS", "AffinityLabels", "affinity_labels", "affinity_loss", "affinity_matrix", "boundary_affinity",
-    "labels_from_walk", "pair_indices", "pair_offsets", "path_points", "propagate_cams", "random_walk",
+    "labels_from_walk", "pair_indices", "pair_offsets", "pair_walk", "path_points", "propagate_cams", "random_walk",
     "transition_matrix",
 ]

@@ -231,22 +231,65 @@ def random_walk(maps: torch.Tensor, transition: torch.Tensor, exp_times: int = I
     return x.t().reshape(c, height, width).to(maps.dtype)
 
 
+def pair_walk(maps: torch.Tensor, aff: torch.Tensor, radius: int, beta: float = IRN_BETA,
+              exp_times: int = IRN_EXP_TIMES, mode: str = "average") -> torch.Tensor:
+    """The same walk as ``random_walk(maps, transition_matrix(affinity_matrix(aff, ...), mode))``,
+    with P built directly in CSR form instead of through a sorted COO matrix.
+
+    Every pixel gets one slot per displacement within ``radius`` (both signs) and one for itself,
+    in increasing flat offset, so the column indices of each row come out sorted with no sort; a
+    slot whose neighbour is outside the map holds a weight of 0 (its column clamped into range).
+    maps: (C, H, W); aff: (K,) affinities in ``pair_indices(H, W, radius)`` order (as
+    ``boundary_affinity`` returns them). Returns (C, H, W).
+    """
+    if mode not in ("average", "mass"):
+        raise ValueError(f"unknown walk mode {mode!r}; choose 'average' (IRN) or 'mass'")
+    c, height, width = maps.shape
+    n, dtype, device = height * width, aff.dtype, aff.device
+    half = [tuple(d) for d in pair_offsets(radius).tolist()]
+    offsets = sorted([(-dy, -dx) for dy, dx in half] + [(0, 0)] + half, key=lambda d: d[0] * width + d[1])
+    weights = {(0, 0): torch.ones(height, width, dtype=dtype, device=device)}
+    start = 0
+    for dy, dx in half:
+        x0, ny, nx = _source_window(height, width, dy, dx)
+        fwd = torch.zeros(height, width, dtype=dtype, device=device)  # at the source i: weight of (i, i + d)
+        back = torch.zeros(height, width, dtype=dtype, device=device)  # at the destination j: weight of (j, j - d)
+        if ny > 0 and nx > 0:
+            w = aff[start:start + ny * nx].clamp(min=0.0).reshape(ny, nx) ** beta
+            fwd[:ny, x0:x0 + nx] = w
+            back[dy:dy + ny, x0 + dx:x0 + dx + nx] = w
+            start += ny * nx
+        weights[(dy, dx)], weights[(-dy, -dx)] = fwd, back
+    if start != aff.shape[-1]:
+        raise ValueError(f"aff has {aff.shape[-1]} pairs, an ({height}, {width}) map has {start} within radius {radius}")
+    vals = torch.stack([weights[d].reshape(n) for d in offsets], dim=1)  # (n, S): row i, slot s
+    flat = torch.tensor([dy * width + dx for dy, dx in offsets], dtype=torch.int64, device=device)
+    cols = (torch.arange(n, device=device)[:, None] + flat[None, :]).clamp(0, n - 1)
+    deg = vals.sum(dim=1)  # A is symmetric: row sums = column sums
+    vals = vals / (deg[:, None] if mode == "average" else deg[cols])
+    crow = torch.arange(0, n * len(offsets) + 1, len(offsets), dtype=torch.int64, device=device)
+    with warnings.catch_warnings():  # torch flags CSR as "beta"
+        warnings.simplefilter("ignore", UserWarning)
+        trans = torch.sparse_csr_tensor(crow, cols.reshape(-1), vals.reshape(-1), (n, n))
+    x = maps.reshape(c, n).t().to(dtype)
+    for _ in range(2 ** exp_times):
+        x = trans @ x
+    return x.t().reshape(c, height, width).to(maps.dtype)
+
+
 def propagate_cams(cams: torch.Tensor, boundary: torch.Tensor, radius: int = IRN_RADIUS, beta: float = IRN_BETA,
                    exp_times: int = IRN_EXP_TIMES, mode: str = "average") -> torch.Tensor:
     """IRN's ``propagate_to_edge``: walk the CAMs over the affinities of a boundary map.
 
     cams: (K, h, w) the image's foreground CAMs (IRN: stride-4 CAMs of its positive classes, each
     divided by its max); boundary: (h, w) in [0, 1]. The CAMs are multiplied by (1 - B) first, as
-    IRN does, then walked on ``transition_matrix(affinity_matrix(a, ..., beta), mode)``.
-    Returns (K, h, w).
+    IRN does, then walked on ``transition_matrix(affinity_matrix(a, ..., beta), mode)`` (computed
+    by ``pair_walk``, which gives the same maps without the matrix). Returns (K, h, w).
     """
     height, width = cams.shape[-2:]
     if boundary.shape != (height, width):
         raise ValueError(f"boundary shape {tuple(boundary.shape)} != cams size {(height, width)}")
-    src, dst = pair_indices(height, width, radius)
-    aff = boundary_affinity(boundary, radius)
-    trans = transition_matrix(affinity_matrix(aff, src, dst, height * width, beta), mode)
-    return random_walk(cams * (1.0 - boundary), trans, exp_times)
+    return pair_walk(cams * (1.0 - boundary), boundary_affinity(boundary, radius), radius, beta, exp_times, mode)
 
 
 def labels_from_walk(walked: torch.Tensor, classes: torch.Tensor,
