@@ -408,6 +408,10 @@ class AffinityConfig:
     # Ray Data mask actors: CPUs each and the most actors (0 = grow with the cluster).
     cpus_per_task: float = 1.0
     max_actors: int = 0
+    # The images the pipeline scores seeds, CRF seeds and masks on (Table 4: VOC 2012 train, a
+    # subset of train_aug): a split as data.* names them ("train" = data.train_split), an id-list
+    # name or a .txt path; "" = the training split the masks are made for.
+    score_split: str = ""
 
     def __post_init__(self):
         _check(self.epochs >= 1, "affinity.epochs", "must be >= 1")
@@ -430,9 +434,13 @@ class SegConfig:
     # Refine stage 2: a segmentation network trained on the pseudo masks (255 ignored). Folder of
     # the mask PNGs; "" = what the pipeline made (<run>/masks-train).
     masks_dir: str = ""
-    # The network: the config's backbone (model.backbone, its weights) at output stride 16 with
-    # torchvision's DeepLabV3 head (ASPP); "deeplabv3" is the only head.
+    # The network: a registered backbone at output stride 16 with torchvision's DeepLabV3 head
+    # (ASPP); "deeplabv3" is the only head. backbone "" = model.backbone (the paper's segmenter is
+    # ResNet-101: "resnet101"); weights: its ImageNet weights file ("" = model.weights when the
+    # backbone is model.backbone; model.pretrained applies).
     head: str = "deeplabv3"
+    backbone: str = ""
+    weights: str = ""
     # Training (cpal-ray's choice, DeepLab-style: SGD momentum 0.9, poly, new layers x10).
     epochs: int = 30
     batch_size: int = 16
@@ -444,12 +452,21 @@ class SegConfig:
     scales: tuple[float, ...] = (1.0,)
     flip: bool = False
     crf: bool = False
+    # The split the pipeline scores the segmenter on (Table 5: VOC 2012 val): "val" =
+    # data.val_split, or an id-list name or a .txt path (the paper config's data.val_split is
+    # VOC train, where seeds are scored, so it names val.txt).
+    eval_split: str = "val"
     # Ray Data prediction actors: CPUs each and the most actors (0 = grow with the cluster).
     cpus_per_task: float = 1.0
     max_actors: int = 0
 
     def __post_init__(self):
         _check(self.head in ("deeplabv3",), "seg.head", f"must be 'deeplabv3', got {self.head!r}")
+        if self.backbone:
+            from cpal_ray.models import list_backbones
+
+            _check(self.backbone in list_backbones(), "seg.backbone",
+                   f"unknown backbone {self.backbone!r}; choose from {list_backbones()}")
         _check(self.epochs >= 1, "seg.epochs", "must be >= 1")
         _check(self.batch_size >= 1, "seg.batch_size", "must be >= 1")
         _check(self.lr > 0, "seg.lr", "must be > 0")

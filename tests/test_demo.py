@@ -1,5 +1,6 @@
-"""The README's first command, in miniature: the demo end to end (both trainings on Ray, CAMs,
-seeds, CRF pseudo-labels, figures, report) on the synthetic config with the smallest budget."""
+"""The README's first command, in miniature: the demo end to end (both arms through the whole
+pipeline on Ray: CAM training, seeds, CRF seeds, affinity network, masks, segmenter; figures,
+report) on the synthetic config with the smallest budget."""
 import json
 
 import pytest
@@ -15,7 +16,9 @@ def test_demo_writes_the_report_with_both_runs_and_the_diagnostics(ray_start_2_c
     cfg = load_config("configs/synthetic_tiny.yaml", {
         "train.epochs": 2, "train.max_steps_per_epoch": 2, "train.diag_images": 4, "data.synthetic_images": 8,
         "dist.num_workers": 1, "dist.cpus_per_worker": 0.5, "inference.scales": [1.0], "inference.cam_cpus": 0.5,
-        "pseudo.max_crf_actors": 1, "train.log_every": 100})
+        "pseudo.max_crf_actors": 1, "train.log_every": 100, "affinity.epochs": 1, "affinity.batch_size": 4,
+        "affinity.crop_size": 64, "affinity.cpus_per_task": 0.5, "affinity.exp_times": 3, "seg.epochs": 1,
+        "seg.batch_size": 4, "seg.crop_size": 64, "seg.cpus_per_task": 0.5})
     out = run_demo(cfg, tmp_path / "demo", grid_images=2, say=lambda *a: None)
     report = (tmp_path / "demo" / "report.md").read_text()
     assert set(out["runs"]) == {"baseline", "cpal"} and "Verdict" in report
@@ -25,3 +28,7 @@ def test_demo_writes_the_report_with_both_runs_and_the_diagnostics(ray_start_2_c
     cpal_history = json.loads((out["runs"]["cpal"]["final"] / "history.json").read_text())
     assert [h["epoch"] for h in cpal_history] == [0, 1] and "diag_pacam_miou" in cpal_history[-1]
     assert out["runs"]["cpal"]["pseudo_train"]["images"] == 8
+    for run in out["runs"].values():
+        assert run["masks_train"]["images"] == 8 and run["seg_val"]["images"] == 8
+        assert 0.0 <= run["seg_val"]["miou"] <= 1.0
+    assert "segmenter val mIoU" in report and "pseudo-mask mIoU" in report

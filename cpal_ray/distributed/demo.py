@@ -20,7 +20,7 @@ import numpy as np
 
 from cpal_ray.config import Config, save_config
 from cpal_ray.data import build_dataset
-from cpal_ray.distributed.pipelines import run_make_cams, run_pseudo_labels
+from cpal_ray.distributed.pipelines import run_make_cams
 from cpal_ray.distributed.wsss import run_pipeline
 from cpal_ray.engine.checkpoint import load_checkpoint
 from cpal_ray.inference.evaluate import evaluate_cam_dir
@@ -72,7 +72,7 @@ def _stage(timings: dict, name: str, say):
     return _Timer()
 
 
-def _grid_rows(cfg: Config, cam_dir: Path, label_dir: Path, n: int, seg_dir: Path | None = None) -> list[dict]:
+def _grid_rows(cfg: Config, cam_dir: Path, seg_dir: Path, n: int) -> list[dict]:
     ds = build_dataset(cfg.data, "val", train=False, return_rgb=True)
     rows = []
     for i in range(min(n, len(ds))):
@@ -83,9 +83,7 @@ def _grid_rows(cfg: Config, cam_dir: Path, label_dir: Path, n: int, seg_dir: Pat
             path = cam_path(cam_dir, sid, key)
             if path.is_file():
                 row[key] = max_map(load_cams_npz(path)[1], rgb.shape[:2])
-        if (label_dir / f"{sid}.png").is_file():
-            row["pseudo"] = load_label_png(label_dir / f"{sid}.png")
-        if seg_dir is not None and (seg_dir / f"{sid}.png").is_file():
+        if (seg_dir / f"{sid}.png").is_file():
             row["seg"] = load_label_png(seg_dir / f"{sid}.png")
         rows.append(row)
     return rows
@@ -144,12 +142,10 @@ def _figures(cfg, out: Path, runs: dict, names, grid_images: int, timings: dict,
     with _stage(timings, "figures", say):
         cp = runs.get("cpal")
         if cp:
-            ccfg = cfg.replace(**{"train.name": "demo-cpal"})
-            run_pseudo_labels(ccfg, out / "cpal" / "pseudo_val", cam_dir=out / "cpal" / "cams_val", split="val")
-            rows = _grid_rows(cfg, out / "cpal" / "cams_val", out / "cpal" / "pseudo_val", grid_images,
-                              out / "cpal" / "seg-val")
-            figs["val images: photo, CAM, PACAM, CRF pseudo-label, segmenter, ground truth (CPAL)"] = \
-                image_grid(rows, out / "figures" / "val_grid.png").relative_to(out).as_posix()
+            rows = _grid_rows(cfg, out / "cpal" / "cams_val", out / "cpal" / "seg-val", grid_images)
+            figs["val images: photo, CAM, PACAM, segmenter, ground truth (CPAL)"] = \
+                image_grid(rows, out / "figures" / "val_grid.png",
+                           columns=("photo", "cam", "pacam", "seg", "gt")).relative_to(out).as_posix()
             state = load_checkpoint(cp["final"])
             figs["support bank (PCA)"] = bank_plot(state["bank"], names,
                                                    out / "figures" / "bank_pca.png").relative_to(out).as_posix()

@@ -4,6 +4,7 @@
     │                     elastic pool up to ``affinity.max_actors``)   ─► <out>/<id>.png (0..N)
     └──► SegPredictor    (segmenter loaded once per actor; ``seg.cpus_per_task`` CPUs, up to
                           ``seg.max_actors``)                          ─► <out>/<id>.png (0..N)
+    GPUs: with ``inference.use_gpu`` each actor also takes the CAM actors' share of a GPU.
     rows ─► driver: manifest parts ─► <out>/manifest.parquet
 
 The same contract as the CAM and CRF stages (``cpal_ray.distributed.pipelines``, whose driver
@@ -101,6 +102,13 @@ class SegPredictor(_Stage):
         return rows_to_table(rows, LABEL_SCHEMA)
 
 
+def actor_resources(cfg: Config, cpus: float) -> dict:
+    """Resources of one mask or prediction actor: ``cpus`` CPUs and, with ``inference.use_gpu``, the
+    CAM actors' GPU share (1 / ``inference.cam_actors_per_gpu``): from the config, never from what
+    the cluster holds."""
+    return {"num_cpus": cpus, **({"num_gpus": 1.0 / cfg.inference.cam_actors_per_gpu} if cfg.inference.use_gpu else {})}
+
+
 def _run(stage, kwargs: dict, cfg: Config, out_dir, inputs: PipelineInputs, spec: dict, overwrite: bool,
          resources: tuple[float, int], name: str, rows_per_block: int) -> RunSummary:
     t0 = time.monotonic()
@@ -113,7 +121,7 @@ def _run(stage, kwargs: dict, cfg: Config, out_dir, inputs: PipelineInputs, spec
         cpus, max_actors = resources
         ds = _id_dataset(inputs.ids, rows_per_block).map_batches(
             stage, fn_constructor_kwargs=kwargs, batch_size=1, batch_format="pyarrow", compute=elastic_pool(max_actors),
-            num_cpus=cpus)
+            **actor_resources(inputs.cfg, cpus))
         _drain(ds, writer, total, name)
     return _finish(writer, out_dir, LABEL_SCHEMA, total, t0, name)
 

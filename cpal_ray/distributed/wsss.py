@@ -2,14 +2,15 @@
 
     train CAM net ─► CAMs + CRF seeds (train) ─► train affinity net ─► masks (train) ─► train
     segmenter ─► predictions (val) ─► scores: Table 4 (seeds, CRF, pseudo masks on the training
-    images) and Table 5 (the segmenter's val mIoU)
+    images, or the ``affinity.score_split`` among them) and Table 5 (the segmenter on
+    ``seg.eval_split``, val by default)
 
 Layout under ``out``::
 
     runs/<name>/final, runs/<name>-affinity/final, runs/<name>-seg/final   Ray Train runs
     pseudo-train/     CRF seeds (<id>.png) and the CAMs (cams/<id>.npz)      run_pseudo_labels
     masks-train/      pseudo masks                                          run_make_masks
-    seg-val/          the segmenter's predictions on val                    run_seg_predict
+    seg-val/          the segmenter's predictions on seg.eval_split         run_seg_predict
     pipeline.json     the scores and each stage's wall time (this run's; a skipped stage: ~0 s)
 
 Restarting: a training stage whose ``final/`` verifies and has all its epochs is skipped (else
@@ -74,8 +75,8 @@ def run_pipeline(cfg: Config, out_dir, *, say=log.info) -> dict:
     timings: dict[str, float] = {}
     scores: dict[str, dict] = {}
     final: dict[str, Location] = {}
-    train_eval = build_dataset(cfg.data, "train", train=False)
-    val_eval = build_dataset(cfg.data, "val", train=False)
+    train_eval = build_dataset(cfg.data, cfg.affinity.score_split or "train", train=False)
+    val_eval = build_dataset(cfg.data, cfg.seg.eval_split, train=False)
 
     def timed(name, fn):
         t0 = time.perf_counter()
@@ -95,7 +96,7 @@ def run_pipeline(cfg: Config, out_dir, *, say=log.info) -> dict:
                                           cam_dir=out / "pseudo-train" / "cams", split="train"))
     scores["masks"] = evaluate_labels(out / "masks-train", train_eval)
     final["seg"] = timed("train_seg", lambda: train_stage(cfgs["seg"]))
-    timed("eval_seg", lambda: run_seg_predict(cfgs["seg"], final["seg"], out / "seg-val", split="val"))
+    timed("eval_seg", lambda: run_seg_predict(cfgs["seg"], final["seg"], out / "seg-val", split=cfg.seg.eval_split))
     scores["seg_val"] = evaluate_labels(out / "seg-val", val_eval)
     write_json(scores["seg_val"], out / "seg-val" / "seg_miou.json")
     summary = {"config": cfg.train.name, "scores": headline(scores), "seconds": timings,

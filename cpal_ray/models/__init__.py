@@ -6,7 +6,9 @@
 """
 from __future__ import annotations
 
-from . import backbones  # noqa: F401  (registers resnet50, efficientnet_lite0, tiny)
+import dataclasses
+
+from . import backbones  # noqa: F401  (registers resnet50/101, efficientnet_lite0, tiny)
 from .cam_net import CAMNet, projection_head
 from .refine_nets import EdgeNet, SegNet
 from .registry import backbone_channels, build_backbone, list_backbones, register_backbone
@@ -33,14 +35,20 @@ def build_model(model_cfg, num_classes: int) -> CAMNet:
 def build_task_model(cfg):
     """The network a ``Config`` trains (``train.task``): CAMNet ("cam"), the IRN boundary network
     ("affinity", backbone frozen) or the DeepLabV3 segmenter ("seg", N + 1 classes), each on
-    ``model.backbone`` with its ``pretrained`` / ``weights``."""
+    ``model.backbone`` with its ``pretrained`` / ``weights`` (the segmenter on ``seg.backbone`` /
+    ``seg.weights`` when set)."""
     task = cfg.train.task
     if task == "cam":
         return build_model(cfg.model, cfg.data.num_classes)
-    backbone = build_backbone(cfg.model.backbone, **_backbone_kwargs(cfg.model))
+    model_cfg = cfg.model
+    if task == "seg" and cfg.seg.backbone and cfg.seg.backbone != model_cfg.backbone:
+        model_cfg = dataclasses.replace(model_cfg, backbone=cfg.seg.backbone, weights=cfg.seg.weights)
+    elif task == "seg" and cfg.seg.weights:
+        model_cfg = dataclasses.replace(model_cfg, weights=cfg.seg.weights)
+    backbone = build_backbone(model_cfg.backbone, **_backbone_kwargs(model_cfg))
     if task == "affinity":
         return EdgeNet(backbone)
-    return SegNet(backbone, cfg.data.num_classes + 1, freeze_bn=cfg.model.freeze_bn)
+    return SegNet(backbone, cfg.data.num_classes + 1, freeze_bn=model_cfg.freeze_bn)
 
 
 def embed_dim(model_cfg) -> int:

@@ -1,4 +1,5 @@
-"""Registered backbones: ResNet-50 (the paper's), EfficientNet-Lite0 (CPU demo) and a tiny test CNN.
+"""Registered backbones: ResNet-50 (the paper's), ResNet-101 (its segmenter's), EfficientNet-Lite0
+(CPU demo) and a tiny test CNN.
 
 Every backbone is an ``nn.Module`` with ``out_channels`` (C) whose ``forward(x)`` maps
 x (B, 3, H, W), ImageNet-normalised, to f (B, C, h, w) at output stride 16:
@@ -36,10 +37,12 @@ class ResNet50(nn.Module):
     """
 
     out_channels = 2048
+    depth = 50
 
     def __init__(self):
         super().__init__()
-        net = torchvision.models.resnet50(weights=None, replace_stride_with_dilation=[False, False, True])
+        build = {50: torchvision.models.resnet50, 101: torchvision.models.resnet101}[self.depth]
+        net = build(weights=None, replace_stride_with_dilation=[False, False, True])
         self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
         self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
 
@@ -64,6 +67,28 @@ def resnet50(pretrained: bool = False, weights: str = "") -> ResNet50:
             "resnet50 with pretrained=True needs a local ImageNet weights file: set model.weights="
             "/path/to/resnet50.pth (a torchvision-layout state_dict; nothing can be downloaded "
             "here), or model.pretrained=false for random initialisation")
+    return model
+
+
+class ResNet101(ResNet50):
+    """torchvision ResNet-101, layer4 dilated: output stride 16, the same layout as ``ResNet50``.
+    x (B, 3, H, W) -> f (B, 2048, ceil(H/16), ceil(W/16))."""
+
+    depth = 101
+
+
+@register_backbone(channels=2048)
+def resnet101(pretrained: bool = False, weights: str = "") -> ResNet101:
+    """ResNet-101 OS16: the backbone of the paper's segmentation network (DeepLabV2, Sec. 4.1). C = 2048.
+
+    Args: as ``resnet50`` (a local torchvision-layout ImageNet state_dict; nothing is downloaded).
+    """
+    model = ResNet101()
+    if weights:
+        _load_file(model, weights, ignore_prefixes=("fc.",))
+    elif pretrained:
+        raise ValueError("resnet101 with pretrained=True needs a local ImageNet weights file: set seg.weights (or "
+                         "model.weights)=/path/to/resnet101.pth, or pretrained=false")
     return model
 
 

@@ -31,6 +31,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 # 4, 40 at 8, 112 at 16); TinyCNN: its blocks at strides 4, 8, 16.
 STAGES = {
     "ResNet50": ("maxpool", "layer1", "layer2", "layer3"),
+    "ResNet101": ("maxpool", "layer1", "layer2", "layer3"),
     "EfficientNetLite0": ("net._blocks.2", "net._blocks.4", "net._blocks.10"),
     "TinyCNN": ("body.1", "body.2", "body.3"),
 }
