@@ -435,7 +435,8 @@ class SegConfig:
     # the mask PNGs; "" = what the pipeline made (<run>/masks-train).
     masks_dir: str = ""
     # The network: a registered backbone at output stride 16 with torchvision's DeepLabV3 head
-    # (ASPP); "deeplabv3" is the only head. backbone "" = model.backbone (the paper's segmenter is
+    # (ASPP, "deeplabv3") or its Lite R-ASPP head ("lraspp", also fed the stride-8 stage; ~1/20
+    # of ASPP's compute, the CPU choice). backbone "" = model.backbone (the paper's segmenter is
     # ResNet-101: "resnet101"); weights: its ImageNet weights file ("" = model.weights when the
     # backbone is model.backbone; model.pretrained applies).
     head: str = "deeplabv3"
@@ -461,7 +462,7 @@ class SegConfig:
     max_actors: int = 0
 
     def __post_init__(self):
-        _check(self.head in ("deeplabv3",), "seg.head", f"must be 'deeplabv3', got {self.head!r}")
+        _check(self.head in ("deeplabv3", "lraspp"), "seg.head", f"must be 'deeplabv3' or 'lraspp', got {self.head!r}")
         if self.backbone:
             from cpal_ray.models import list_backbones
 
@@ -521,8 +522,9 @@ def stage_config(cfg: Config, task: str, name: str | None = None) -> Config:
         "train.task": task, "train.name": name or f"{base}-{task}", "train.epochs": stage.epochs,
         "train.batch_size": stage.batch_size, "train.diag_images": 0, "optim.lr": stage.lr,
         "data.crop_size": stage.crop_size, "data.resize_long": list(stage.resize_long), "cpal.enabled": False,
-        # IRN trains only its new branch (the backbone is frozen): its lr is the stage's lr.
-        **({"optim.new_layer_lr_mult": 1.0} if task == "affinity" else {})})
+        # IRN trains only its new branch (the backbone is frozen): its lr is the stage's lr. The
+        # segmenter's head learns at 10x (DeepLab), whatever multiplier the CAM run used.
+        "optim.new_layer_lr_mult": 1.0 if task == "affinity" else 10.0})
 
 
 def _to_plain(obj: Any) -> Any:

@@ -320,3 +320,27 @@ def test_make_cams_and_pseudo_labels_pools_grow_with_the_cluster(cluster, traine
     print(f"\n{files} files byte-identical to a one-node run; CAM actors on "
           f"{len({a.node_id for a in actors})} nodes ({len(actors)} actors), CRF actors on "
           f"{len({a.node_id for a in crf})} nodes ({len(crf)} actors)")
+
+
+# ------------------------------------------------------------------------------- the refine half
+
+
+def test_the_whole_pipeline_as_one_job_with_every_output_in_the_bucket(cluster):
+    """workflows.pipeline under ray job submit on two worker nodes: the CAM run, CRF seeds, the
+    affinity run, masks, the segmenter and its val predictions, all in S3; scored at each stage."""
+    scale_to(cluster, 2)
+    out = location(cluster.bucket) / "pipeline"
+    job = submit(cluster, "workflows.pipeline", "--config", TINY, "--out", str(out), "train.name=pipe",
+                 "data.synthetic_images=8", "train.epochs=1", "cpal.warmup_cluster_steps=0", "dist.num_workers=2",
+                 "dist.cpus_per_worker=1", "train.log_every=1000", "inference.scales=[1.0]", "pseudo.cpus_per_task=1",
+                 "affinity.epochs=1", "affinity.batch_size=4", "affinity.crop_size=64", "affinity.exp_times=3",
+                 "seg.epochs=1", "seg.batch_size=4", "seg.crop_size=64")
+    logs = succeeded(cluster, job)
+    summary = json.loads((out / "pipeline.json").read_text())
+    assert set(summary["scores"]) == {"seeds", "crf", "masks", "seg_val"}, logs[-3000:]
+    for folder in ("masks-train", "seg-val"):
+        rows = pq.read_table(io.BytesIO((out / folder / "manifest.parquet").read_bytes())).to_pylist()
+        assert len(rows) == 8 and {r["status"] for r in rows} == {"done"}
+    for run in ("pipe", "pipe-affinity", "pipe-seg"):
+        assert (out / "runs" / run / "final" / "model.pt").is_file(), run
+    assert "task: seg" in (out / "runs" / "pipe-seg" / "final" / "config.yaml").read_text()

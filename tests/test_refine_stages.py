@@ -43,8 +43,9 @@ def test_edge_net_trains_only_its_branch_at_stride_4():
     assert not net.backbone.training  # frozen backbone stays in eval mode (its BatchNorm statistics too)
 
 
-def test_seg_net_predicts_every_class_at_the_input_size():
-    net = SegNet(build_backbone("tiny", width=16), classes=5)
+@pytest.mark.parametrize("head", ["deeplabv3", "lraspp"])
+def test_seg_net_predicts_every_class_at_the_input_size(head):
+    net = SegNet(build_backbone("tiny", width=16), classes=5, head=head)
     assert net(torch.randn(2, 3, 50, 70))["logits"].shape == (2, 5, 50, 70)
     groups = {g["name"]: g for g in net.param_groups(10.0)}
     assert groups["new_layers"]["lr_mult"] == 10.0 and groups["backbone"]["params"]
@@ -59,7 +60,9 @@ def test_stage_config_derives_each_refine_run_from_the_cam_run():
         ("affinity", "synthetic-tiny-affinity", 4, 6, 64)
     assert not a.cpal.enabled and a.optim.new_layer_lr_mult == 1.0 and a.optim.lr == cfg.affinity.lr
     s = stage_config(cfg, "seg")
-    assert (s.train.name, s.optim.lr, s.optim.new_layer_lr_mult) == ("synthetic-tiny-seg", 0.02, cfg.optim.new_layer_lr_mult)
+    assert (s.train.name, s.optim.lr, s.optim.new_layer_lr_mult) == ("synthetic-tiny-seg", 0.02, 10.0)
+    # not the CAM run's multiplier (the photo config's 100 would put the head at lr 1.0)
+    assert stage_config(load_config("configs/voc_mini_cpu.yaml"), "seg").optim.new_layer_lr_mult == 10.0
     assert stage_config(a, "affinity").train.name == "synthetic-tiny-affinity"  # idempotent
     assert stage_config(cfg, "cam") is cfg
     with pytest.raises(ConfigError, match="train.task"):

@@ -48,7 +48,7 @@ def build_task_model(cfg):
     backbone = build_backbone(model_cfg.backbone, **_backbone_kwargs(model_cfg))
     if task == "affinity":
         return EdgeNet(backbone)
-    return SegNet(backbone, cfg.data.num_classes + 1, freeze_bn=model_cfg.freeze_bn)
+    return SegNet(backbone, cfg.data.num_classes + 1, freeze_bn=model_cfg.freeze_bn, head=cfg.seg.head)
 
 
 def embed_dim(model_cfg) -> int:
