@@ -28,12 +28,11 @@ def main(argv=None) -> int:
     setup_logging()
     args.overrides = [*args.overrides, *tracking_overrides(args)]
     from cpal_ray.distributed.runtime import init_ray, output_location
-    from cpal_ray.distributed.wsss import run_pipeline, stage_configs
+    from cpal_ray.distributed.wsss import run_pipeline
     from cpal_ray.engine.inputs import check_training_inputs
 
     cfg = check_training_inputs(config_from_args(args))
     out = output_location(args.out or f"{cfg.train.storage_path}/pipeline-{cfg.train.name}", "--out")
-    check_training_inputs(stage_configs(cfg, out)["cam"])
     init_ray(args.address, args.num_cpus)
     result = run_pipeline(cfg, out, say=print)
     print(json.dumps({"out": str(out), "pipeline": str(out / "pipeline.json"),

@@ -50,7 +50,22 @@ def check_stage_checkpoint(checkpoint, task: str) -> Config:
     return cfg
 
 
-class MaskMaker(_Stage):
+class _PerImage(_Stage):
+    """A stage mapping ``self.job(index) -> LABEL_SCHEMA row`` over a batch of ids."""
+
+    def job(self, index: int) -> dict:
+        raise NotImplementedError
+
+    def __call__(self, batch) -> pa.Table:
+        rows = []
+        for sid in map(str, _column(batch, "id")):
+            self._tick()
+            rows.append(self.job(self.index[sid]) if sid in self.index else
+                        failed_row(LABEL_SCHEMA, sid, "not in the dataset read by this worker"))
+        return rows_to_table(rows, LABEL_SCHEMA)
+
+
+class MaskMaker(_PerImage):
     """Ray Data stage: ``mask_job`` for a batch of ids (the boundary network loaded once per actor).
 
     Args: checkpoint (an affinity run's ``final/``), cfg (``data`` and ``affinity``), out_dir,
@@ -63,19 +78,12 @@ class MaskMaker(_Stage):
         self.model = _load(checkpoint, "affinity")
         self.cfg, self.out_dir, self.cam_dir, self.skip_existing = cfg, out_dir, cam_dir, skip_existing
 
-    def __call__(self, batch) -> pa.Table:
-        rows = []
-        for sid in map(str, _column(batch, "id")):
-            self._tick()
-            if sid not in self.index:
-                rows.append(failed_row(LABEL_SCHEMA, sid, "not in the dataset read by this worker"))
-                continue
-            rows.append(mask_job(self.model, self.dataset, self.index[sid], self.cam_dir, self.out_dir,
-                                 self.cfg.affinity, self.skip_existing))
-        return rows_to_table(rows, LABEL_SCHEMA)
+    def job(self, index: int) -> dict:
+        return mask_job(self.model, self.dataset, index, self.cam_dir, self.out_dir, self.cfg.affinity,
+                        self.skip_existing)
 
 
-class SegPredictor(_Stage):
+class SegPredictor(_PerImage):
     """Ray Data stage: ``seg_job`` for a batch of ids of ``split``, or of the image files of
     ``images_dir`` (the user's own photos) when given."""
 
@@ -90,16 +98,8 @@ class SegPredictor(_Stage):
         self.model = _load(checkpoint, "seg")
         self.cfg, self.out_dir, self.skip_existing = cfg, out_dir, skip_existing
 
-    def __call__(self, batch) -> pa.Table:
-        rows = []
-        for sid in map(str, _column(batch, "id")):
-            self._tick()
-            if sid not in self.index:
-                rows.append(failed_row(LABEL_SCHEMA, sid, "not in the dataset read by this worker"))
-                continue
-            rows.append(seg_job(self.model, self.dataset, self.index[sid], self.out_dir, self.cfg.seg, self.cfg.pseudo,
-                                self.skip_existing))
-        return rows_to_table(rows, LABEL_SCHEMA)
+    def job(self, index: int) -> dict:
+        return seg_job(self.model, self.dataset, index, self.out_dir, self.cfg.seg, self.cfg.pseudo, self.skip_existing)
 
 
 def actor_resources(cfg: Config, cpus: float) -> dict:
