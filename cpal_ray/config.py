@@ -85,6 +85,10 @@ class DataConfig:
     seed: int = 0
     # Attributes set only: appearances per class (signature, unique rare ones, one shared).
     attributes_per_class: int = 4
+    # Image files (and their masks) whose long side is longer are downscaled to it as they are
+    # read, everywhere (training, CAMs, CRF, masks, scoring: at the smaller size); 0 = as stored.
+    # The photo config's 400 keeps the demo's CRF and random walk within its 2-core budget.
+    max_side: int = 0
     # Training augmentation (Sec. 4.1): random long side, flip, crop (padding label 255).
     resize_long: tuple[int, int] = (320, 640)
     crop_size: int = 512
@@ -107,6 +111,7 @@ class DataConfig:
         _check(2 <= self.attributes_per_class <= 16, "data.attributes_per_class",
                f"must be in [2, 16], got {self.attributes_per_class}")
         _check(self.loader_workers >= 0, "data.loader_workers", "must be >= 0")
+        _check(self.max_side >= 0, "data.max_side", f"must be >= 0 (0 = as stored), got {self.max_side}")
         _check(self.on_bad_sample in ("error", "skip"), "data.on_bad_sample", "must be 'error' or 'skip'")
 
     @property

@@ -537,3 +537,20 @@ def test_collate_refuses_mixed_sizes_and_fake_batch_is_consistent():
     for b in range(3):
         present = set(fb["mask"][b].unique().tolist()) - {0, 255}
         assert present == {int(n) + 1 for n in torch.nonzero(fb["label"][b]).flatten()}
+
+
+def test_max_side_downscales_every_view_of_an_image_alike():
+    """data.max_side: read, read_image, image_size (the pipelines' view) and the mask agree."""
+    from cpal_ray.config import load_config
+    from cpal_ray.data import build_dataset
+    from cpal_ray.inference.jobs import image_hw, read_rgb
+
+    full = build_dataset(load_config("configs/voc_mini_cpu.yaml", ["data.max_side=0"]).data, "val", train=False)
+    small = build_dataset(load_config("configs/voc_mini_cpu.yaml", ["data.max_side=200"]).data, "val", train=False)
+    rgb0, mask0, _ = full.read(0)
+    rgb, mask, _ = small.read(0)
+    assert max(rgb0.shape[:2]) > 200 and max(rgb.shape[:2]) == 200 and mask.shape == rgb.shape[:2]
+    assert abs(rgb.shape[0] / rgb.shape[1] - rgb0.shape[0] / rgb0.shape[1]) < 0.02
+    assert image_hw(small, 0) == rgb.shape[:2] and read_rgb(small, 0).shape == rgb.shape
+    assert set(np.unique(mask)) <= set(np.unique(mask0))  # nearest: no new label values
+    assert small[0]["image"].shape[1:] == rgb.shape[:2]

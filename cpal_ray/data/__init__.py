@@ -80,7 +80,9 @@ def build_dataset(data_cfg, split: str = "train", train: bool | None = None, ret
     if data_cfg.root.startswith("bundled:") and data_cfg.dataset != "voc":
         raise DataError(f"data.root={data_cfg.root!r} is a VOC-layout dataset; set data.dataset=voc")
     name = {"train": data_cfg.train_split, "val": data_cfg.val_split}.get(split, split)
-    return _READERS[data_cfg.dataset].from_config(data_cfg, name, train, return_rgb)
+    dataset = _READERS[data_cfg.dataset].from_config(data_cfg, name, train, return_rgb)
+    dataset.max_side = data_cfg.max_side
+    return dataset
 
 
 def stage_label_dir(cfg) -> str:

@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from cpal_ray.data.transforms import IGNORE_INDEX, EvalTransform
+from cpal_ray.data.transforms import IGNORE_INDEX, EvalTransform, fit_long_side, resize_bilinear, resize_nearest
 
 log = logging.getLogger(__name__)
 
@@ -166,8 +166,13 @@ class FileDataset(SampleDataset):
     """A reader of image files + a labels dict + optional mask PNGs.
 
     Subclasses implement ``image_path(id)`` and ``mask_path(id)`` (a Path whose absence means
-    "no mask": all 255) and call ``_select_ids`` from their constructor.
+    "no mask": all 255) and call ``_select_ids`` from their constructor. ``max_side`` (set by
+    ``build_dataset`` from ``data.max_side``; 0 = off) downscales every image whose long side is
+    longer, and its mask with it (bilinear / nearest), as it is read: every size a consumer sees
+    (``read``, ``read_image``, ``image_size``) is the downscaled one.
     """
+
+    max_side: int = 0
 
     def __init__(self, num_classes: int, class_names, transform=None, return_rgb: bool = False,
                  seed: int = 0, on_bad_sample: str = "error"):
@@ -242,7 +247,27 @@ class FileDataset(SampleDataset):
             mask = read_mask(mpath, sid, self.num_classes, rgb.shape[:2], path)
         else:
             mask = np.full(rgb.shape[:2], IGNORE_INDEX, dtype=np.uint8)
+        size = fit_long_side(rgb.shape[:2], self.max_side)
+        if size != rgb.shape[:2]:
+            rgb, mask = resize_bilinear(rgb, size), resize_nearest(mask, size)
         return rgb, mask, self.labels[sid]
+
+    def read_image(self, index: int) -> np.ndarray:
+        """uint8 (H, W, 3) photo of item ``index`` (downscaled to ``max_side``), without its mask."""
+        sid = self.ids[index]
+        rgb = read_rgb(self.image_path(sid), sid)
+        size = fit_long_side(rgb.shape[:2], self.max_side)
+        return resize_bilinear(rgb, size) if size != rgb.shape[:2] else rgb
+
+    def image_size(self, index: int) -> tuple[int, int]:
+        """(H, W) of item ``index`` as ``read`` returns it, from the file header (not decoded)."""
+        sid = self.ids[index]
+        path = self.image_path(sid)
+        try:
+            with Image.open(path) as im:
+                return fit_long_side((im.size[1], im.size[0]), self.max_side)
+        except (OSError, SyntaxError, ValueError) as e:
+            raise DataError(f"{path}: cannot read image header (id {sid}): {e}") from e
 
     def label_of(self, index: int) -> np.ndarray:
         return self.labels[self.ids[index]]

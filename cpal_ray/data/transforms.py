@@ -46,6 +46,16 @@ def resize_nearest(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return mask[rows[:, None], cols[None, :]]
 
 
+def fit_long_side(hw: tuple[int, int], max_side: int) -> tuple[int, int]:
+    """(H, W) scaled so the long side is at most ``max_side`` (aspect kept, sides rounded, at least
+    1); unchanged when it already fits or ``max_side <= 0``."""
+    h, w = int(hw[0]), int(hw[1])
+    if max_side <= 0 or max(h, w) <= max_side:
+        return h, w
+    scale = max_side / max(h, w)
+    return max(1, round(h * scale)), max(1, round(w * scale))
+
+
 def resize_bilinear(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Bilinear resize of a uint8 (H, W, 3) photo to size (h, w) (PIL)."""
     h, w = size

@@ -63,6 +63,8 @@ def cam_path(cam_dir, sample_id: str, source: str = "cam") -> Location:
 
 def image_hw(dataset, index: int) -> tuple[int, int]:
     """(H, W) of image ``index``: read from the file header when the dataset has files, else decoded."""
+    if hasattr(dataset, "image_size"):
+        return dataset.image_size(index)
     if hasattr(dataset, "image_path"):
         sid = dataset.ids[index]
         path = dataset.image_path(sid)
@@ -76,6 +78,8 @@ def image_hw(dataset, index: int) -> tuple[int, int]:
 
 def read_rgb(dataset, index: int) -> np.ndarray:
     """uint8 (H, W, 3) photo of item ``index`` without normalising (and without the mask for file sets)."""
+    if hasattr(dataset, "read_image"):
+        return dataset.read_image(index)
     if hasattr(dataset, "image_path"):
         sid = dataset.ids[index]
         return read_image_file(dataset.image_path(sid), sid)
