@@ -81,7 +81,7 @@ def write_demo_report(out_dir: str | Path, runs: dict[str, dict], class_names, f
         f"{thresholds[1]:.2f} (\"edge\": the best one is at an end of that range); pseudo-labels follow "
         "IRN (confident fg/bg each refined by DenseCRF, disagreement ignored, scored on the confident pixels); "
         "pseudo masks are the CAMs walked over the affinities of IRN's boundary network trained on those "
-        "seeds; the segmenter (DeepLabV3 head on the same backbone) is trained on the masks and scored on "
+        "seeds; the segmenter (a DeepLab-style head on the same backbone) is trained on the masks and scored on "
         "val (Tables 4 and 5 of the paper, in miniature). mIoU in %, one seed: the "
         "3-seed comparison (mean ± std) is the README's table, measured by the command given there.",
         "",
