@@ -109,7 +109,7 @@ def run_demo(cfg: Config, out_dir: str | Path, *, fresh: bool = True, grid_image
         r: dict = {}
         with _stage(timings, f"{run}: pipeline (train, CRF seeds, affinity, masks, segmenter)", say):
             res = run_pipeline(rcfg, out / run, say=say)
-        r["timings"] = {"train": res["timings"]["train_cam"], **res["timings"]}
+        r["timings"] = res["timings"]
         timings.update({f"{run}: {k}": v for k, v in res["timings"].items()})
         r["final"] = res["final"]["cam"]
         r["history"] = json.loads((r["final"] / "history.json").read_text()) \

@@ -119,6 +119,35 @@ def validate_label_png(path, hw: tuple[int, int], classes: np.ndarray) -> tuple[
     return label, hashlib.sha256(data).hexdigest()
 
 
+def existing_label(png, hw: tuple[int, int], classes) -> tuple[np.ndarray | None, str | None]:
+    """(label, sha256) of a finished PNG that ``validate_label_png`` accepts, else (None, None): the
+    file is missing or is redone (logged with the reason)."""
+    if not png.exists():
+        return None, None
+    try:
+        return validate_label_png(png, hw, classes)
+    except LabelFileError as e:
+        log.info("redoing %s: %s", png, e)
+        return None, None
+
+
+def write_label_png(png, label: np.ndarray) -> str:
+    """Write ``label`` as a palette PNG (atomically); returns the sha256 of its bytes."""
+    data = encode_label_png(label)
+    png.write_bytes(data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def load_image_cams(cam_dir, sample_id: str, classes: np.ndarray, hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """(classes, cams) of ``<cam_dir>/<id>.npz``, which must hold exactly ``classes`` at size ``hw``
+    (ValueError naming the file otherwise)."""
+    cam_file = cam_path(cam_dir, sample_id)
+    cam_classes, cams = load_cams_npz(cam_file, expected_classes=classes)
+    if cams.shape[1:] != tuple(hw):
+        raise ValueError(f"{cam_file}: CAM size {cams.shape[1:]} != image size {tuple(hw)}")
+    return cam_classes, cams
+
+
 def cams_valid(paths: list[Location], classes: np.ndarray, hw: tuple[int, int]) -> bool:
     """True when every file loads with exactly ``classes`` and CAMs of size ``hw``."""
     try:
@@ -181,23 +210,13 @@ def pseudo_label_job(dataset, index: int, cam_dir, out_dir, pseudo_cfg, skip_exi
     try:
         classes = positive_classes(dataset.label_of(index))
         hw = image_hw(dataset, index)
+        label, sha = existing_label(png, hw, classes) if skip_existing else (None, None)
         status = "skipped"
-        label = sha = None
-        if skip_existing and png.exists():
-            try:
-                label, sha = validate_label_png(png, hw, classes)
-            except LabelFileError as e:
-                log.info("redoing %s: %s", sid, e)
         if label is None:
             status = "done"
-            cam_file = cam_path(cam_dir, sid)
-            cam_classes, cams = load_cams_npz(cam_file, expected_classes=classes)
-            if cams.shape[1:] != tuple(hw):
-                raise ValueError(f"{cam_file}: CAM size {cams.shape[1:]} != image size {tuple(hw)}")
+            cam_classes, cams = load_image_cams(cam_dir, sid, classes, hw)
             label = pseudo_label_from_config(read_rgb(dataset, index), cams, cam_classes, pseudo_cfg)
-            data = encode_label_png(label)
-            png.write_bytes(data)
-            sha = hashlib.sha256(data).hexdigest()
+            sha = write_label_png(png, label)
         return _row(LABEL_SCHEMA, sid, status=status, path=str(png), classes=classes.tolist(), height=hw[0],
                     width=hw[1], frac_ignored=float(np.mean(label == IGNORE)), sha256=sha,
                     seconds=time.perf_counter() - t0)

@@ -7,35 +7,14 @@ resumed run redoes only what is missing and ends with the same bytes (the jobs a
 """
 from __future__ import annotations
 
-import hashlib
-import logging
 import time
 
 import numpy as np
 
 from cpal_ray.data.classes import positive_classes
-from cpal_ray.inference.io import LabelFileError, encode_label_png, load_cams_npz
-from cpal_ray.inference.jobs import LABEL_SCHEMA, _row, cam_path, failed_row, image_hw, read_rgb, validate_label_png
+from cpal_ray.inference.jobs import (LABEL_SCHEMA, _row, existing_label, failed_row, image_hw, load_image_cams, read_rgb,
+                                     write_label_png)
 from cpal_ray.storage import location
-
-log = logging.getLogger(__name__)
-
-
-def _existing(png, hw, classes) -> tuple[np.ndarray | None, str | None]:
-    if not png.exists():
-        return None, None
-    try:
-        return validate_label_png(png, hw, classes)
-    except LabelFileError as e:
-        log.info("redoing %s: %s", png, e)
-        return None, None
-
-
-def _write(png, label: np.ndarray) -> str:
-    data = encode_label_png(label)
-    png.write_bytes(data)
-    return hashlib.sha256(data).hexdigest()
-
 
 def mask_job(edge_net, dataset, index: int, cam_dir, out_dir, affinity_cfg, skip_existing: bool = True) -> dict:
     """IRN pseudo mask of item ``index``: ``<cam_dir>/<id>.npz`` walked over the boundary map of
@@ -48,17 +27,14 @@ def mask_job(edge_net, dataset, index: int, cam_dir, out_dir, affinity_cfg, skip
     try:
         classes = positive_classes(dataset.label_of(index))
         hw = image_hw(dataset, index)
-        label, sha = _existing(png, hw, classes) if skip_existing else (None, None)
+        label, sha = existing_label(png, hw, classes) if skip_existing else (None, None)
         status = "skipped"
         if label is None:
             status = "done"
-            cam_file = cam_path(cam_dir, sid)
-            cam_classes, cams = load_cams_npz(cam_file, expected_classes=classes)
-            if cams.shape[1:] != tuple(hw):
-                raise ValueError(f"{cam_file}: CAM size {cams.shape[1:]} != image size {tuple(hw)}")
+            cam_classes, cams = load_image_cams(cam_dir, sid, classes, hw)
             boundary = boundary_map(edge_net, dataset[index]["image"], flip=affinity_cfg.flip)
             label = walk_label(cams, cam_classes, boundary, affinity_cfg)
-            sha = _write(png, label)
+            sha = write_label_png(png, label)
         return _row(LABEL_SCHEMA, sid, status=status, path=str(png), classes=classes.tolist(), height=hw[0],
                     width=hw[1], frac_ignored=0.0, sha256=sha, seconds=time.perf_counter() - t0)
     except Exception as e:  # one bad image must not stop the run: reported in the row
@@ -89,13 +65,13 @@ def seg_job(seg_net, dataset, index: int, out_dir, seg_cfg, pseudo_cfg, skip_exi
     try:
         hw = image_hw(dataset, index)
         every = np.arange(dataset.num_classes)
-        label, sha = _existing(png, hw, every) if skip_existing else (None, None)
+        label, sha = existing_label(png, hw, every) if skip_existing else (None, None)
         status = "skipped"
         if label is None:
             status = "done"
             label = seg_label(seg_net, dataset[index]["image"], read_rgb(dataset, index) if seg_cfg.crf else None,
                               seg_cfg, pseudo_cfg)
-            sha = _write(png, label)
+            sha = write_label_png(png, label)
         predicted = [int(c) - 1 for c in np.unique(label) if 0 < c < 255]
         return _row(LABEL_SCHEMA, sid, status=status, path=str(png), classes=predicted, height=hw[0], width=hw[1],
                     frac_ignored=0.0, sha256=sha, seconds=time.perf_counter() - t0)

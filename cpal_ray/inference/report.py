@@ -30,7 +30,7 @@ def summary_rows(runs: dict[str, dict]) -> list[list[str]]:
             pct(pl.get("frac_ignored")) if pl else "—",
             pct(mt["miou"]) if mt else "—",
             pct(sg["miou"]) if sg else "—",
-            f"{sum(v for k, v in r.get('timings', {}).items() if k != 'train'):.0f}",
+            f"{sum(r.get('timings', {}).values()):.0f}",
         ])
     return rows
 

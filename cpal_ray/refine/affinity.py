@@ -271,10 +271,7 @@ def pair_walk(maps: torch.Tensor, aff: torch.Tensor, radius: int, beta: float = 
     with warnings.catch_warnings():  # torch flags CSR as "beta"
         warnings.simplefilter("ignore", UserWarning)
         trans = torch.sparse_csr_tensor(crow, cols.reshape(-1), vals.reshape(-1), (n, n))
-    x = maps.reshape(c, n).t().to(dtype)
-    for _ in range(2 ** exp_times):
-        x = trans @ x
-    return x.t().reshape(c, height, width).to(maps.dtype)
+    return random_walk(maps, trans, exp_times)
 
 
 def propagate_cams(cams: torch.Tensor, boundary: torch.Tensor, radius: int = IRN_RADIUS, beta: float = IRN_BETA,
