@@ -10,6 +10,7 @@ Run with ``pytest -m cluster`` (``.ci/run`` runs it after the default suite). Th
 the ones ``docs/cluster.md`` shows, with the synthetic config.
 """
 import io
+import itertools
 import json
 import os
 import subprocess
@@ -48,7 +49,7 @@ def cluster(s3_server):
     c = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 0, "include_dashboard": True, "dashboard_port": port, "dashboard_host": "127.0.0.1"})
     try:
-        workers = [c.add_node(num_cpus=1)]
+        workers = [add_worker_node(c)]
         c.wait_for_nodes()
         ray.init(address=c.address, namespace="cpal-ray-cluster-test")  # the tests' own view of the cluster
         yield SimpleNamespace(cluster=c, workers=workers, dashboard=f"http://127.0.0.1:{port}",
@@ -59,10 +60,24 @@ def cluster(s3_server):
         restore_env(saved)
 
 
+_nodes_added = itertools.count()
+
+
+def add_worker_node(c, wait: bool = True):
+    """A worker node with 1 CPU and its own runtime-env folder, as on a machine of its own.
+
+    Nodes on one machine share the session folder, and Ray's working_dir plugin re-extracts the
+    job's package into ``<session>/runtime_resources/working_dir_files`` (deleting it first) each
+    time a node's agent sets the job up: a node joining mid-job would delete the working directory
+    of every process already running from it on the other nodes (their ``os.getcwd()`` fails, a
+    lazy import can miss its file). Separate machines have separate folders; so does each node here."""
+    return c.add_node(wait=wait, num_cpus=1, runtime_env_dir_name=f"runtime_resources_node{next(_nodes_added)}")
+
+
 def scale_to(cluster, n: int) -> None:
     """Add or remove worker nodes (1 CPU each) until there are ``n``, as an autoscaler would."""
     while len(cluster.workers) < n:
-        cluster.workers.append(cluster.cluster.add_node(wait=False, num_cpus=1))
+        cluster.workers.append(add_worker_node(cluster.cluster, wait=False))
     while len(cluster.workers) > n:
         cluster.cluster.remove_node(cluster.workers.pop())
     cluster.cluster.wait_for_nodes()
