@@ -86,7 +86,8 @@ def read_rgb(dataset, index: int) -> np.ndarray:
     return dataset.read(index)[0]
 
 
-def _row(schema: pa.Schema, sample_id: str, **values) -> dict:
+def manifest_row(schema: pa.Schema, sample_id: str, **values) -> dict:
+    """One manifest row of ``schema``: the given values, every other column None, no error."""
     row = {name: None for name in schema.names}
     row.update({"id": sample_id, "error": ""})
     row.update(values)
@@ -97,7 +98,7 @@ def failed_row(schema: pa.Schema, sample_id: str, error: BaseException | str, t0
     """A ``status="failed"`` row whose error names the id (and the exception type)."""
     msg = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
     secs = time.perf_counter() - t0 if t0 is not None else 0.0
-    return _row(schema, sample_id, status="failed", error=f"id {sample_id}: {msg}", seconds=secs)
+    return manifest_row(schema, sample_id, status="failed", error=f"id {sample_id}: {msg}", seconds=secs)
 
 
 def validate_label_png(path, hw: tuple[int, int], classes: np.ndarray) -> tuple[np.ndarray, str]:
@@ -182,18 +183,18 @@ def cam_job(model, dataset, index: int, out_dir, *, sources=("cam",), scales=(1.
         if skip_existing and label_dir is not None:
             try:
                 validate_label_png(location(label_dir) / f"{sid}.png", hw, classes)
-                return _row(CAM_SCHEMA, sid, status="skipped", seconds=time.perf_counter() - t0, **done)
+                return manifest_row(CAM_SCHEMA, sid, status="skipped", seconds=time.perf_counter() - t0, **done)
             except LabelFileError:
                 pass
         if skip_existing and cams_valid(paths, classes, hw):
-            return _row(CAM_SCHEMA, sid, status="skipped", seconds=time.perf_counter() - t0, **done)
+            return manifest_row(CAM_SCHEMA, sid, status="skipped", seconds=time.perf_counter() - t0, **done)
         item = dataset[index]
         res = multiscale_cams(model, item["image"], item["label"], scales=tuple(scales), flip=flip,
                               context=context.prototypes if context is not None else None,
                               counts=context.counts if context is not None else None, cpal_cfg=cpal_cfg)
         for source, path in zip(sources, paths):
             save_cams_npz(path, res["classes"], res[source], dtype=save_dtype)
-        return _row(CAM_SCHEMA, sid, status="done", seconds=time.perf_counter() - t0, **done)
+        return manifest_row(CAM_SCHEMA, sid, status="done", seconds=time.perf_counter() - t0, **done)
     except Exception as e:  # one bad image must not stop the run: reported in the row
         return failed_row(CAM_SCHEMA, sid, e, t0)
 
@@ -217,7 +218,7 @@ def pseudo_label_job(dataset, index: int, cam_dir, out_dir, pseudo_cfg, skip_exi
             cam_classes, cams = load_image_cams(cam_dir, sid, classes, hw)
             label = pseudo_label_from_config(read_rgb(dataset, index), cams, cam_classes, pseudo_cfg)
             sha = write_label_png(png, label)
-        return _row(LABEL_SCHEMA, sid, status=status, path=str(png), classes=classes.tolist(), height=hw[0],
+        return manifest_row(LABEL_SCHEMA, sid, status=status, path=str(png), classes=classes.tolist(), height=hw[0],
                     width=hw[1], frac_ignored=float(np.mean(label == IGNORE)), sha256=sha,
                     seconds=time.perf_counter() - t0)
     except Exception as e:  # one bad image must not stop the run: reported in the row

@@ -12,8 +12,8 @@ import time
 import numpy as np
 
 from cpal_ray.data.classes import positive_classes
-from cpal_ray.inference.jobs import (LABEL_SCHEMA, _row, existing_label, failed_row, image_hw, load_image_cams, read_rgb,
-                                     write_label_png)
+from cpal_ray.inference.jobs import (LABEL_SCHEMA, existing_label, failed_row, image_hw, load_image_cams,
+                                     manifest_row, read_rgb, write_label_png)
 from cpal_ray.storage import location
 
 def mask_job(edge_net, dataset, index: int, cam_dir, out_dir, affinity_cfg, skip_existing: bool = True) -> dict:
@@ -35,7 +35,7 @@ def mask_job(edge_net, dataset, index: int, cam_dir, out_dir, affinity_cfg, skip
             boundary = boundary_map(edge_net, dataset[index]["image"], flip=affinity_cfg.flip)
             label = walk_label(cams, cam_classes, boundary, affinity_cfg)
             sha = write_label_png(png, label)
-        return _row(LABEL_SCHEMA, sid, status=status, path=str(png), classes=classes.tolist(), height=hw[0],
+        return manifest_row(LABEL_SCHEMA, sid, status=status, path=str(png), classes=classes.tolist(), height=hw[0],
                     width=hw[1], frac_ignored=0.0, sha256=sha, seconds=time.perf_counter() - t0)
     except Exception as e:  # one bad image must not stop the run: reported in the row
         return failed_row(LABEL_SCHEMA, sid, e, t0)
@@ -73,7 +73,7 @@ def seg_job(seg_net, dataset, index: int, out_dir, seg_cfg, pseudo_cfg, skip_exi
                               seg_cfg, pseudo_cfg)
             sha = write_label_png(png, label)
         predicted = [int(c) - 1 for c in np.unique(label) if 0 < c < 255]
-        return _row(LABEL_SCHEMA, sid, status=status, path=str(png), classes=predicted, height=hw[0], width=hw[1],
+        return manifest_row(LABEL_SCHEMA, sid, status=status, path=str(png), classes=predicted, height=hw[0], width=hw[1],
                     frac_ignored=0.0, sha256=sha, seconds=time.perf_counter() - t0)
     except Exception as e:  # one bad image must not stop the run: reported in the row
         return failed_row(LABEL_SCHEMA, sid, e, t0)
