@@ -6,6 +6,7 @@ import hashlib
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from cpal_ray.config import ConfigError, load_config, stage_config
 from cpal_ray.data import DataError, ImageFolderDataset, LabelFolderDataset, build_dataset, build_train_dataset
@@ -187,6 +188,12 @@ def test_mask_and_seg_jobs_resume_to_the_same_bytes(tmp_path):
     first = [mask_job(edge, ds, i, tmp_path / "cams", tmp_path / "masks", cfg.affinity) for i in range(3)]
     seg_first = [seg_job(seg, ds, i, tmp_path / "seg", cfg.seg, cfg.pseudo) for i in range(3)]
     assert [r["status"] for r in first + seg_first] == ["done"] * 6
+    for i, (mask_row, seg_row) in enumerate(zip(first, seg_first)):
+        # A mask row lists the image's labels; a prediction row the foreground classes it predicted.
+        assert mask_row["classes"] == np.flatnonzero(ds.label_of(i)).tolist()
+        predicted = np.unique(np.asarray(Image.open(tmp_path / "seg" / f"{ds.ids[i]}.png")))
+        assert seg_row["classes"] == [int(c) - 1 for c in predicted if 0 < c < 255]
+        assert mask_row["frac_ignored"] == seg_row["frac_ignored"] == 0.0  # neither leaves pixels unlabelled
     p0, p1 = tmp_path / "masks" / f"{ds.ids[0]}.png", tmp_path / "masks" / f"{ds.ids[1]}.png"
     p1.write_bytes(p1.read_bytes()[:40])  # truncated by a kill
     (tmp_path / "seg" / f"{ds.ids[2]}.png").unlink()

@@ -199,30 +199,46 @@ def cam_job(model, dataset, index: int, out_dir, *, sources=("cam",), scales=(1.
         return failed_row(CAM_SCHEMA, sid, e, t0)
 
 
-def pseudo_label_job(dataset, index: int, cam_dir, out_dir, pseudo_cfg, skip_existing: bool = True) -> dict:
-    """IRN / crf_argmax pseudo-label of item ``index`` from ``<cam_dir>/<id>.npz`` -> ``<out_dir>/<id>.png``.
+def label_job(dataset, index: int, out_dir, make_label, *, image_labels: bool = True,
+              skip_existing: bool = True) -> dict:
+    """What every job writing one label PNG per image does: ``<out_dir>/<id>.png`` is kept when it
+    already validates (size, classes), else ``make_label(classes, hw)`` -> (H, W) uint8 is written
+    atomically. Returns a LABEL_SCHEMA row (``skipped`` / ``done``; any exception: ``failed``,
+    naming the id).
 
-    The CAM file must hold exactly the image's positive classes at the image's size. Returns a
-    LABEL_SCHEMA row: classes, size, fraction of 255 pixels, sha256 of the PNG bytes.
+    image_labels: the PNG may hold only the image's positive classes, which the row lists; without
+    (predictions of a segmenter) any class, and the row lists the foreground classes it holds.
     """
     t0 = time.perf_counter()
     sid = dataset.ids[index]
     png = location(out_dir) / f"{sid}.png"
     try:
-        classes = positive_classes(dataset.label_of(index))
+        classes = positive_classes(dataset.label_of(index)) if image_labels else np.arange(dataset.num_classes)
         hw = image_hw(dataset, index)
         label, sha = existing_label(png, hw, classes) if skip_existing else (None, None)
         status = "skipped"
         if label is None:
-            status = "done"
-            cam_classes, cams = load_image_cams(cam_dir, sid, classes, hw)
-            label = pseudo_label_from_config(read_rgb(dataset, index), cams, cam_classes, pseudo_cfg)
+            status, label = "done", make_label(classes, hw)
             sha = write_label_png(png, label)
-        return manifest_row(LABEL_SCHEMA, sid, status=status, path=str(png), classes=classes.tolist(), height=hw[0],
-                    width=hw[1], frac_ignored=float(np.mean(label == IGNORE)), sha256=sha,
-                    seconds=time.perf_counter() - t0)
+        listed = classes.tolist() if image_labels else [int(c) - 1 for c in np.unique(label) if 0 < c < IGNORE]
+        return manifest_row(LABEL_SCHEMA, sid, status=status, path=str(png), classes=listed, height=hw[0],
+                            width=hw[1], frac_ignored=float(np.mean(label == IGNORE)), sha256=sha,
+                            seconds=time.perf_counter() - t0)
     except Exception as e:  # one bad image must not stop the run: reported in the row
         return failed_row(LABEL_SCHEMA, sid, e, t0)
+
+
+def pseudo_label_job(dataset, index: int, cam_dir, out_dir, pseudo_cfg, skip_existing: bool = True) -> dict:
+    """IRN / crf_argmax pseudo-label of item ``index`` from ``<cam_dir>/<id>.npz`` -> ``<out_dir>/<id>.png``.
+
+    The CAM file must hold exactly the image's positive classes at the image's size. Returns a
+    LABEL_SCHEMA row (``label_job``): classes, size, fraction of 255 pixels, sha256 of the PNG bytes.
+    """
+    def make_label(classes, hw):
+        cam_classes, cams = load_image_cams(cam_dir, dataset.ids[index], classes, hw)
+        return pseudo_label_from_config(read_rgb(dataset, index), cams, cam_classes, pseudo_cfg)
+
+    return label_job(dataset, index, out_dir, make_label, skip_existing=skip_existing)
 
 
 # ---------------------------------------------------------------------------------- manifests

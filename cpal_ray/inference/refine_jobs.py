@@ -7,38 +7,22 @@ resumed run redoes only what is missing and ends with the same bytes (the jobs a
 """
 from __future__ import annotations
 
-import time
-
 import numpy as np
 
-from cpal_ray.data.classes import positive_classes
-from cpal_ray.inference.jobs import (LABEL_SCHEMA, existing_label, failed_row, image_hw, load_image_cams,
-                                     manifest_row, read_rgb, write_label_png)
-from cpal_ray.storage import location
+from cpal_ray.inference.jobs import label_job, load_image_cams, read_rgb
+
 
 def mask_job(edge_net, dataset, index: int, cam_dir, out_dir, affinity_cfg, skip_existing: bool = True) -> dict:
     """IRN pseudo mask of item ``index``: ``<cam_dir>/<id>.npz`` walked over the boundary map of
-    ``edge_net`` -> ``<out_dir>/<id>.png`` (class ids 0..N). Returns a LABEL_SCHEMA row."""
+    ``edge_net`` -> ``<out_dir>/<id>.png`` (class ids 0..N). Returns a LABEL_SCHEMA row (``label_job``)."""
     from cpal_ray.refine.masks import boundary_map, walk_label
 
-    t0 = time.perf_counter()
-    sid = dataset.ids[index]
-    png = location(out_dir) / f"{sid}.png"
-    try:
-        classes = positive_classes(dataset.label_of(index))
-        hw = image_hw(dataset, index)
-        label, sha = existing_label(png, hw, classes) if skip_existing else (None, None)
-        status = "skipped"
-        if label is None:
-            status = "done"
-            cam_classes, cams = load_image_cams(cam_dir, sid, classes, hw)
-            boundary = boundary_map(edge_net, dataset[index]["image"], flip=affinity_cfg.flip)
-            label = walk_label(cams, cam_classes, boundary, affinity_cfg)
-            sha = write_label_png(png, label)
-        return manifest_row(LABEL_SCHEMA, sid, status=status, path=str(png), classes=classes.tolist(), height=hw[0],
-                    width=hw[1], frac_ignored=0.0, sha256=sha, seconds=time.perf_counter() - t0)
-    except Exception as e:  # one bad image must not stop the run: reported in the row
-        return failed_row(LABEL_SCHEMA, sid, e, t0)
+    def make_label(classes, hw):
+        cam_classes, cams = load_image_cams(cam_dir, dataset.ids[index], classes, hw)
+        boundary = boundary_map(edge_net, dataset[index]["image"], flip=affinity_cfg.flip)
+        return walk_label(cams, cam_classes, boundary, affinity_cfg)
+
+    return label_job(dataset, index, out_dir, make_label, skip_existing=skip_existing)
 
 
 def seg_label(seg_net, image, rgb: np.ndarray, seg_cfg, pseudo_cfg) -> np.ndarray:
@@ -57,23 +41,10 @@ def seg_label(seg_net, image, rgb: np.ndarray, seg_cfg, pseudo_cfg) -> np.ndarra
 
 def seg_job(seg_net, dataset, index: int, out_dir, seg_cfg, pseudo_cfg, skip_existing: bool = True) -> dict:
     """The segmenter's prediction of item ``index`` -> ``<out_dir>/<id>.png`` (VOC palette, class
-    ids 0..N, any class: no image-level label is used). Returns a LABEL_SCHEMA row whose
-    ``classes`` are the foreground classes predicted."""
-    t0 = time.perf_counter()
-    sid = dataset.ids[index]
-    png = location(out_dir) / f"{sid}.png"
-    try:
-        hw = image_hw(dataset, index)
-        every = np.arange(dataset.num_classes)
-        label, sha = existing_label(png, hw, every) if skip_existing else (None, None)
-        status = "skipped"
-        if label is None:
-            status = "done"
-            label = seg_label(seg_net, dataset[index]["image"], read_rgb(dataset, index) if seg_cfg.crf else None,
-                              seg_cfg, pseudo_cfg)
-            sha = write_label_png(png, label)
-        predicted = [int(c) - 1 for c in np.unique(label) if 0 < c < 255]
-        return manifest_row(LABEL_SCHEMA, sid, status=status, path=str(png), classes=predicted, height=hw[0], width=hw[1],
-                    frac_ignored=0.0, sha256=sha, seconds=time.perf_counter() - t0)
-    except Exception as e:  # one bad image must not stop the run: reported in the row
-        return failed_row(LABEL_SCHEMA, sid, e, t0)
+    ids 0..N, any class: no image-level label is used). Returns a LABEL_SCHEMA row (``label_job``)
+    whose ``classes`` are the foreground classes predicted."""
+    def make_label(classes, hw):
+        rgb = read_rgb(dataset, index) if seg_cfg.crf else None
+        return seg_label(seg_net, dataset[index]["image"], rgb, seg_cfg, pseudo_cfg)
+
+    return label_job(dataset, index, out_dir, make_label, image_labels=False, skip_existing=skip_existing)
