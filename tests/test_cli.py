@@ -60,6 +60,20 @@ def test_console_script_dispatches_to_the_workflows():
     assert exit_info.value.code == 2
 
 
+def test_every_console_command_is_a_workflow_with_a_main_and_is_listed_in_the_readme():
+    import importlib.util
+    import re
+
+    from workflows import cli
+
+    for command, module in cli.COMMANDS.items():
+        spec = importlib.util.find_spec(f"workflows.{module}")
+        assert spec is not None, command
+        assert re.search(r"^def main\(", open(spec.origin).read(), re.M), command
+    listed = re.search(r"`cpal-ray ([a-z|-]+) …`", open(f"{REPO}/README.md").read()).group(1).split("|")
+    assert sorted(listed) == sorted(cli.COMMANDS)
+
+
 def test_run_keeps_the_traceback_only_of_a_system_error_naming_no_file(capsys):
     from workflows.common import run
 
