@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from cpal_ray.config import Config, load_config
 from cpal_ray.engine.inputs import USER_ERRORS
@@ -23,8 +24,27 @@ def run(main, argv=None) -> None:
     sys.exit(code)
 
 
-def base_parser(description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description)
+def doc_parser(doc: str) -> argparse.ArgumentParser:
+    """A parser whose ``--help`` is the entry point's docstring: its first line, then the options,
+    then the rest (the example commands and what the command writes) as written."""
+    first, _, rest = doc.strip().partition("\n")
+    return argparse.ArgumentParser(prog=_prog(), description=first, epilog=rest.strip("\n") or None,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def _prog() -> str | None:
+    """How the user ran it, for the usage line: ``python -m workflows.<name>`` or ``cpal-ray <command>``
+    (argparse's default is the file name, ``train.py``, which is neither)."""
+    script = Path(sys.argv[0])
+    if script.suffix == ".py" and script.parent.name == "workflows":
+        return f"python -m workflows.{script.stem}"
+    if script.name == "cpal-ray" and len(sys.argv) > 1:
+        return f"cpal-ray {sys.argv[1]}"
+    return None
+
+
+def base_parser(doc: str) -> argparse.ArgumentParser:
+    p = doc_parser(doc)
     p.add_argument("--config", default=None, help="YAML config, local or a URI (default: the embedded defaults)")
     p.add_argument("--address", default=None,
                    help="Ray to join (default: $RAY_ADDRESS, else a cluster running on this machine, else a new "
@@ -93,7 +113,7 @@ def stage_training_main(doc: str, task: str, label_flag: str, label_field: str, 
     config (``stage_config``), checked before Ray starts, then Ray Train."""
     import json
 
-    p = base_parser(doc.splitlines()[0])
+    p = base_parser(doc)
     p.add_argument("--from", dest="source", default=None,
                    help="the CAM run's final/ folder (or any folder with its config.yaml): its config is the base")
     p.add_argument(f"--{label_flag}", dest="labels", default=None,

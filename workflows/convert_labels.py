@@ -9,14 +9,13 @@ Prints the output file and the number of ids; a file that is not a label file gi
 """
 from __future__ import annotations
 
-import argparse
 import json
 
-from workflows.common import run, setup_logging
+from workflows.common import doc_parser, run, setup_logging
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = doc_parser(__doc__)
     p.add_argument("src", help="label file to read (.npy or .json)")
     p.add_argument("dst", nargs="?", default=None, help="JSON file to write (default: src with the suffix .json)")
     args = p.parse_args(argv)

@@ -13,7 +13,7 @@ DEFAULT_CONFIG = "configs/voc_mini_cpu.yaml"  # shipped in the package: found fr
 
 
 def main(argv=None) -> int:
-    p = base_parser(__doc__.splitlines()[0])
+    p = base_parser(__doc__)
     p.add_argument("--out", default="results/demo", help="output folder (report.md, figures, runs)")
     p.add_argument("--keep", action="store_true", help="keep an earlier demo folder (default: start fresh)")
     args = p.parse_args(argv)

@@ -31,7 +31,7 @@ from workflows.common import (
 
 
 def build_parser():
-    p = base_parser(__doc__.splitlines()[0])
+    p = base_parser(__doc__)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--cams", help="folder of <id>.npz CAM files (make_cams output, or its pacam/)")
     src.add_argument("--checkpoint", help="compute the CAMs from this checkpoint first")

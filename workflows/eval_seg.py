@@ -34,7 +34,7 @@ def seg_overrides(args) -> list[str]:
 
 
 def main(argv=None) -> int:
-    p = base_parser(__doc__.splitlines()[0])
+    p = base_parser(__doc__)
     p.add_argument("--checkpoint", required=True, help="final/ folder of a train_seg run (path or URI)")
     p.add_argument("--out", default=None, help="output folder (default <seg run>/pred-<split>)")
     p.add_argument("--split", default="val", help="dataset split (default val)")

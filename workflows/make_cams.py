@@ -31,7 +31,7 @@ from workflows.common import (
 
 
 def build_parser():
-    p = base_parser(__doc__.splitlines()[0])
+    p = base_parser(__doc__)
     p.add_argument("--checkpoint", required=True, help="checkpoint or final/ folder of a training run (path or URI)")
     p.add_argument("--out", default=None, help="output folder of the CAM files (default <run>/cams-<split>)")
     p.add_argument("--split", default="val", help="dataset split: train, val or an id-list name (default val)")

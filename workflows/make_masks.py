@@ -25,7 +25,7 @@ from workflows.common import base_parser, config_from_folders, run, setup_loggin
 
 
 def build_parser():
-    p = base_parser(__doc__.splitlines()[0])
+    p = base_parser(__doc__)
     p.add_argument("--checkpoint", required=True, help="final/ folder of a train_affinity run (path or URI)")
     p.add_argument("--cams", required=True, help="folder of <id>.npz CAM files of the split")
     p.add_argument("--seeds", default=None, help="the CRF seed folder: also score it and the CAMs (Table 4)")

@@ -20,7 +20,7 @@ from workflows.eval_seg import seg_flags, seg_overrides
 
 
 def main(argv=None) -> int:
-    p = base_parser(__doc__.splitlines()[0])
+    p = base_parser(__doc__)
     p.add_argument("--checkpoint", required=True, help="final/ folder of a train_seg run (path or URI)")
     p.add_argument("--images", required=True, help="local folder of photos")
     p.add_argument("--out", required=True, help="output folder of the PNGs (path or URI)")

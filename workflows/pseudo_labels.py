@@ -33,7 +33,7 @@ from workflows.common import (
 
 
 def build_parser():
-    p = base_parser(__doc__.splitlines()[0])
+    p = base_parser(__doc__)
     p.add_argument("--out", default=None, help="output folder of the PNGs (default <run>/pseudo-labels-<split>)")
     p.add_argument("--cams", default=None, help="folder of <id>.npz CAM files (else computed from --checkpoint)")
     p.add_argument("--checkpoint", default=None, help="checkpoint or final/ folder (CAMs on the fly)")

@@ -24,7 +24,7 @@ from workflows.common import (add_tracking_flags, base_parser, config_from_args,
 
 
 def parse_args(argv=None):
-    p = base_parser(__doc__.splitlines()[0])
+    p = base_parser(__doc__)
     p.add_argument("--space", default=None, help="space module, e.g. tune_spaces.k_tau (or just k_tau)")
     p.add_argument("--seeds", type=int, default=1,
                    help="run every point with seeds train.seed, train.seed+1, ... (table: mean ± std)")

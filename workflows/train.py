@@ -20,7 +20,7 @@ from workflows.common import (add_tracking_flags, base_parser, config_from_args,
 
 
 def main(argv=None) -> int:
-    p = base_parser(__doc__.splitlines()[0])
+    p = base_parser(__doc__)
     add_tracking_flags(p)
     args = p.parse_args(argv)
     setup_logging()
