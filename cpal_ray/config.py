@@ -19,6 +19,17 @@ DATASETS = ("voc", "coco", "synthetic", "attributes")
 METRICS = ("dot", "l1", "l2", "cosine")
 CAM_SOURCES = ("cam", "pacam")
 CENTERS = ("none", "image")
+# The pixel embedding z of Eqs. 4 and 13 (model.embedding): an MLP head on the last stage, or
+# SIPE's hierarchical feature (side convs on every detached backbone stage).
+EMBEDDINGS = ("head", "hierarchical")
+# The PACAM's background channel (cpal.background): 1 - max of the foreground PACAM, or the
+# cosine map of a background prototype (the background is class N of the bank).
+BACKGROUNDS = ("one_minus_max", "prototype")
+# Where the PACAM's prototypes come from (cpal.context): the bank's context prototypes (CPAL) or
+# each image's own instance prototypes (SIPE's IS-CAM; no bank).
+CONTEXTS = ("bank", "instance")
+# Which map L_self moves (cpal.self_grad): both, the CAM only (PACAM a target), the PACAM only.
+SELF_GRADS = ("both", "cam", "pacam")
 PSEUDO_MODES = ("irn", "crf_argmax")
 # What a training run trains (train.task): the CAM network (CPAL or the BCE baseline), IRN's
 # boundary network for the affinities (refine stage 1), or the segmentation network (stage 2).
@@ -130,6 +141,11 @@ class ModelConfig:
     weights: str = ""
     # Projection head v(.) output dim D (Eq. 4); 0 = identity, PACAM in feature space (NOTES 2).
     proj_dim: int = 128
+    # The space of Eqs. 4 and 13 (docs/DESIGN.md, reading 2): "head" = v(.) on the last stage's
+    # features (proj_dim); "hierarchical" = SIPE's: bias-free 1x1 side convs on the *detached*
+    # output of each of the last 4 backbone stages, each L2-normalised per pixel, resized to the
+    # stride-16 grid and concatenated (128+128+256+256 = 768 d; proj_dim is then unused).
+    embedding: str = "head"
     # Freeze BatchNorm statistics and affine parameters of the backbone (as SIPE does).
     freeze_bn: bool = True
     # Channels of the tiny test backbone.
@@ -141,6 +157,7 @@ class ModelConfig:
         known = list_backbones()
         _check(self.backbone in known, "model.backbone", f"unknown backbone {self.backbone!r}; choose from {known}")
         _check(self.proj_dim >= 0, "model.proj_dim", f"must be >= 0, got {self.proj_dim}")
+        _check(self.embedding in EMBEDDINGS, "model.embedding", f"must be one of {EMBEDDINGS}, got {self.embedding!r}")
         _check(self.tiny_width >= 4, "model.tiny_width", "must be >= 4")
 
 
@@ -187,6 +204,23 @@ class CPALConfig:
     # S class shards of the support bank (cpal_ray.cpal.shards): class c in shard c % S, each a
     # Ray actor of its own clustering in parallel; 1 = one bank actor. At most one shard per class.
     bank_shards: int = 1
+    # The PACAM's background channel (docs/DESIGN.md, reading 6): "one_minus_max" = 1 - max_n of
+    # the foreground PACAM; "prototype" = the background is class N of the bank (own FIFO, k-means
+    # and context prototypes), its instance prototype the mean of z where M_b > tau, and its PACAM
+    # channel its own cosine map, as SIPE's IS-CAM makes all N + 1 channels.
+    background: str = "one_minus_max"
+    # "bank" = CPAL's context prototypes; "instance" = each image's own instance prototypes in
+    # their place (SIPE's IS-CAM: no bank, no k-means, no top-K/positiveness/alignment; L_self
+    # from the first step).
+    context: str = "bank"
+    # Which map L_self moves: "both" (the paper), "cam" (the PACAM is a target, no gradient
+    # through it) or "pacam" (the CAM is the target).
+    self_grad: str = "both"
+
+    @property
+    def uses_bank(self) -> bool:
+        """A support bank (and its actor, k-means, checkpointed state) is needed."""
+        return self.enabled and self.context == "bank"
 
     def __post_init__(self):
         _check(0.0 < self.tau < 1.0, "cpal.tau", f"must be in (0, 1), got {self.tau}")
@@ -204,6 +238,9 @@ class CPALConfig:
         _check(self.kmeans_redo >= 1, "cpal.kmeans_redo", "must be >= 1")
         _check(self.warmup_cluster_steps >= 0, "cpal.warmup_cluster_steps", "must be >= 0")
         _check(self.bank_shards >= 1, "cpal.bank_shards", f"must be >= 1, got {self.bank_shards}")
+        _check(self.background in BACKGROUNDS, "cpal.background", f"must be one of {BACKGROUNDS}, got {self.background!r}")
+        _check(self.context in CONTEXTS, "cpal.context", f"must be one of {CONTEXTS}, got {self.context!r}")
+        _check(self.self_grad in SELF_GRADS, "cpal.self_grad", f"must be one of {SELF_GRADS}, got {self.self_grad!r}")
 
 
 @dataclass(frozen=True)
@@ -501,9 +538,15 @@ class Config:
     def __post_init__(self):
         _check(self.train.batch_size % self.dist.num_workers == 0, "train.batch_size",
                f"global batch {self.train.batch_size} must be divisible by dist.num_workers={self.dist.num_workers}")
-        _check(self.cpal.bank_shards <= self.data.num_classes, "cpal.bank_shards",
-               f"must be <= the dataset's {self.data.num_classes} classes (one class per shard at most), "
+        _check(self.cpal.bank_shards <= self.bank_classes, "cpal.bank_shards",
+               f"must be <= the bank's {self.bank_classes} classes (one class per shard at most), "
                f"got {self.cpal.bank_shards}")
+
+    @property
+    def bank_classes(self) -> int:
+        """Rows of the support bank: the N foreground classes, and the background as row N when
+        ``cpal.background = prototype``."""
+        return self.data.num_classes + (self.cpal.background == "prototype")
 
     def to_dict(self) -> dict[str, Any]:
         return _to_plain(dataclasses.asdict(self))

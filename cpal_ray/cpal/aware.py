@@ -111,8 +111,26 @@ def prototype_aware_cam(z: torch.Tensor, weights: torch.Tensor, context: torch.T
     """
     unit_ctx = F.normalize(context.detach(), dim=-1)
     query = torch.einsum("bnp,npd->bnd", weights, unit_ctx)  # (B, N, D)
-    zn = F.normalize(z, dim=1)
-    pacam = F.relu(torch.einsum("bnd,bdhw->bnhw", query, zn))
+    return _similarity_maps(z, query, labels, normalize, eps)
+
+
+def instance_cam(z: torch.Tensor, protos: torch.Tensor, labels: torch.Tensor, normalize: bool = False,
+                 eps: float = 1e-5) -> torch.Tensor:
+    """SIPE's IS-CAM (Chen et al., CVPR 2022): M~_n(j) = ReLU(cos(z(j), P^I_n)), each image's own
+    instance prototypes in place of the context prototypes (``cpal.context = instance``).
+
+    The prototypes keep their gradient (SIPE's do). z: (B, D, h, w); protos: (B, N, D) (Eq. 4);
+    labels: (B, N) -> (B, N, h, w), zero for absent classes; ``normalize`` divides each map by its
+    max (SIPE divides every IS-CAM channel by its max before its loss).
+    """
+    return _similarity_maps(z, F.normalize(protos, dim=-1), labels, normalize, eps)
+
+
+def _similarity_maps(z: torch.Tensor, query: torch.Tensor, labels: torch.Tensor, normalize: bool,
+                     eps: float) -> torch.Tensor:
+    """ReLU(query_n · ẑ(j)), optionally max-normalised, zero for absent classes.
+    z: (B, D, h, w); query: (B, N, D); labels: (B, N) -> (B, N, h, w)."""
+    maps = F.relu(torch.einsum("bnd,bdhw->bnhw", query, F.normalize(z, dim=1)))
     if normalize:
-        pacam = pacam / (pacam.flatten(2).amax(2)[..., None, None] + eps)
-    return pacam * labels.to(pacam.dtype)[..., None, None]
+        maps = maps / (maps.flatten(2).amax(2)[..., None, None] + eps)
+    return maps * labels.to(maps.dtype)[..., None, None]

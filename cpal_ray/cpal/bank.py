@@ -303,7 +303,7 @@ class PrototypeBank:
         """The bank of a run (or, with ``class_ids``, one shard of it): the one mapping from
         ``Config`` (``cpal`` + ``data``) to bank arguments."""
         c = cfg.cpal
-        n = cfg.data.num_classes if class_ids is None else len(class_ids)
+        n = cfg.bank_classes if class_ids is None else len(class_ids)
         return cls(n, dim, capacity=c.bank_size, num_clusters=c.num_clusters,
                    spherical=c.normalize_bank, kmeans_iters=c.kmeans_iters, seed=c.kmeans_seed,
                    prefer_gpu=prefer_gpu, kmeans_redo=c.kmeans_redo, class_ids=class_ids)

@@ -43,12 +43,38 @@ def background_map(fg: torch.Tensor) -> torch.Tensor:
     return 1.0 - fg.amax(dim=1, keepdim=True)
 
 
-def with_background(fg: torch.Tensor) -> torch.Tensor:
+def with_background(fg: torch.Tensor, bg: torch.Tensor | None = None) -> torch.Tensor:
     """M = M_b ∪ M_f with the background as channel 0 (VOC label order).
 
-    fg: (B, N, h, w) -> (B, N + 1, h, w).
+    fg: (B, N, h, w); bg: (B, 1, h, w), default ``background_map(fg)`` = 1 - max_n -> (B, N + 1, h, w).
     """
-    return torch.cat([background_map(fg), fg], dim=1)
+    return torch.cat([background_map(fg) if bg is None else bg, fg], dim=1)
+
+
+def prototype_maps(cams: torch.Tensor, labels: torch.Tensor, background: str = "one_minus_max"
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The maps and labels prototypes are taken over (the bank's classes; docs/DESIGN.md, reading 6).
+
+    "one_minus_max": the N foreground classes as they are. "prototype": the background is one
+    more class, appended as class N: its map M_b = 1 - max_n M_n, its label always 1 (every image
+    has background), so Eq. (4) gives it an instance prototype like any class.
+    cams: (B, N, h, w) normalised; labels: (B, N) -> maps (B, C, h, w), labels (B, C), C = N or N + 1.
+    """
+    if background == "one_minus_max":
+        return cams, labels
+    if background == "prototype":
+        return (torch.cat([cams, background_map(cams)], dim=1),
+                torch.cat([labels, labels.new_ones(labels.shape[0], 1)], dim=1))
+    raise ValueError(f"unknown PACAM background {background!r}; choose 'one_minus_max' or 'prototype'")
+
+
+def pacam_with_background(pacam: torch.Tensor, num_fg: int, background: str = "one_minus_max") -> torch.Tensor:
+    """The PACAM as L_self compares it, background first: (B, C, h, w) over the bank's classes ->
+    (B, N + 1, h, w). "one_minus_max" derives M~_b = 1 - max_n M~_n; "prototype" takes the
+    background prototype's own map (class N of ``prototype_maps``)."""
+    if background == "prototype":
+        return with_background(pacam[:, :num_fg], bg=pacam[:, num_fg:num_fg + 1])
+    return with_background(pacam)
 
 
 def centered_embedding(z: torch.Tensor, center: str = "none") -> torch.Tensor:

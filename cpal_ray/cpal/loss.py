@@ -8,6 +8,12 @@ bank has no context prototypes: ``context is None`` (or every count is 0) and th
 only, while instance prototypes are still produced and pushed. With
 ``cpal.warmup_cluster_steps = s > 0`` a first clustering runs after step s of epoch 0.
 A positive class without context prototypes (never seen) excludes its image from L_self.
+
+The skeleton switches (docs/DESIGN.md, readings 2 and 6): ``cpal.background = prototype`` makes
+the background class N of the bank (``prototype_maps``), so the PACAM has N + 1 channels made the
+same way; ``cpal.context = instance`` replaces the context prototypes by the image's own (SIPE's
+IS-CAM, ``instance_cam``: no bank, L_self from the first step); ``cpal.self_grad`` chooses which
+of the two maps L_self moves.
 """
 from __future__ import annotations
 
@@ -15,18 +21,27 @@ from dataclasses import dataclass
 
 import torch
 
-from cpal_ray.cpal.aware import (feature_alignment, neighbour_weights, positiveness_logits,
+from cpal_ray.cpal.aware import (feature_alignment, instance_cam, neighbour_weights, positiveness_logits,
                                  prototype_aware_cam, select_neighbours)
 from cpal_ray.cpal.cams import (centered_embedding, classification_loss, instance_prototypes, normalized_cams,
-                                with_background)
+                                pacam_with_background, prototype_maps, with_background)
 
 
-def self_loss(cam: torch.Tensor, pacam: torch.Tensor, include: torch.Tensor | None = None) -> torch.Tensor:
+def self_loss(cam: torch.Tensor, pacam: torch.Tensor, include: torch.Tensor | None = None,
+              grad: str = "both") -> torch.Tensor:
     """Eq. (14): L_self = ||M - M~||_1 / (N + 1), averaged over pixels and images.
 
     cam, pacam: (B, N + 1, h, w) with background; include: (B,) bool, the images that take part
-    (default all). Returns a scalar; 0 (with gradient graph) when no image takes part.
+    (default all); grad: which map the loss moves — "both" (the paper), "cam" (the PACAM is a
+    detached target) or "pacam" (the CAM is). Returns a scalar; 0 (with gradient graph) when no
+    image takes part.
     """
+    if grad == "cam":
+        pacam = pacam.detach()
+    elif grad == "pacam":
+        cam = cam.detach()
+    elif grad != "both":
+        raise ValueError(f"unknown self_grad {grad!r}; choose 'both', 'cam' or 'pacam'")
     per_image = (cam - pacam).abs().mean(dim=(1, 2, 3))  # sum over N+1 channels / (N+1), mean over pixels
     if include is None:
         return per_image.mean()
@@ -68,16 +83,21 @@ def pacam_from_prototypes(z: torch.Tensor, cams: torch.Tensor, labels: torch.Ten
 
 
 def prototype_aware_cam_from_outputs(z: torch.Tensor, cams_raw: torch.Tensor, labels: torch.Tensor,
-                                     context: torch.Tensor, counts: torch.Tensor, cfg) -> torch.Tensor:
+                                     context: torch.Tensor | None, counts: torch.Tensor | None, cfg) -> torch.Tensor:
     """PACAM straight from network outputs (inference): anchors from the image's own CAM.
 
-    z: (B, D, h, w) as the model gives it (centred here when ``cfg.center`` says so); cams_raw: (B, N, h, w); labels: (B, N); context (N, P, D); counts (N,)
-    -> (B, N, h, w), ReLU'd, zero for absent classes and for classes without context prototypes.
+    z: (B, D, h, w) as the model gives it (centred here when ``cfg.center`` says so); cams_raw:
+    (B, N, h, w); labels: (B, N); context (C, P, D) and counts (C,) over the bank's C classes
+    (None with ``cfg.context = instance``: the image's own prototypes, SIPE's IS-CAM)
+    -> (B, C, h, w), ReLU'd, zero for absent classes and for classes without context prototypes;
+    C = N, or N + 1 with the background prototype's map last (``cfg.background = prototype``).
     """
     z = centered_embedding(z, cfg.center)
-    cams = normalized_cams(cams_raw, labels)
-    anchors, valid = instance_prototypes(z, cams, labels, cfg.tau, normalize=cfg.normalize_bank)
-    res = pacam_from_prototypes(z, cams, labels, anchors, valid, context.to(z.dtype), counts.to(z.device), cfg)
+    maps, labs = prototype_maps(normalized_cams(cams_raw, labels), labels, cfg.background)
+    anchors, valid = instance_prototypes(z, maps, labs, cfg.tau, normalize=cfg.normalize_bank)
+    if cfg.context == "instance":
+        return instance_cam(z, anchors, labs, normalize=cfg.pacam_normalize)
+    res = pacam_from_prototypes(z, maps, labs, anchors, valid, context.to(z.dtype), counts.to(z.device), cfg)
     return res.pacam * (counts.to(z.device) > 0).to(z.dtype)[None, :, None, None]
 
 
@@ -86,11 +106,13 @@ def cpal_step(out: dict, labels: torch.Tensor, cfg, context: torch.Tensor | None
     """All loss terms of one training step.
 
     out: the model's dict (``cams`` raw (B, N, h, w), ``logits`` (B, N), ``z`` (B, D, h, w));
-    labels: (B, N); cfg: CPALConfig; context/counts: the current context prototypes (at least
-    one class with prototypes, as ``Context`` guarantees) or None before the first clustering.
+    labels: (B, N); cfg: CPALConfig; context/counts: the current context prototypes over the
+    bank's C classes (at least one class with prototypes, as ``Context`` guarantees) or None
+    before the first clustering (and always with ``cfg.context = instance``).
     The embedding is centred first when ``cfg.center`` says so (``centered_embedding``), so the
     pushed prototypes live in the same space as the PACAM's cosines.
-    Returns {"loss", "bce", "self" (scalars), "protos" (B, N, D) detached, "proto_valid" (B, N),
+    Returns {"loss", "bce", "self" (scalars), "protos" (B, C, D) detached (None without a bank),
+    "proto_valid" (B, C),
     "self_images" (images in L_self), "pairs" (positive (image, class) pairs), "self_pairs" (those
     in L_self): counts as 0-dim tensors (or 0). With ``cfg.enabled`` False this is
     the plain CAM baseline (BCE only, no prototypes). Nothing here reads a device value on the
@@ -105,16 +127,26 @@ def cpal_step(out: dict, labels: torch.Tensor, cfg, context: torch.Tensor | None
         return result
     cams = normalized_cams(out["cams"], labels)
     z = centered_embedding(out["z"], cfg.center)
-    with torch.no_grad():
-        protos, valid = instance_prototypes(z.detach(), cams.detach(), labels, cfg.tau, normalize=cfg.normalize_bank)
-    result["protos"], result["proto_valid"] = protos, valid
-    lself = zero
-    if cfg.self_loss and context is not None and counts is not None:
-        res = pacam_from_prototypes(z, cams, labels, protos, valid, context.to(z.dtype), counts.to(z.device), cfg)
+    maps, labs = prototype_maps(cams.detach(), labels, cfg.background)
+    lself, pacam, usable = zero, None, None
+    if cfg.context == "instance":  # SIPE: the image's own prototypes, with their gradient
+        protos, valid = instance_prototypes(z, maps, labs, cfg.tau, normalize=cfg.normalize_bank)
+        if cfg.self_loss:
+            pacam = instance_cam(z, protos, labs, normalize=cfg.pacam_normalize)
+            usable = (valid | (labs == 0)).all(dim=1)
+    else:
+        with torch.no_grad():
+            protos, valid = instance_prototypes(z.detach(), maps, labs, cfg.tau, normalize=cfg.normalize_bank)
+        result["protos"], result["proto_valid"] = protos, valid
+        if cfg.self_loss and context is not None and counts is not None:
+            res = pacam_from_prototypes(z, maps, labs, protos, valid, context.to(z.dtype), counts.to(z.device), cfg)
+            pacam, usable = res.pacam, res.usable
+    if pacam is not None:
         # No usable image: self_loss is 0 (still in the graph), so no host-side test is needed.
-        lself = self_loss(with_background(cams), with_background(res.pacam), res.usable)
-        result["self_images"] = res.usable.sum()
-        result["self_pairs"] = (labels * res.usable[:, None].to(labels.dtype)).sum()
+        lself = self_loss(with_background(cams), pacam_with_background(pacam, labels.shape[1], cfg.background),
+                          usable, grad=cfg.self_grad)
+        result["self_images"] = usable.sum()
+        result["self_pairs"] = (labels * usable[:, None].to(labels.dtype)).sum()
     result["self"] = lself
     result["loss"] = total_loss(bce, lself, cfg.lambda_bce, cfg.lambda_self)
     return result

@@ -154,9 +154,9 @@ class ShardedBank:
 
     @classmethod
     def from_config(cls, cfg, dim: int, prefer_gpu: bool = True) -> "ShardedBank":
-        groups = shard_classes(cfg.data.num_classes, cfg.cpal.bank_shards)
+        groups = shard_classes(cfg.bank_classes, cfg.cpal.bank_shards)
         return cls([PrototypeBank.from_config(cfg, dim, prefer_gpu=prefer_gpu, class_ids=g) for g in groups],
-                   groups, cfg.data.num_classes)
+                   groups, cfg.bank_classes)
 
     def push(self, key: Hashable, class_ids, protos) -> bool:
         return self.push_many([(key, class_ids, protos)])[0]

@@ -128,7 +128,7 @@ def create_bank_actors(cfg: Config, names: list[str]) -> list:
     retries not (a push to a restarted actor must fail, not land in an empty bank)."""
     from cpal_ray.models import embed_dim
 
-    groups = shard_classes(cfg.data.num_classes, len(names))
+    groups = shard_classes(cfg.bank_classes, len(names))
     actors = []
     for name, group in zip(names, groups):
         opts = dict(name=name, namespace=NAMESPACE, get_if_exists=True, num_cpus=cfg.dist.bank_cpus,

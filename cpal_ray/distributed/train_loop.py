@@ -107,7 +107,7 @@ def train_loop_per_worker(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     actors = [ray.get_actor(n, namespace=NAMESPACE) for n in config.get("bank_actors", [])]
     bank = BankClient(actors, cfg.dist.max_pushes_in_flight, rank=rank, barrier=barrier,
-                      push_every=cfg.dist.bank_push_every, num_classes=cfg.data.num_classes) if actors else None
+                      push_every=cfg.dist.bank_push_every, num_classes=cfg.bank_classes) if actors else None
     resume = resume_state(config["run_dir"])
     hooks = [NodeHook(), *([FaultHook(cfg, actors[0] if actors else None, config["run_dir"])]
                            if cfg.dist.crash_step >= 0 else [])]

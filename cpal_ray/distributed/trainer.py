@@ -121,7 +121,7 @@ def run_training(cfg: Config, *, callbacks=None, storage_path: str | None = None
     cfg = check_training_inputs(cfg)
     save_config(cfg, run_dir / CONFIG_FILE)
     remove_unregistered_checkpoints(run_dir)
-    actor_names = bank_actor_names(name, cfg.cpal.bank_shards) if cfg.cpal.enabled else []
+    actor_names = bank_actor_names(name, cfg.cpal.bank_shards) if cfg.cpal.uses_bank else []
     actors = []
     try:
         # Keep the handles for the whole fit: a non-detached actor dies with its last handle.

@@ -42,7 +42,7 @@ from cpal_ray.config import Config, ConfigError, from_dict
 from cpal_ray.distributed.runtime import output_location
 from cpal_ray.distributed.trainer import run_training
 from cpal_ray.numbers import finite_or_none
-from cpal_ray.sweeps.report import SPEC_FILE, trial_records, write_results
+from cpal_ray.sweeps.report import SPEC_FILE, source_metrics, trial_records, write_results
 from cpal_ray.storage import Location, location
 from cpal_ray.sweeps.spaces import ROW_KEY, point_overrides, required_overrides, smoke_space, space_spec
 
@@ -188,14 +188,17 @@ def _evaluate_remote(final_dir: str, cfg_dict: dict, max_images: int, split: str
 
     from cpal_ray.data import build_dataset
     from cpal_ray.engine import load_trained
+    from cpal_ray.inference.diagnostics import contrast_report
     from cpal_ray.inference.evaluate import evaluate_seeds
 
     cfg = from_dict(cfg_dict)
     device = "cuda" if cfg.dist.use_gpu and torch.cuda.is_available() else "cpu"
     model, _, context = load_trained(final_dir, cfg=cfg)
     dataset = build_dataset(cfg.data, split, train=False)
-    return evaluate_seeds(model.to(device), dataset, cfg, device=device, context=context, max_images=max_images,
-                          cam_source=cfg.inference.cam_source)
+    seeds = evaluate_seeds(model.to(device), dataset, cfg, device=device, context=context, max_images=max_images,
+                           cam_source=cfg.inference.cam_source)
+    contrast = contrast_report(model, dataset, cfg.cpal, context, max_images=max_images, batch_size=1, device=device)
+    return {**seeds, "map_metrics": source_metrics(seeds, contrast)}
 
 
 def sweep_trial(config: dict, spec: dict) -> None:
@@ -234,7 +237,7 @@ def sweep_trial(config: dict, spec: dict) -> None:
                "wall_seconds": time.time() - start, "train_seconds": train_seconds, "iou": finite_or_none(seeds["iou"]),
                "cam_source": seeds["cam_source"], "eval_images": seeds["images"], "phase": "final",
                "started_at": start, "finished_at": time.time(),
-               "point": point.get(ROW_KEY) or json.dumps(point)}
+               "point": point.get(ROW_KEY) or json.dumps(point), **seeds["map_metrics"]}
     seeds_file.write_text(json.dumps({**metrics, "curve": finite_or_none(seeds["miou"])}, indent=2))
     tune.report(metrics)
 

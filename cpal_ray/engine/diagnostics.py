@@ -7,7 +7,9 @@ training images; a fixed subsample, evaluation transform, single scale, no flip)
 
   classes_below_k                 classes whose bank holds fewer entries than top-K
   diag_cam_miou / _threshold      seed mIoU of the CAM (background-threshold sweep)
-  diag_pacam_miou / _threshold    the same for the PACAM (CPAL runs with context prototypes)
+  diag_pacam_miou / _threshold    the same for the PACAM (CPAL runs with context prototypes, SIPE arm)
+  diag_pacam_argmax_miou          the PACAM with its own background channel, argmax (background prototype)
+  diag_<map>_fg, diag_gt_fg       foreground share of each map's seeds at its best threshold, and the truth's
   diag_cam_ratio, diag_pacam_ratio  mean of each map on its class's pixels / on background
   diag_pacam_above                share of labelled pixels where the PACAM exceeds 0.5
   diag_agreement_l1 / _iou        mean |CAM - PACAM| and IoU of their > 0.5 regions
@@ -46,14 +48,13 @@ class DiagnosticsHook(Hook):
         from cpal_ray.models import unwrap
 
         model, ds, cfg = unwrap(state.model), self.dataset(), self.cfg
-        seeds = {"cam": evaluate_seeds(model, ds, cfg, device=state.device, max_images=self.images, scales=(1.0,),
-                                       flip=False, cam_source="cam")}
-        if state.context is not None:
-            seeds["pacam"] = evaluate_seeds(model, ds, cfg, device=state.device, context=state.context,
-                                            max_images=self.images, scales=(1.0,), flip=False, cam_source="pacam")
-        for source, res in seeds.items():
+        seeds = evaluate_seeds(model, ds, cfg, device=state.device, context=state.context, max_images=self.images,
+                               scales=(1.0,), flip=False, cam_source="cam")
+        for source, res in seeds["sources"].items():  # cam; pacam and pacam_argmax when the model has them
             record[f"diag_{source}_miou"] = res["best_miou"]
             record[f"diag_{source}_threshold"] = res["best_threshold"]
+            record[f"diag_{source}_fg"] = res["fg_fraction"]
+        record["diag_gt_fg"] = seeds["sources"]["cam"]["gt_fg_fraction"]
         contrast = contrast_report(model, ds, cfg.cpal, state.context, max_images=self.images, batch_size=1,
                                    device=state.device)
         if "cam" in contrast:

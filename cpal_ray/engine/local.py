@@ -30,7 +30,7 @@ def fit_local(cfg: Config, out_dir=None, device: str = "cpu", model=None, datase
     path or URI) when given, with the run's records (TensorBoard, history.json, curves.png) there."""
     from cpal_ray.models import embed_dim
 
-    bank = make_bank(cfg, embed_dim(cfg.model)) if cfg.cpal.enabled else None
+    bank = make_bank(cfg, embed_dim(cfg.model)) if cfg.cpal.uses_bank else None
     save_fn = resume = None
     if out_dir is not None:
         out = location(out_dir)

@@ -145,13 +145,14 @@ def embedding_cosine(z: torch.Tensor) -> torch.Tensor:
 def training_maps(out: dict, labels: torch.Tensor, cpal_cfg, context: torch.Tensor | None = None,
                   counts: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """The maps L_self compares, from a forward's outputs: {"cam": M (B, N, h, w) (Eq. 3),
-    "pacam": M~ (B, N, h, w) (Eq. 13, anchors from the batch's own CAMs) when context is given,
-    "embedding": the embedding the cosines use (B, D, h, w)}."""
+    "pacam": M~ (B, N, h, w) (Eq. 13, anchors from the batch's own CAMs) when context is given
+    (or needs none: ``cpal.context = instance``), "embedding": the embedding the cosines use (B, D, h, w)}."""
     from cpal_ray.cpal import centered_embedding, normalized_cams, prototype_aware_cam_from_outputs
 
     maps = {"cam": normalized_cams(out["cams"], labels), "embedding": centered_embedding(out["z"], cpal_cfg.center)}
-    if context is not None:
-        maps["pacam"] = prototype_aware_cam_from_outputs(out["z"], out["cams"], labels, context, counts, cpal_cfg)
+    if context is not None or (cpal_cfg.enabled and cpal_cfg.context == "instance"):
+        pacam = prototype_aware_cam_from_outputs(out["z"], out["cams"], labels, context, counts, cpal_cfg)
+        maps["pacam"] = pacam[:, :labels.shape[1]]  # the foreground maps (a background prototype's is last)
     return maps
 
 
@@ -200,7 +201,7 @@ def contrast_report(model: torch.nn.Module, dataset, cpal_cfg, context=None, *, 
             for i, item in enumerate(batch):
                 keep = labels[i] > 0
                 if counts is not None:
-                    keep &= counts.to(keep.device) > 0
+                    keep &= counts[:keep.shape[0]].to(keep.device) > 0
                 classes = torch.nonzero(keep).flatten()
                 if classes.numel():
                     acc.update(item["mask"], classes.tolist(), **{k: v[i, classes] for k, v in up.items()})

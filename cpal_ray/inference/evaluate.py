@@ -23,7 +23,8 @@ import torch
 from cpal_ray.inference.io import atomic_write_bytes, load_cams_npz, load_label_png
 from cpal_ray.data.classes import positive_classes
 from cpal_ray.inference.jobs import cam_path
-from cpal_ray.inference.metrics import ConfusionMatrix, ThresholdSweep, thresholds_from_config
+from cpal_ray.inference.metrics import (ConfusionMatrix, ThresholdSweep, own_background_label,
+                                        thresholds_from_config)
 from cpal_ray.inference.multiscale import multiscale_cams
 from cpal_ray.numbers import json_safe, progress
 from cpal_ray.storage import Location, location
@@ -43,22 +44,35 @@ def _record(errors: list, n_errors: int, sid: str, e: BaseException) -> int:
     return n_errors + 1
 
 
+# What a seed evaluation reports per map, beside the full result of the chosen one.
+SOURCE_KEYS = ("best_miou", "best_threshold", "fg_fraction", "gt_fg_fraction", "threshold_at_edge")
+
+
 @torch.inference_mode()
 def evaluate_seeds(model: torch.nn.Module, dataset, cfg, *, device: torch.device | str = "cpu", context=None,
                    max_images: int = 0, scales=None, flip=None, cam_source: str | None = None) -> dict[str, Any]:
-    """Seed mIoU of multi-scale CAMs (or PACAMs) over ``dataset`` with the background-threshold sweep.
+    """Seed mIoU of multi-scale CAMs and PACAMs over ``dataset`` with the background-threshold sweep.
 
-    model: CAMNet (unwrapped, on ``device``); context: ``Context`` (needed for the PACAM);
-    ``scales``/``flip``/``cam_source`` override ``cfg.inference``. Returns the sweep's results
-    (``best_miou``, ``best_threshold``, curve, per-class IoU) plus ``images`` (scored),
-    ``n_errors`` and ``errors`` (images left out: no ground-truth mask, unreadable) and ``cam_source``.
+    model: CAMNet (unwrapped, on ``device``); context: ``Context`` (the PACAM of a bank run; none
+    needed with ``cpal.context = instance``); ``scales``/``flip``/``cam_source`` override
+    ``cfg.inference``. Every map the model has is scored in the same pass: "cam", "pacam" (when
+    there is a PACAM) and "pacam_argmax" (a PACAM with its own background channel,
+    ``cpal.background = prototype``, scored by argmax without a threshold as SIPE scores its
+    IS-CAM). Returns the chosen source's sweep results (``best_miou``, ``best_threshold``, curve,
+    per-class IoU, ``fg_fraction`` / ``gt_fg_fraction``) plus ``sources`` ({name: ``SOURCE_KEYS``}
+    of every map scored), ``images`` (scored), ``n_errors`` and ``errors`` (images left out: no
+    ground-truth mask, unreadable) and ``cam_source``.
     """
     model.eval()
     source = cam_source or cfg.inference.cam_source
-    if source == "pacam" and context is None:
+    own = cfg.cpal.enabled and cfg.cpal.context == "instance"
+    if source == "pacam" and context is None and not own:
         raise ValueError("cam_source='pacam' needs context prototypes (a CPAL checkpoint after one clustering)")
-    ctx = context.to(device) if (context is not None and source == "pacam") else None
-    sweep = ThresholdSweep(cfg.data.num_classes + 1, thresholds_from_config(cfg.inference))
+    ctx = context.to(device) if (context is not None and not own) else None
+    n_classes = cfg.data.num_classes + 1
+    sweeps = {name: ThresholdSweep(n_classes, thresholds_from_config(cfg.inference))
+              for name in ("cam", *(("pacam",) if ctx is not None or own else ()))}
+    argmax = ConfusionMatrix(n_classes)
     errors: list[str] = []
     n_errors = scored = 0
     n = len(dataset) if not max_images else min(max_images, len(dataset))
@@ -74,10 +88,47 @@ def evaluate_seeds(model: torch.nn.Module, dataset, cfg, *, device: torch.device
                               flip=cfg.inference.flip if flip is None else flip,
                               context=ctx.prototypes if ctx else None, counts=ctx.counts if ctx else None,
                               cpal_cfg=cfg.cpal)
-        sweep.update(res[source], res["classes"], item["mask"].numpy())
+        gt = item["mask"].numpy()
+        for name, sweep in sweeps.items():
+            sweep.update(res[name], res["classes"], gt)
+        if "pacam_bg" in res:
+            argmax.update(own_background_label(res["pacam_bg"], res["pacam"], res["classes"]), gt)
         scored += 1
-    out = sweep.results()
-    out.update(images=scored, n_errors=n_errors, errors=errors, cam_source=source)
+    results = {name: sweep.results() for name, sweep in sweeps.items()}
+    out = dict(results[source])
+    sources = {name: {k: r[k] for k in SOURCE_KEYS} for name, r in results.items()}
+    if argmax.mat.sum():
+        own_bg = argmax.compute()
+        sources["pacam_argmax"] = {"best_miou": own_bg["miou"], "best_threshold": None, "threshold_at_edge": False,
+                                   "fg_fraction": own_bg["fg_fraction"], "gt_fg_fraction": own_bg["gt_fg_fraction"]}
+    out.update(sources=sources, images=scored, n_errors=n_errors, errors=errors, cam_source=source)
+    return out
+
+
+def evaluate_floors(dataset, max_images: int = 0) -> dict[str, Any]:
+    """The no-model rows of every seed table, scored like seeds (one confusion matrix each):
+    "fill_first_class" labels every pixel of an image with its first image-level class,
+    "all_background" labels every pixel background. A map that scores near the fill covers
+    rather than localises. Returns {name: {"miou", "fg_fraction"}, "gt_fg_fraction", "images"}.
+    """
+    n_classes = dataset.num_classes + 1
+    mats = {"fill_first_class": ConfusionMatrix(n_classes), "all_background": ConfusionMatrix(n_classes)}
+    scored = 0
+    for i in range(len(dataset) if not max_images else min(max_images, len(dataset))):
+        try:
+            dataset.check_mask(i)
+            _, mask, label = dataset.read(i)
+        except (OSError, ValueError):
+            continue
+        mask = np.asarray(mask)
+        classes = positive_classes(label)
+        first = int(classes[0]) + 1 if len(classes) else 0
+        mats["fill_first_class"].update(np.full(mask.shape, first, dtype=np.int64), mask)
+        mats["all_background"].update(np.zeros(mask.shape, dtype=np.int64), mask)
+        scored += 1
+    res = {name: m.compute() for name, m in mats.items()}
+    out: dict[str, Any] = {name: {"miou": r["miou"], "fg_fraction": r["fg_fraction"]} for name, r in res.items()}
+    out.update(gt_fg_fraction=res["all_background"]["gt_fg_fraction"], images=scored)
     return out
 
 

@@ -95,8 +95,9 @@ class ConfusionMatrix:
 
         Returns ``miou`` (float: mean IoU over ``present`` classes; NaN when none),
         ``iou`` (num_classes,) float64 with NaN where a class is in neither gt nor pred,
-        ``present`` (num_classes,) bool, ``pixel_acc`` (float; NaN with no pixels) and
-        ``pixels`` (int, counted pixels).
+        ``present`` (num_classes,) bool, ``pixel_acc`` (float; NaN with no pixels), ``pixels``
+        (int, counted pixels), ``fg_fraction`` and ``gt_fg_fraction`` (the shares of counted
+        pixels predicted / labelled foreground, i.e. not class 0: coverage, beside localisation).
         """
         tp = np.diag(self.mat).astype(np.float64)
         fp = self.mat.sum(0) - tp
@@ -112,6 +113,8 @@ class ConfusionMatrix:
             "present": present,
             "pixel_acc": float(tp.sum() / total) if total else math.nan,
             "pixels": total,
+            "fg_fraction": float(1.0 - self.mat[:, 0].sum() / total) if total else math.nan,
+            "gt_fg_fraction": float(1.0 - self.mat[0].sum() / total) if total else math.nan,
         }
 
 
@@ -128,6 +131,21 @@ def cams_to_label(cams: np.ndarray, classes: np.ndarray, threshold: float) -> np
     scores = np.pad(cams, ((1, 0), (0, 0), (0, 0)), mode="constant", constant_values=threshold)
     keys = np.concatenate([[0], classes + 1])
     return keys[np.argmax(scores, axis=0)]
+
+
+def own_background_label(bg: np.ndarray, cams: np.ndarray, classes: np.ndarray) -> np.ndarray:
+    """Seed label map from maps that carry their own background (SIPE scores its IS-CAM this way):
+    argmax over [bg, cams] with no threshold (background wins ties).
+
+    bg: (1, H, W) or (H, W); cams: (K, H, W); classes: (K,) foreground indices -> (H, W) int64.
+    """
+    cams = np.asarray(cams, dtype=np.float32)
+    classes = np.asarray(classes, dtype=np.int64).reshape(-1)
+    bg = np.asarray(bg, dtype=np.float32).reshape(1, *cams.shape[1:])
+    if cams.ndim != 3 or cams.shape[0] != classes.shape[0]:
+        raise ValueError(f"cams must be (K={classes.shape[0]}, H, W), got {cams.shape}")
+    keys = np.concatenate([[0], classes + 1])
+    return keys[np.argmax(np.concatenate([bg, cams]), axis=0)]
 
 
 def sweep_thresholds(start: float, stop: float, step: float) -> tuple[float, ...]:
@@ -227,7 +245,8 @@ class ThresholdSweep:
     def results(self) -> dict[str, Any]:
         """``thresholds`` and ``miou`` (lists, one per threshold), ``best_threshold``,
         ``best_miou`` (the first maximum: the lowest threshold wins a tie), and at the best
-        threshold ``iou`` (list, NaN = class absent), ``present`` (list of bool), ``pixel_acc``;
+        threshold ``iou`` (list, NaN = class absent), ``present`` (list of bool), ``pixel_acc``,
+        ``fg_fraction`` (share of pixels the seeds call foreground) and ``gt_fg_fraction``;
         ``threshold_at_edge``: the best threshold is the first or last of a sweep of several, so
         the optimum may lie outside the range (widen ``inference.threshold_start/stop``).
         """
@@ -242,6 +261,8 @@ class ThresholdSweep:
             "iou": scores[best]["iou"].tolist(),
             "present": scores[best]["present"].tolist(),
             "pixel_acc": scores[best]["pixel_acc"],
+            "fg_fraction": scores[best]["fg_fraction"],
+            "gt_fg_fraction": scores[best]["gt_fg_fraction"],
             "threshold_at_edge": len(self.thresholds) > 1 and best in (0, len(self.thresholds) - 1),
         }
 

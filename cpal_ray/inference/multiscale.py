@@ -85,12 +85,30 @@ class _Pacam:
     """What the PACAM branch needs, moved to the model's device once."""
 
     def __init__(self, context, counts, cpal_cfg, pacam_fn, device):
-        if counts is None or cpal_cfg is None:
+        if cpal_cfg is None or (context is not None and counts is None):
             raise ValueError("the PACAM needs context, counts and cpal_cfg together")
-        self.context = torch.as_tensor(context, dtype=torch.float32, device=device)
-        self.counts = torch.as_tensor(counts, device=device)
+        self.context = None if context is None else torch.as_tensor(context, dtype=torch.float32, device=device)
+        self.counts = None if counts is None else torch.as_tensor(counts, device=device)
         self.cfg = cpal_cfg
         self.fn = pacam_fn if pacam_fn is not None else _default_pacam_fn()
+
+    @classmethod
+    def make(cls, context, counts, cpal_cfg, pacam_fn, device) -> "_Pacam | None":
+        """The PACAM branch when there is one: context prototypes given, or a CPAL config whose
+        PACAM needs none (``cpal.context = instance``, SIPE's IS-CAM from the image's own prototypes)."""
+        own = getattr(cpal_cfg, "enabled", False) and getattr(cpal_cfg, "context", None) == "instance"
+        return cls(context, counts, cpal_cfg, pacam_fn, device) if context is not None or own else None
+
+
+def _image_maps(acc_rows: dict[str, torch.Tensor], cls_dev: torch.Tensor, num_fg: int,
+                size: tuple[int, int]) -> dict[str, np.ndarray]:
+    """One image's summed maps {name: (C, h, w)} -> its positive classes' maps at (H, W); a PACAM
+    with one channel more than the N foreground classes (the background prototype's, last) also
+    gives "pacam_bg" (1, H, W), normalised the same way."""
+    res = {name: _finalise(a[cls_dev], size) for name, a in acc_rows.items()}
+    if "pacam" in acc_rows and acc_rows["pacam"].shape[0] == num_fg + 1:
+        res["pacam_bg"] = _finalise(acc_rows["pacam"][num_fg:], size)
+    return res
 
 
 def _forward_maps(model: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor,
@@ -136,14 +154,15 @@ def batched_multiscale_cams(model: torch.nn.Module, images: Sequence[torch.Tenso
     context (N, P, D), counts (N,), cpal_cfg (CPALConfig): compute "pacam" too.
     pacam_fn: (z, cams_raw, labels, context, counts, cfg) -> (B, N, h, w) ReLU'd; default
     ``cpal_ray.cpal.loss.prototype_aware_cam_from_outputs``.
-    Returns, per image, {"classes" (K,) int64, "cam" (K, H, W) float32 in [0, 1)[, "pacam"]}.
+    Returns, per image, {"classes" (K,) int64, "cam" (K, H, W) float32 in [0, 1)[, "pacam"[, "pacam_bg"]]}
+    ("pacam_bg" (1, H, W): the background prototype's map, ``cpal.background = prototype``).
     """
     if len(images) != len(labels):
         raise ValueError(f"{len(images)} images but {len(labels)} labels")
     if not scales:
         raise ValueError("scales must not be empty")
     device = _model_device(model)
-    pacam = _Pacam(context, counts, cpal_cfg, pacam_fn, device) if context is not None else None
+    pacam = _Pacam.make(context, counts, cpal_cfg, pacam_fn, device)
     groups: dict[tuple[int, int], list[int]] = {}
     for i, img in enumerate(images):
         if img.ndim != 3 or img.shape[0] != 3:
@@ -178,10 +197,8 @@ def batched_multiscale_cams(model: torch.nn.Module, images: Sequence[torch.Tenso
                         results[i] = _empty_result(size, pacam is not None)
                         continue
                     cls_dev = classes.to(device)
-                    res = {"classes": classes.numpy().astype(np.int64)}
-                    for name, a in acc.items():
-                        res[name] = _finalise(a[row, cls_dev], size)
-                    results[i] = res
+                    results[i] = {"classes": classes.numpy().astype(np.int64),
+                                  **_image_maps({k: a[row] for k, a in acc.items()}, cls_dev, lab.shape[1], size)}
     return results  # type: ignore[return-value]
 
 
@@ -211,7 +228,7 @@ def naive_multiscale_cams(model: torch.nn.Module, image: torch.Tensor, label: An
     Same arguments and result as ``multiscale_cams``; the benchmark baseline.
     """
     device = _model_device(model)
-    pacam = _Pacam(context, counts, cpal_cfg, pacam_fn, device) if context is not None else None
+    pacam = _Pacam.make(context, counts, cpal_cfg, pacam_fn, device)
     size = tuple(image.shape[-2:])
     classes = torch.from_numpy(positive_classes(label))
     if classes.numel() == 0:
@@ -227,12 +244,9 @@ def naive_multiscale_cams(model: torch.nn.Module, image: torch.Tensor, label: An
             for flipped in ((False, True) if flip else (False,)):
                 view = xs.flip(-1) if flipped else xs
                 for name, m in _forward_maps(model, view, lab, pacam).items():
-                    m = m[0, cls_dev]
+                    m = m[0]
                     if flipped:
                         m = m.flip(-1)
                     m = _resize(m[None], grid)[0]
                     acc[name] = acc[name] + m if name in acc else m
-        res = {"classes": classes.numpy().astype(np.int64)}
-        for name, a in acc.items():
-            res[name] = _finalise(a, size)
-    return res
+        return {"classes": classes.numpy().astype(np.int64), **_image_maps(acc, cls_dev, lab.shape[1], size)}

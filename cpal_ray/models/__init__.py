@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 
 from . import backbones  # noqa: F401  (registers resnet50/101, efficientnet_lite0, tiny)
-from .cam_net import CAMNet, projection_head
+from .cam_net import SIDE_WIDTHS, CAMNet, projection_head
 from .refine_nets import EdgeNet, SegNet
 from .registry import backbone_channels, build_backbone, list_backbones, register_backbone
 from .weights import export_weights, load_weights, read_state_dict
@@ -27,9 +27,10 @@ def _backbone_kwargs(model_cfg) -> dict:
 
 def build_model(model_cfg, num_classes: int) -> CAMNet:
     """CAMNet for a ``ModelConfig``: backbone ``model_cfg.backbone`` (with ``pretrained`` and
-    ``weights``; ``tiny_width`` for the tiny net), projection dim ``proj_dim``, ``freeze_bn``."""
+    ``weights``; ``tiny_width`` for the tiny net), ``embedding`` (projection dim ``proj_dim``), ``freeze_bn``."""
     backbone = build_backbone(model_cfg.backbone, **_backbone_kwargs(model_cfg))
-    return CAMNet(backbone, num_classes, proj_dim=model_cfg.proj_dim, freeze_bn=model_cfg.freeze_bn)
+    return CAMNet(backbone, num_classes, proj_dim=model_cfg.proj_dim, freeze_bn=model_cfg.freeze_bn,
+                  embedding=model_cfg.embedding)
 
 
 def build_task_model(cfg):
@@ -53,7 +54,10 @@ def build_task_model(cfg):
 
 def embed_dim(model_cfg) -> int:
     """D of z (and of the bank's prototypes) for a ``ModelConfig``, without building the model:
-    ``proj_dim``, or the backbone's channels C when ``proj_dim == 0``."""
+    ``proj_dim``, or the backbone's channels C when ``proj_dim == 0``; 768 for SIPE's hierarchical
+    embedding."""
+    if model_cfg.embedding == "hierarchical":
+        return sum(SIDE_WIDTHS)
     return model_cfg.proj_dim or backbone_channels(model_cfg.backbone, **_backbone_kwargs(model_cfg))
 
 

@@ -1,4 +1,4 @@
-"""CAMNet: backbone + 1×1 classifier (class activation maps) + projection head v(.) of CPAL.
+"""CAMNet: backbone + 1×1 classifier (class activation maps) + the pixel embedding z of CPAL.
 
 The classifier is a bias-free 1×1 conv, so GAP followed by the classifier equals the spatial
 mean of the raw CAMs: ``logits = cams(f).mean((2, 3))`` is both the classification score of the
@@ -6,11 +6,20 @@ BCE loss and consistent with the maps the CPAL losses use.
 """
 from __future__ import annotations
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .refine_nets import stage_features
+
 # Hidden width of the projection head: min(C, PROJ_HIDDEN).
 PROJ_HIDDEN = 256
+# SIPE's side convs: output widths for the last four backbone stages (ResNet-50's layer1-4:
+# 256 -> 128, 512 -> 128, 1024 -> 256, 2048 -> 256), so D = 768.
+SIDE_WIDTHS = (128, 128, 256, 256)
+# SIPE's epsilon of the per-pixel L2 normalisation of each side output.
+SIDE_EPS = 1e-5
 
 
 def projection_head(in_channels: int, proj_dim: int) -> nn.Module:
@@ -25,13 +34,59 @@ def projection_head(in_channels: int, proj_dim: int) -> nn.Module:
                          nn.Conv2d(hidden, proj_dim, 1))
 
 
+class HierarchicalEmbedding(nn.Module):
+    """SIPE's "hierarchical feature": z = concat_s resize(side_s(stage_s.detach()) / ||.||).
+
+    One bias-free 1×1 conv per stage (widths ``SIDE_WIDTHS``) on the *detached* stage output, so
+    neither L_self nor anything else reaches the backbone through z; each output L2-normalised
+    per pixel (+1e-5), bilinearly resized to the grid of the last stage (output stride 16) and
+    concatenated. D = sum(SIDE_WIDTHS) = 768.
+
+    stages: the 4 stage outputs [(B, C_s, h_s, w_s)], strides rising, the last at the CAM's grid
+    -> z (B, 768, h, w).
+    """
+
+    def __init__(self, in_channels: list[int]):
+        super().__init__()
+        if len(in_channels) != len(SIDE_WIDTHS):
+            raise ValueError(f"hierarchical embedding needs {len(SIDE_WIDTHS)} stages, got {len(in_channels)}")
+        self.sides = nn.ModuleList(nn.Conv2d(c, w, 1, bias=False) for c, w in zip(in_channels, SIDE_WIDTHS))
+        self.out_channels = sum(SIDE_WIDTHS)
+
+    def forward(self, stages: list[Tensor]) -> Tensor:
+        size = stages[-1].shape[-2:]
+        parts = []
+        for side, x in zip(self.sides, stages):
+            y = side(x.detach())
+            y = y / (y.norm(dim=1, keepdim=True) + SIDE_EPS)
+            parts.append(y if y.shape[-2:] == size else F.interpolate(y, size=size, mode="bilinear", align_corners=False))
+        return torch.cat(parts, dim=1)
+
+
+def stage_channels(backbone: nn.Module, size: int = 64) -> list[int]:
+    """Channels of the last ``len(SIDE_WIDTHS)`` stages of ``stage_features`` (one dry forward of
+    a size x size image without gradients, the backbone's train/eval flag restored)."""
+    was_training = backbone.training
+    backbone.eval()
+    try:
+        with torch.no_grad():
+            p = next(backbone.parameters(), None)
+            x = torch.zeros(1, 3, size, size, dtype=p.dtype if p is not None else torch.float32,
+                            device=p.device if p is not None else "cpu")
+            return [t.shape[1] for t in stage_features(backbone, x)[-len(SIDE_WIDTHS):]]
+    finally:
+        backbone.train(was_training)
+
+
 class CAMNet(nn.Module):
     """The network CPAL trains: features f, raw CAMs w_nᵀf, image logits and projections z.
 
     Args:
         backbone: module with ``out_channels`` (C) mapping (B, 3, H, W) -> (B, C, h, w), OS 16.
         num_classes: foreground classes N (background has no classifier row).
-        proj_dim: projection dim D of v(.); 0 = identity, z = f (D = C).
+        proj_dim: projection dim D of v(.); 0 = identity, z = f (D = C) (``embedding="head"``).
+        embedding: "head" (z = v(f)) or "hierarchical" (SIPE's side convs on the detached stages,
+            ``HierarchicalEmbedding``; D = 768, proj_dim unused).
         freeze_bn: keep every BatchNorm of the backbone in eval mode (running statistics fixed,
             also under ``model.train()``) and its affine parameters frozen (requires_grad False),
             as SIPE does; those parameters then appear in no optimiser group.
@@ -42,7 +97,7 @@ class CAMNet(nn.Module):
     """
 
     def __init__(self, backbone: nn.Module, num_classes: int, proj_dim: int = 128,
-                 freeze_bn: bool = True):
+                 freeze_bn: bool = True, embedding: str = "head"):
         super().__init__()
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
@@ -55,11 +110,18 @@ class CAMNet(nn.Module):
         self.num_classes = num_classes
         self.in_channels = channels
         self.proj_dim = proj_dim
-        self.embed_dim = proj_dim or channels  # D of z
+        self.embedding = embedding
         self.freeze_bn = freeze_bn
         self.classifier = nn.Conv2d(channels, num_classes, 1, bias=False)
         nn.init.xavier_uniform_(self.classifier.weight)
-        self.projection = projection_head(channels, proj_dim)
+        if embedding == "head":
+            self.projection = projection_head(channels, proj_dim)
+            self.embed_dim = proj_dim or channels  # D of z
+        elif embedding == "hierarchical":
+            self.projection = HierarchicalEmbedding(stage_channels(backbone))
+            self.embed_dim = self.projection.out_channels
+        else:
+            raise ValueError(f"unknown embedding {embedding!r}; choose 'head' or 'hierarchical'")
         if freeze_bn:
             for m in self._backbone_norms():
                 for p in m.parameters():
@@ -92,9 +154,14 @@ class CAMNet(nn.Module):
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         """x (B, 3, H, W) -> {"features": f (B, C, h, w), "cams": raw (B, N, h, w),
         "logits": GAP(raw) (B, N), "z": (B, D, h, w)}."""
-        f = self.forward_features(x)
+        if self.embedding == "hierarchical":  # one backbone pass gives every stage and f
+            stages = stage_features(self.backbone, x)
+            f, z = stages[-1], self.projection(stages[-len(SIDE_WIDTHS):])
+        else:
+            f = self.forward_features(x)
+            z = self.project(f)
         raw = self.cams(f)
-        return {"features": f, "cams": raw, "logits": raw.mean(dim=(2, 3)), "z": self.project(f)}
+        return {"features": f, "cams": raw, "logits": raw.mean(dim=(2, 3)), "z": z}
 
     def param_groups(self, new_layer_lr_mult: float = 10.0) -> list[dict]:
         """Optimiser groups of the trainable parameters (frozen BatchNorm params are left out).

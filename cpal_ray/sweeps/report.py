@@ -5,7 +5,10 @@ Nothing here imports Ray: a result grid is read as an iterable of results with `
 
 Files written into the experiment folder:
   results.csv / results.md  one row per point: seed mIoU mean ± std over seeds, best background
-                            threshold, wall time, the paper's number; failed trials with their error
+                            threshold, wall time, the paper's number; failed trials with their error;
+                            then every map the trials scored (CAM, PACAM, PACAM with its own
+                            background) with the foreground share of its seeds and the contrast,
+                            and the no-model floor rows (``floors.json``) of the scored split
   trials.csv                one row per trial (point, seed, status, mIoU, threshold, wall time, error)
   best_config.yaml          the base config with the best point's overrides
   heatmap_k_tau.png         mean seed mIoU over K x tau (when the space has cpal.top_k and cpal.tau)
@@ -29,7 +32,25 @@ from cpal_ray.storage import Location, location
 from cpal_ray.sweeps.spaces import expand, point_label, point_overrides
 
 SPEC_FILE = "sweep.json"
+FLOORS_FILE = "floors.json"
 HEATMAP_KEYS = ("cpal.top_k", "cpal.tau")
+# The maps a trial's evaluation scores (``evaluate_seeds``'s sources) and the names in the tables.
+MAPS = {"cam": "CAM", "pacam": "PACAM", "pacam_argmax": "PACAM, own background (argmax)"}
+# Per-trial metrics of every map: <map>_miou and <map>_fg (foreground share of its seeds at its
+# best threshold), the truth's gt_fg, and the contrast (mean on the class / mean on background).
+MAP_METRICS = tuple(f"{m}_{k}" for m in MAPS for k in ("miou", "fg")) + ("gt_fg", "cam_ratio", "pacam_ratio")
+
+
+def source_metrics(seeds: dict, contrast: dict | None = None) -> dict[str, float]:
+    """Flat per-map metrics of a trial from an ``evaluate_seeds`` result (and a ``contrast_report``)."""
+    out: dict[str, float] = {}
+    for name, r in seeds.get("sources", {}).items():
+        out[f"{name}_miou"], out[f"{name}_fg"] = float(r["best_miou"]), float(r["fg_fraction"])
+        out["gt_fg"] = float(r["gt_fg_fraction"])
+    for name in ("cam", "pacam"):
+        if contrast and name in contrast:
+            out[f"{name}_ratio"] = float(contrast[name]["ratio"])
+    return out
 
 
 def _short_error(error) -> str:
@@ -81,8 +102,16 @@ def trial_records(grid, spec: dict) -> list[dict[str, Any]]:
             "status": status, "seed_miou": metrics["seed_miou"] if ok else None,
             "best_threshold": metrics.get("best_threshold") if ok else None,
             "wall_seconds": metrics.get("wall_seconds") if ok else None, "error": _short_error(result.error),
+            **{k: metrics[k] if ok and is_finite(metrics.get(k)) else None for k in MAP_METRICS},
         })
     return records
+
+
+def _mean_std(values: list) -> tuple[float | None, float | None]:
+    values = [v for v in values if v is not None]
+    if not values:
+        return None, None
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def summarise(records: list[dict], spec: dict) -> list[dict[str, Any]]:
@@ -106,6 +135,7 @@ def summarise(records: list[dict], spec: dict) -> list[dict[str, Any]]:
             "wall_seconds": statistics.fmean(t["wall_seconds"] for t in ok) if ok else None,
             "paper_miou": spec.get("paper", {}).get(label),
             "errors": "; ".join(sorted({t["error"] for t in trials if t["error"]})),
+            **{k: _mean_std([t.get(k) for t in ok]) for k in MAP_METRICS},
         })
     return rows
 
@@ -130,8 +160,26 @@ def write_results(grid, out_dir, spec: dict | None = None) -> dict[str, str]:
         files["bars"] = _plot_bars(rows, out / "bars.png")
         if all(k in spec["space"] for k in HEATMAP_KEYS):
             files["heatmap"] = _plot_heatmap(rows, out / "heatmap_k_tau.png")
-    files["markdown"] = _write_markdown(rows, records, spec, best, out / "results.md")
+    files["markdown"] = _write_markdown(rows, records, spec, best, out / "results.md", floors=_floors(out, spec))
     return files
+
+
+def _floors(out: Location, spec: dict) -> dict | None:
+    """The no-model rows of the scored split (``evaluate_floors``), computed once into ``floors.json``;
+    None when the base config's data cannot be read here."""
+    path = out / FLOORS_FILE
+    if path.is_file():
+        return json.loads(path.read_text())
+    from cpal_ray.data import build_dataset
+    from cpal_ray.inference.evaluate import evaluate_floors
+
+    try:
+        dataset = build_dataset(from_dict(spec["base"]).data, spec.get("eval_split", "val"), train=False)
+    except (OSError, ValueError):
+        return None
+    floors = evaluate_floors(dataset, spec.get("eval_max_images", 0))
+    path.write_text(json.dumps(floors, indent=2))
+    return floors
 
 
 # ------------------------------------------------------------------------------------- tables
@@ -179,7 +227,46 @@ def _write_trials(records: list[dict], path: Location) -> str:
     return str(path)
 
 
-def _write_markdown(rows: list[dict], records: list[dict], spec: dict, best: dict | None, path: Location) -> str:
+def _pm(pair) -> str:
+    return pct_pm(*pair) if pair[0] is not None else "—"
+
+
+def _fg(pair) -> str:
+    return f"{100 * pair[0]:.0f}" if pair[0] is not None else "—"
+
+
+def _map_table(rows: list[dict], floors: dict | None) -> list[str]:
+    """Every map each point's trials scored, its seeds' foreground share, the PACAM-minus-CAM
+    difference and the contrast; then the no-model floors."""
+    maps = [m for m in MAPS if any(r[f"{m}_miou"][0] is not None for r in rows)]
+    if not maps:
+        return []
+    head = " | ".join(f"{MAPS[m]} seeds (%) | fg (%)" for m in maps)
+    lines = ["", "## Every map scored", "",
+             "Seed mIoU mean ± std over the seeds of each point, every map from the same trained models; fg = share "
+             "of the scored pixels the seeds call foreground (at each map's best threshold); contrast = mean of the map "
+             "on its class's pixels / on background pixels (single scale).", "",
+             f"| point | {head} | PACAM − CAM | contrast CAM / PACAM |", "|---|" + "---|---|" * len(maps) + "---|---|"]
+    for r in rows:
+        diff = (r["pacam_miou"][0] - r["cam_miou"][0]) if None not in (r["pacam_miou"][0], r["cam_miou"][0]) else None
+        contrast = " / ".join(f"{r[k][0]:.2f}" if r[k][0] is not None else "—" for k in ("cam_ratio", "pacam_ratio"))
+        cells = " | ".join(f"{_pm(r[f'{m}_miou'])} | {_fg(r[f'{m}_fg'])}" for m in maps)
+        lines.append(f"| {r['label']} | {cells} | {f'{100 * diff:+.1f}' if diff is not None else '—'} | {contrast} |")
+    if floors:
+        gt = floors.get("gt_fg_fraction")
+        for name, text in (("fill_first_class", "floor: every pixel = the image's first class"),
+                           ("all_background", "floor: every pixel background")):
+            f = floors[name]
+            lines.append(f"| {text} | {100 * f['miou']:.1f} | {100 * f['fg_fraction']:.0f} |"
+                         + " |" * (2 * len(maps) - 2) + " — | — |")
+        if is_finite(gt):
+            lines += ["", f"Ground truth: {100 * gt:.0f} % of the scored pixels are foreground "
+                          f"({floors.get('images')} images)."]
+    return lines
+
+
+def _write_markdown(rows: list[dict], records: list[dict], spec: dict, best: dict | None, path: Location,
+                    floors: dict | None = None) -> str:
     seeds = spec["seeds"]
     lines = [f"# Sweep `{location(spec['experiment_dir']).name}`: `{spec['module']}`", "", spec.get("title", ""), "",
              f"Search: {spec['search']}; seeds {seeds}; {len(records)} trials "
@@ -205,6 +292,7 @@ def _write_markdown(rows: list[dict], records: list[dict], spec: dict, best: dic
                      f"(config in `best_config.yaml`).")
     else:
         lines.append("No trial finished.")
+    lines += _map_table(rows, floors)
     lines += ["", f"Each trial's records (as it trained): `trials/<trial>/history.json` and `curves.png`; all "
                   f"of them in TensorBoard with `tensorboard --logdir {spec['experiment_dir']}/trials`."]
     failed = [r for r in records if r["status"] == "error"]
