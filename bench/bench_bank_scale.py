@@ -162,7 +162,7 @@ def run_load(ray, gens, cfg, names, workers: int, step_s: float, push_every: int
         cpu0 = ray.get([a.cpu_seconds.remote() for a in actors])
         t0 = time.perf_counter()
         per = [range(g, workers, len(gens)) for g in range(len(gens))]
-        outs = ray.get([g.pushes.remote(names, cfg.data.num_classes, r, step_s, push_every, dim, seconds, i)
+        outs = ray.get([g.pushes.remote(names, cfg.bank_classes, r, step_s, push_every, dim, seconds, i)
                         for i, (g, r) in enumerate(zip(gens, per))])
         wall = time.perf_counter() - t0
         cpu1 = ray.get([a.cpu_seconds.remote() for a in actors])
@@ -338,17 +338,17 @@ def main(argv=None) -> int:
                 names = bank_actor_names(f"fetch-{os.getpid()}-{dataset}-{s}", s)
                 actors = create_bank_actors(cfg, names)
                 try:
-                    fill = C.clustered_unit_vectors(cfg.data.num_classes, 200, dim, seed=2)
+                    fill = C.clustered_unit_vectors(cfg.bank_classes, 200, dim, seed=2)
                     from cpal_ray.cpal.shards import route_pushes, shard_classes
 
-                    items = [(("fill", c), np.full(200, c), fill[c]) for c in range(cfg.data.num_classes)]
-                    parts = ([items] if s == 1 else route_pushes(items, shard_classes(cfg.data.num_classes, s),
-                                                                  cfg.data.num_classes))
+                    items = [(("fill", c), np.full(200, c), fill[c]) for c in range(cfg.bank_classes)]
+                    parts = ([items] if s == 1 else route_pushes(items, shard_classes(cfg.bank_classes, s),
+                                                                  cfg.bank_classes))
                     from cpal_ray.cpal.bank import pack_pushes
 
                     ray.get([a.push_batch.remote(*pack_pushes(pt)) for a, pt in zip(actors, parts)])
                     ray.get([a.cluster.remote("e1") for a in actors])
-                    nbytes = cfg.data.num_classes * cfg.cpal.num_clusters * dim * 4
+                    nbytes = cfg.bank_classes * cfg.cpal.num_clusters * dim * 4
                     for w in workers:
                         per = [w // len(gens) + (g < w % len(gens)) for g in range(len(gens))]
                         for broadcast in (False, True):

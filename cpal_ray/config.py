@@ -222,6 +222,11 @@ class CPALConfig:
         """A support bank (and its actor, k-means, checkpointed state) is needed."""
         return self.enabled and self.context == "bank"
 
+    @property
+    def own_prototypes(self) -> bool:
+        """The PACAM is made from each image's own prototypes (the SIPE arm): it needs no context."""
+        return self.enabled and self.context == "instance"
+
     def __post_init__(self):
         _check(0.0 < self.tau < 1.0, "cpal.tau", f"must be in (0, 1), got {self.tau}")
         _check(self.bank_size >= 1, "cpal.bank_size", f"must be >= 1, got {self.bank_size}")

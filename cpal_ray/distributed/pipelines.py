@@ -124,9 +124,9 @@ class CamPredictor(_Stage):
         self.model, self.cfg, context = load_trained(checkpoint_dir, cfg=cfg)
         self.model.to(self.device)
         self.sources = SOURCES[source]
-        if "pacam" in self.sources and context is None:
+        if "pacam" in self.sources and context is None and not self.cfg.cpal.own_prototypes:
             raise ValueError(f"{checkpoint_dir}: no context prototypes in this checkpoint; PACAM needs them")
-        self.context = context.to(self.device) if "pacam" in self.sources else None
+        self.context = context.to(self.device) if "pacam" in self.sources and context is not None else None
         self.out_dir, self.skip_existing, self.label_dir = out_dir, skip_existing, label_dir
 
     def __call__(self, batch) -> pa.Table:
@@ -206,7 +206,7 @@ def check_inputs(cfg: Config, split: str, *, checkpoint=None, cam_dir=None, sour
         raise ValueError(f"source must be one of {tuple(SOURCES)}, got {source!r}")
     if checkpoint is not None:
         state = load_checkpoint(checkpoint)
-        if "pacam" in SOURCES[source] and checkpoint_context(state) is None:
+        if "pacam" in SOURCES[source] and checkpoint_context(state) is None and not cfg.cpal.own_prototypes:
             raise CheckpointError(f"{checkpoint}: no context prototypes in this checkpoint; source={source!r} needs them")
     if cam_dir is not None and not location(cam_dir).is_dir():
         raise DataError(f"{cam_dir}: no such CAM folder")

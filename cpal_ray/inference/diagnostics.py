@@ -150,7 +150,7 @@ def training_maps(out: dict, labels: torch.Tensor, cpal_cfg, context: torch.Tens
     from cpal_ray.cpal import centered_embedding, normalized_cams, prototype_aware_cam_from_outputs
 
     maps = {"cam": normalized_cams(out["cams"], labels), "embedding": centered_embedding(out["z"], cpal_cfg.center)}
-    if context is not None or (cpal_cfg.enabled and cpal_cfg.context == "instance"):
+    if context is not None or cpal_cfg.own_prototypes:
         pacam = prototype_aware_cam_from_outputs(out["z"], out["cams"], labels, context, counts, cpal_cfg)
         maps["pacam"] = pacam[:, :labels.shape[1]]  # the foreground maps (a background prototype's is last)
     return maps

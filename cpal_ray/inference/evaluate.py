@@ -65,7 +65,7 @@ def evaluate_seeds(model: torch.nn.Module, dataset, cfg, *, device: torch.device
     """
     model.eval()
     source = cam_source or cfg.inference.cam_source
-    own = cfg.cpal.enabled and cfg.cpal.context == "instance"
+    own = cfg.cpal.own_prototypes
     if source == "pacam" and context is None and not own:
         raise ValueError("cam_source='pacam' needs context prototypes (a CPAL checkpoint after one clustering)")
     ctx = context.to(device) if (context is not None and not own) else None

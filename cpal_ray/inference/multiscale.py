@@ -96,7 +96,7 @@ class _Pacam:
     def make(cls, context, counts, cpal_cfg, pacam_fn, device) -> "_Pacam | None":
         """The PACAM branch when there is one: context prototypes given, or a CPAL config whose
         PACAM needs none (``cpal.context = instance``, SIPE's IS-CAM from the image's own prototypes)."""
-        own = getattr(cpal_cfg, "enabled", False) and getattr(cpal_cfg, "context", None) == "instance"
+        own = bool(getattr(cpal_cfg, "own_prototypes", False))
         return cls(context, counts, cpal_cfg, pacam_fn, device) if context is not None or own else None
 
 

@@ -1,0 +1,41 @@
+"""CPAL on the skeleton it was built on: SIPE's prototype space and background prototype, the SIPE
+arm, and which map L_self moves (issue 28; every row scores the CAM *and* the PACAM).
+
+Arms, same data, budget and seeds (run with ``--eval-split train``: seeds scored on the training
+images). "SIPE skeleton" = SIPE's hierarchical embedding (``model.embedding=hierarchical``), a
+background prototype (``cpal.background=prototype``), max-normalised PACAM channels
+(``cpal.pacam_normalize``) and no centring (SIPE centres nothing):
+
+  I BCE                        the plain CAM
+  SIPE arm                     the SIPE skeleton with each image's own prototypes (IS-CAM, no bank)
+  CPAL, head (today)           the defaults: MLP head, centred, PACAM background 1 - max
+  CPAL, head + normalised      the same with the PACAM max-normalised (cpal.pacam_normalize)
+  CPAL, SIPE skeleton          context prototypes on the SIPE skeleton, L_self moves both maps
+  ... self_grad cam / pacam    L_self moves only the CAM (PACAM a target) / only the PACAM
+  IV head / IV SIPE skeleton   Table 1 row IV: the bank and the PACAM without L_self, so the CAM is
+                               row I's and the PACAM is what L_self would pull it toward
+
+The first question each table answers: is the PACAM above the CAM it teaches (rows IV)?
+"""
+
+_SIPE = {"model.embedding": "hierarchical", "cpal.background": "prototype", "cpal.pacam_normalize": True,
+         "cpal.center": "none"}
+
+ROWS = {
+    "I BCE": {"cpal.enabled": False},
+    "SIPE arm (own prototypes)": {**_SIPE, "cpal.context": "instance"},
+    "CPAL, head (today)": {},
+    "CPAL, head + normalised PACAM": {"cpal.pacam_normalize": True},
+    "CPAL, SIPE skeleton": dict(_SIPE),
+    "CPAL, SIPE skeleton, self_grad cam": {**_SIPE, "cpal.self_grad": "cam"},
+    "CPAL, SIPE skeleton, self_grad pacam": {**_SIPE, "cpal.self_grad": "pacam"},
+    "IV (no L_self), head": {"cpal.self_loss": False},
+    "IV (no L_self), SIPE skeleton": {**_SIPE, "cpal.self_loss": False},
+}
+# VOC 2012 train, ResNet-50, seed mIoU (%): CPAL's Table 1 and SIPE's paper (its IS-CAM seeds).
+PAPER = {"I BCE": 50.1, "SIPE arm (own prototypes)": 58.6, "CPAL, head (today)": 62.5, "CPAL, SIPE skeleton": 62.5,
+         "IV (no L_self), head": 56.8, "IV (no L_self), SIPE skeleton": 56.8}
+
+
+def param_space() -> dict:
+    return {"row": list(ROWS)}
