@@ -1,5 +1,5 @@
-"""CPAL on the skeleton it was built on: SIPE's prototype space and background prototype, the SIPE
-arm, and which map L_self moves (issue 28; every row scores the CAM *and* the PACAM).
+"""Table 1 on the skeleton CPAL was built on: SIPE's prototype space and background prototype, the
+SIPE arm, and which map L_self moves (every row scores the CAM *and* the PACAM).
 
 Arms, same data, budget and seeds (run with ``--eval-split train``: seeds scored on the training
 images). "SIPE skeleton" = SIPE's hierarchical embedding (``model.embedding=hierarchical``), a
