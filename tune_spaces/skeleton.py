@@ -9,28 +9,24 @@ background prototype (``cpal.background=prototype``), max-normalised PACAM chann
   I BCE                        the plain CAM
   SIPE arm                     the SIPE skeleton with each image's own prototypes (IS-CAM, no bank)
   CPAL, head (today)           the defaults: MLP head, centred, PACAM background 1 - max
-  CPAL, head + normalised      the same with the PACAM max-normalised (cpal.pacam_normalize)
   CPAL, SIPE skeleton          context prototypes on the SIPE skeleton, L_self moves both maps
-  ... self_grad cam / pacam    L_self moves only the CAM (PACAM a target) / only the PACAM
   IV head / IV SIPE skeleton   Table 1 row IV: the bank and the PACAM without L_self, so the CAM is
                                row I's and the PACAM is what L_self would pull it toward
 
-The first question each table answers: is the PACAM above the CAM it teaches (rows IV)?
+The first question each table answers: is the PACAM above the CAM it teaches (rows IV)? The
+variants (PACAM normalisation, which map L_self moves) are ``tune_spaces.skeleton_variants``.
 """
 
-_SIPE = {"model.embedding": "hierarchical", "cpal.background": "prototype", "cpal.pacam_normalize": True,
+SIPE_SKELETON = {"model.embedding": "hierarchical", "cpal.background": "prototype", "cpal.pacam_normalize": True,
          "cpal.center": "none"}
 
 ROWS = {
     "I BCE": {"cpal.enabled": False},
-    "SIPE arm (own prototypes)": {**_SIPE, "cpal.context": "instance"},
+    "SIPE arm (own prototypes)": {**SIPE_SKELETON, "cpal.context": "instance"},
     "CPAL, head (today)": {},
-    "CPAL, head + normalised PACAM": {"cpal.pacam_normalize": True},
-    "CPAL, SIPE skeleton": dict(_SIPE),
-    "CPAL, SIPE skeleton, self_grad cam": {**_SIPE, "cpal.self_grad": "cam"},
-    "CPAL, SIPE skeleton, self_grad pacam": {**_SIPE, "cpal.self_grad": "pacam"},
+    "CPAL, SIPE skeleton": dict(SIPE_SKELETON),
     "IV (no L_self), head": {"cpal.self_loss": False},
-    "IV (no L_self), SIPE skeleton": {**_SIPE, "cpal.self_loss": False},
+    "IV (no L_self), SIPE skeleton": {**SIPE_SKELETON, "cpal.self_loss": False},
 }
 # VOC 2012 train, ResNet-50, seed mIoU (%): CPAL's Table 1 and SIPE's paper (its IS-CAM seeds).
 PAPER = {"I BCE": 50.1, "SIPE arm (own prototypes)": 58.6, "CPAL, head (today)": 62.5, "CPAL, SIPE skeleton": 62.5,
