@@ -225,3 +225,19 @@ def test_sipe_arm_needs_no_bank_and_has_a_pacam():
     ds = build_dataset(cfg.data, "train", train=False)
     res = evaluate_seeds(out.model, ds, cfg, max_images=4, scales=(1.0,), flip=False, cam_source="pacam")
     assert set(res["sources"]) == {"cam", "pacam"} and res["cam_source"] == "pacam"
+
+
+def test_sharded_bank_routes_the_background_row_and_equals_one_bank():
+    from cpal_ray.cpal.shards import make_bank
+
+    cfg = load_config("configs/synthetic_tiny.yaml", {"cpal.background": "prototype", "cpal.num_clusters": 2,
+                                                      "cpal.top_k": 1, "cpal.bank_shards": 2})
+    n = cfg.bank_classes
+    one, sharded = make_bank(cfg.replace(**{"cpal.bank_shards": 1}), 4, prefer_gpu=False), make_bank(cfg, 4, False)
+    rng = np.random.default_rng(0)
+    for step in range(3):
+        cls, vec = np.arange(n), rng.normal(size=(n, 4)).astype(np.float32)
+        assert one.push(("e", step), cls, vec) and sharded.push(("e", step), cls, vec)
+    a, b = one.cluster("epoch1"), sharded.cluster("epoch1")
+    assert a.prototypes.shape[0] == n and torch.equal(a.counts, b.counts) and a.counts[n - 1] == 2
+    assert torch.allclose(a.prototypes, b.prototypes)
