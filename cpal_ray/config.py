@@ -28,6 +28,8 @@ BACKGROUNDS = ("one_minus_max", "prototype")
 # Where the PACAM's prototypes come from (cpal.context): the bank's context prototypes (CPAL) or
 # each image's own instance prototypes (SIPE's IS-CAM; no bank).
 CONTEXTS = ("bank", "instance")
+# The region an instance prototype averages over (cpal.region): M_n > tau (Eq. 4) or SIPE's seeds.
+REGIONS = ("threshold", "sipe")
 # Which map L_self moves (cpal.self_grad): both, the CAM only (PACAM a target), the PACAM only.
 SELF_GRADS = ("both", "cam", "pacam")
 PSEUDO_MODES = ("irn", "crf_argmax")
@@ -216,6 +218,10 @@ class CPALConfig:
     # Which map L_self moves: "both" (the paper), "cam" (the PACAM is a target, no gradient
     # through it) or "pacam" (the CAM is the target).
     self_grad: str = "both"
+    # The pixels an instance prototype averages: "threshold" = M_n > tau (Eq. 4, the paper);
+    # "sipe" = SIPE's seed regions, one class per pixel by the soft IoU of its feature correlation
+    # with each map, the background's halved (cpal_ray.cpal.cams.sipe_regions; tau unused).
+    region: str = "threshold"
 
     @property
     def uses_bank(self) -> bool:
@@ -245,6 +251,7 @@ class CPALConfig:
         _check(self.bank_shards >= 1, "cpal.bank_shards", f"must be >= 1, got {self.bank_shards}")
         _check(self.background in BACKGROUNDS, "cpal.background", f"must be one of {BACKGROUNDS}, got {self.background!r}")
         _check(self.context in CONTEXTS, "cpal.context", f"must be one of {CONTEXTS}, got {self.context!r}")
+        _check(self.region in REGIONS, "cpal.region", f"must be one of {REGIONS}, got {self.region!r}")
         _check(self.self_grad in SELF_GRADS, "cpal.self_grad", f"must be one of {SELF_GRADS}, got {self.self_grad!r}")
 
 

@@ -161,7 +161,7 @@ def test_hierarchical_embedding_on_efficientnet_lite0():
 
 
 def test_new_switches_are_validated_by_name():
-    for field, value in (("background", "derived"), ("context", "memory"), ("self_grad", "none")):
+    for field, value in (("background", "derived"), ("context", "memory"), ("self_grad", "none"), ("region", "box")):
         with pytest.raises(ConfigError, match=f"cpal.{field}"):
             CPALConfig(**{field: value})
     with pytest.raises(ConfigError, match="model.embedding"):
@@ -241,3 +241,21 @@ def test_sharded_bank_routes_the_background_row_and_equals_one_bank():
     a, b = one.cluster("epoch1"), sharded.cluster("epoch1")
     assert a.prototypes.shape[0] == n and torch.equal(a.counts, b.counts) and a.counts[n - 1] == 2
     assert torch.allclose(a.prototypes, b.prototypes)
+
+
+def test_sipe_regions_give_each_pixel_one_class_by_correlation_iou():
+    from cpal_ray.cpal.cams import sipe_regions
+
+    # Pixels 0 and 1 share a direction, pixel 2 is orthogonal; CAM [1, .5, 0], background [0, .5, 1].
+    z = t([[[[1.0, 1.0, 0.0]], [[0.0, 0.0, 1.0]]]])
+    cams = t([[[[1.0, 0.5, 0.0]]]])
+    seeds = sipe_regions(z, cams, t([[1.0]]))
+    # IoU fg: .75, .75, 0; background (halved): 1/12, 1/12, 1/3 -> pixel 1 is the class's, not both.
+    assert seeds[0, :, 0].tolist() == [[1.0, 1.0, 0.0], [0.0, 0.0, 1.0]]
+    assert sipe_regions(z, cams, t([[0.0]]))[0, 0].sum() == 0  # an absent class gets no pixel
+    cfg = CPALConfig(region="sipe", background="prototype", normalize_bank=False, center="none")
+    out = {"cams": cams, "logits": cams.mean((2, 3)), "z": z}
+    res = cpal_step(out, t([[1.0]]), cfg)
+    assert res["protos"][0].tolist() == [[1.0, 0.0], [0.0, 1.0]]  # class: mean of pixels 0, 1; background: pixel 2
+    threshold = cpal_step(out, t([[1.0]]), dataclasses.replace(cfg, region="threshold", tau=0.1))
+    assert threshold["protos"][0, 1].tolist() == pytest.approx([0.5, 0.5])  # M_b > tau takes pixels 1 and 2

@@ -107,6 +107,16 @@ def instance_prototypes(z: torch.Tensor, cams: torch.Tensor, labels: torch.Tenso
     With ``normalize`` the valid prototypes are L2-normalised (NOTES 9).
     """
     mask = (cams > tau).to(z.dtype) * labels.to(z.dtype)[..., None, None]  # (B, N, h, w)
+    return region_prototypes(z, mask, normalize)
+
+
+def region_prototypes(z: torch.Tensor, mask: torch.Tensor, normalize: bool = False
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eq. (4) over given regions: the mean of z over each class's mask.
+
+    z: (B, D, h, w); mask: (B, N, h, w) in {0, 1} -> prototypes (B, N, D), valid (B, N) bool
+    (an empty mask gives a zero, invalid row); ``normalize`` L2-normalises the valid ones.
+    """
     area = mask.sum(dim=(2, 3))  # (B, N)
     summed = torch.einsum("bnhw,bdhw->bnd", mask, z)  # (B, N, D)
     protos = summed / area.clamp(min=1.0)[..., None]
@@ -114,3 +124,31 @@ def instance_prototypes(z: torch.Tensor, cams: torch.Tensor, labels: torch.Tenso
     if normalize:
         protos = F.normalize(protos, dim=-1) * valid[..., None].to(z.dtype)
     return protos, valid
+
+
+# SIPE halves the background's score when it assigns pixels to regions (``get_seed``).
+SIPE_BG_WEIGHT = 0.5
+
+
+def sipe_regions(z: torch.Tensor, cams: torch.Tensor, labels: torch.Tensor, bg_weight: float = SIPE_BG_WEIGHT,
+                 eps: float = CAM_EPS) -> torch.Tensor:
+    """SIPE's seed regions (``cpal.region = sipe``): every pixel j goes to the one class c whose map
+    overlaps most with j's feature correlation, IoU_c(j) = Σ_k r(j,k) M_c(k) / (Σ_k r(j,k) +
+    Σ_k M_c(k) − Σ_k r(j,k) M_c(k)) with r(j,k) = ReLU(cos(z(j), z(k))); the background's map is
+    M_b = 1 − max_n M_n and its IoU is multiplied by ``bg_weight``; absent classes get no pixel.
+
+    z: (B, D, h, w) (no gradient is taken); cams: (B, N, h, w) normalised; labels: (B, N)
+    -> (B, N + 1, h, w) in {0, 1}, the background last (the order of ``prototype_maps``).
+    """
+    B, N = labels.shape
+    present = torch.cat([labels, labels.new_ones(B, 1)], dim=1).to(cams.dtype)  # (B, N + 1)
+    maps = (torch.cat([cams, background_map(cams)], dim=1) * present[..., None, None]).flatten(2)  # (B, N+1, hw)
+    unit = z.detach().flatten(2)
+    unit = unit / (unit.norm(dim=1, keepdim=True) + eps)
+    corr = F.relu(torch.einsum("bdj,bdk->bjk", unit, unit))  # (B, hw, hw)
+    inter = torch.einsum("bjk,bck->bcj", corr, maps)
+    union = corr.sum(-1)[:, None, :] + maps.sum(-1, keepdim=True) - inter
+    iou = inter / union.clamp(min=eps)
+    iou = torch.cat([iou[:, :N], iou[:, N:] * bg_weight], dim=1)
+    seeds = F.one_hot(iou.argmax(dim=1), N + 1).permute(0, 2, 1).to(cams.dtype)  # (B, N + 1, hw)
+    return (seeds * present[..., None]).reshape(B, N + 1, *cams.shape[-2:])

@@ -24,7 +24,8 @@ import torch
 from cpal_ray.cpal.aware import (feature_alignment, instance_cam, neighbour_weights, positiveness_logits,
                                  prototype_aware_cam, select_neighbours)
 from cpal_ray.cpal.cams import (centered_embedding, classification_loss, instance_prototypes, normalized_cams,
-                                pacam_with_background, prototype_maps, with_background)
+                                pacam_with_background, prototype_maps, region_prototypes, sipe_regions,
+                                with_background)
 
 
 def self_loss(cam: torch.Tensor, pacam: torch.Tensor, include: torch.Tensor | None = None,
@@ -52,6 +53,22 @@ def self_loss(cam: torch.Tensor, pacam: torch.Tensor, include: torch.Tensor | No
 def total_loss(bce: torch.Tensor, lself: torch.Tensor, lambda_bce: float, lambda_self: float) -> torch.Tensor:
     """Eq. (1): L = lambda_BCE L_BCE + lambda_Self L_Self."""
     return lambda_bce * bce + lambda_self * lself
+
+
+def bank_prototypes(z: torch.Tensor, cams: torch.Tensor, labels: torch.Tensor, cfg
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Eq. (4) over the bank's classes (``prototype_maps``) with the config's region rule:
+    M_n > tau (``cpal.region = threshold``, the paper) or SIPE's seed regions (``sipe_regions``).
+
+    z: (B, D, h, w); cams: (B, N, h, w) normalised (no gradient needed); labels: (B, N)
+    -> prototypes (B, C, D), valid (B, C), maps (B, C, h, w), labels (B, C); C = N or N + 1.
+    """
+    maps, labs = prototype_maps(cams, labels, cfg.background)
+    if cfg.region == "sipe":
+        protos, valid = region_prototypes(z, sipe_regions(z, cams, labels)[:, :maps.shape[1]], cfg.normalize_bank)
+    else:
+        protos, valid = instance_prototypes(z, maps, labs, cfg.tau, normalize=cfg.normalize_bank)
+    return protos, valid, maps, labs
 
 
 @dataclass
@@ -93,8 +110,7 @@ def prototype_aware_cam_from_outputs(z: torch.Tensor, cams_raw: torch.Tensor, la
     C = N, or N + 1 with the background prototype's map last (``cfg.background = prototype``).
     """
     z = centered_embedding(z, cfg.center)
-    maps, labs = prototype_maps(normalized_cams(cams_raw, labels), labels, cfg.background)
-    anchors, valid = instance_prototypes(z, maps, labs, cfg.tau, normalize=cfg.normalize_bank)
+    anchors, valid, maps, labs = bank_prototypes(z, normalized_cams(cams_raw, labels), labels, cfg)
     if cfg.context == "instance":
         return instance_cam(z, anchors, labs, normalize=cfg.pacam_normalize)
     res = pacam_from_prototypes(z, maps, labs, anchors, valid, context.to(z.dtype), counts.to(z.device), cfg)
@@ -127,16 +143,15 @@ def cpal_step(out: dict, labels: torch.Tensor, cfg, context: torch.Tensor | None
         return result
     cams = normalized_cams(out["cams"], labels)
     z = centered_embedding(out["z"], cfg.center)
-    maps, labs = prototype_maps(cams.detach(), labels, cfg.background)
     lself, pacam, usable = zero, None, None
     if cfg.context == "instance":  # SIPE: the image's own prototypes, with their gradient
-        protos, valid = instance_prototypes(z, maps, labs, cfg.tau, normalize=cfg.normalize_bank)
+        protos, valid, maps, labs = bank_prototypes(z, cams.detach(), labels, cfg)
         if cfg.self_loss:
             pacam = instance_cam(z, protos, labs, normalize=cfg.pacam_normalize)
             usable = (valid | (labs == 0)).all(dim=1)
     else:
         with torch.no_grad():
-            protos, valid = instance_prototypes(z.detach(), maps, labs, cfg.tau, normalize=cfg.normalize_bank)
+            protos, valid, maps, labs = bank_prototypes(z.detach(), cams.detach(), labels, cfg)
         result["protos"], result["proto_valid"] = protos, valid
         if cfg.self_loss and context is not None and counts is not None:
             res = pacam_from_prototypes(z, maps, labs, protos, valid, context.to(z.dtype), counts.to(z.device), cfg)
