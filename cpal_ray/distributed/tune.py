@@ -39,7 +39,7 @@ import ray.tune as tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from cpal_ray.config import Config, ConfigError, from_dict
-from cpal_ray.distributed.runtime import output_location
+from cpal_ray.distributed.runtime import actor_device, output_location
 from cpal_ray.distributed.trainer import run_training
 from cpal_ray.numbers import finite_or_none
 from cpal_ray.sweeps.report import SPEC_FILE, trial_records, write_results
@@ -184,14 +184,12 @@ def _search_alg(spec: dict):
 @ray.remote
 def _evaluate_remote(final_dir: str, cfg_dict: dict, max_images: int, split: str) -> dict:
     """Seed mIoU of the exported weights on ``split`` (a task: GPU when the run had one)."""
-    import torch
-
     from cpal_ray.data import build_dataset
     from cpal_ray.engine import load_trained
     from cpal_ray.inference.evaluate import evaluate_seeds
 
     cfg = from_dict(cfg_dict)
-    device = "cuda" if cfg.dist.use_gpu and torch.cuda.is_available() else "cpu"
+    device = actor_device()  # cuda only when this task was given a GPU (cfg.dist.use_gpu)
     model, _, context = load_trained(final_dir, cfg=cfg)
     dataset = build_dataset(cfg.data, split, train=False)
     return evaluate_seeds(model.to(device), dataset, cfg, device=device, context=context, max_images=max_images,
