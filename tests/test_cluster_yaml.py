@@ -235,3 +235,31 @@ def test_no_secrets_in_cluster_yaml():
     # The scanner itself must catch what it looks for.
     leaked = text + "\n# aws_secret_access_key: x\n# key AKIAABCDEFGHIJKLMNOP\n"
     assert len(secrets_in(leaked)) == 2
+
+
+def uploaded_by_ray_job_submit(root: Path) -> set[str]:
+    """The files Ray 2.60 packs for ``--working-dir root`` (its own walk: .gitignore + .rayignore)."""
+    from ray._private.runtime_env.packaging import _dir_travel
+
+    files = set()
+    _dir_travel(root, [], lambda p: p.is_file() and files.add(p.relative_to(root).as_posix()), include_gitignore=True)
+    return files
+
+
+def test_rayignore_keeps_git_and_weights_out_of_every_job_but_ships_the_code(tmp_path):
+    for name in (".rayignore", ".gitignore"):
+        (tmp_path / name).write_text((REPO / name).read_text())
+    for f in (".git/objects/pack/pack-1.pack", ".git/HEAD", "cpal_ray/cpal/bank.py", "configs/a.yaml",
+              "resnet50-imagenet.pth", "VOCtrainval_11-May-2012.tar", ".venv/bin/python", "docs/cluster.md"):
+        (tmp_path / f).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / f).write_text("x")
+    assert uploaded_by_ray_job_submit(tmp_path) == {".rayignore", ".gitignore", "cpal_ray/cpal/bank.py",
+                                                    "configs/a.yaml", "docs/cluster.md"}
+
+
+def test_rayignore_leaves_out_no_file_of_the_repository():
+    import subprocess
+
+    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    shipped = uploaded_by_ray_job_submit(REPO)
+    assert [f for f in tracked if f not in shipped and (REPO / f).is_file()] == []
