@@ -46,8 +46,12 @@ def cluster(s3_server):
     # can take longer than Ray Train's default 60 s wait for a worker group.
     os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = "600"
     port = free_port()
+    # Every node's dashboard agent on a port of its own: the default (52365) may be taken by another
+    # Ray on this machine, and a head without its agent answers every job submission with "No
+    # available agent to submit job".
     c = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 0, "include_dashboard": True, "dashboard_port": port, "dashboard_host": "127.0.0.1"})
+        "num_cpus": 0, "include_dashboard": True, "dashboard_port": port, "dashboard_host": "127.0.0.1",
+        "dashboard_agent_listen_port": free_port()})
     try:
         workers = [add_worker_node(c)]
         c.wait_for_nodes()
@@ -71,7 +75,37 @@ def add_worker_node(c, wait: bool = True):
     time a node's agent sets the job up: a node joining mid-job would delete the working directory
     of every process already running from it on the other nodes (their ``os.getcwd()`` fails, a
     lazy import can miss its file). Separate machines have separate folders; so does each node here."""
-    return c.add_node(wait=wait, num_cpus=1, runtime_env_dir_name=f"runtime_resources_node{next(_nodes_added)}")
+    return c.add_node(wait=wait, num_cpus=1, runtime_env_dir_name=f"runtime_resources_node{next(_nodes_added)}",
+                      dashboard_agent_listen_port=free_port())
+
+
+def kill_node(cluster, node) -> None:
+    """A node lost as a spot interruption or the OOM killer loses it: its raylet dies by SIGKILL, with
+    no chance to tell the GCS, which finds out by its health checks (the crash-detection path); the
+    node's other processes are then killed the same way. ``Cluster.remove_node`` alone stops a node
+    gracefully (SIGTERM first), which a real crash never does."""
+    import signal
+
+    from ray._private import ray_constants
+
+    raylet = node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process
+    os.kill(raylet.pid, signal.SIGKILL)
+    raylet.wait(timeout=60)
+    deadline = time.monotonic() + 300
+    while node.node_id in cluster.cluster.global_state._live_node_ids():  # until the GCS's health checks fail
+        assert time.monotonic() < deadline, f"the GCS still lists node {node.node_id} as alive"
+        time.sleep(0.5)
+    cluster.cluster.remove_node(node, allow_graceful=False)  # the rest of the node, SIGKILL too
+    cluster.workers.remove(node)
+
+
+def node_of_actor(name: str) -> str:
+    """The Ray node id of the live actor called ``name`` (any namespace)."""
+    from ray.util.state import list_actors
+
+    alive = [a for a in list_actors(filters=[("name", "=", name), ("state", "=", "ALIVE")], detail=True)]
+    assert len(alive) == 1, alive
+    return alive[0].node_id
 
 
 def scale_to(cluster, n: int) -> None:
@@ -87,7 +121,7 @@ def submit(cluster, *args: str) -> str:
     """``ray job submit --no-wait`` of ``python -m <args>`` (the repository as working dir); the job id."""
     cmd = [str(Path(sys.executable).with_name("ray")), "job", "submit", "--no-wait", "--address", cluster.dashboard,
            "--working-dir", REPO, "--", sys.executable, "-m", *args]
-    deadline = time.monotonic() + 90
+    deadline = time.monotonic() + 300  # a busy machine: the agent can take minutes
     while True:  # right after a start the head's job agent may not be up yet
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         out = proc.stdout + proc.stderr
@@ -192,8 +226,10 @@ def test_killed_worker_node_resumes_from_the_checkpoint_in_the_bucket(cluster):
     status = wait_job(cluster, job, until=lambda: registered() >= 1)
     assert status == JobStatus.RUNNING, "the run ended before a node could be killed"
     saved = registered()
+    # A training run's bank (0 CPU) lives on the head, with the job's driver: no worker loss takes it.
+    assert node_of_actor("cpal-bank-node-kill") == cluster.cluster.head_node.node_id
     killed = cluster.workers[-1].node_id
-    scale_to(cluster, 1)   # the node and every process on it are gone
+    kill_node(cluster, cluster.workers[-1])   # the node and every process on it are gone, by SIGKILL
     scale_to(cluster, 2)   # the autoscaler's replacement
     logs = succeeded(cluster, job)
     final = location(last_json(logs)["final"])
@@ -251,6 +287,49 @@ def test_sweep_trials_run_at_once_then_restore_after_stop(cluster):
             assert runs.count("start") >= 1 and (t / "seeds.json").is_file(), (t.name, runs)
     rows = pd.read_csv(io.BytesIO((exp / "results.csv").read_bytes()))
     assert rows["seeds_ok"].sum() == 4 and (exp / "best_config.yaml").is_file() and (exp / "bars.png").size() > 0
+
+
+def test_killed_node_of_a_trial_driver_and_its_bank_retries_the_trial_from_its_checkpoint(cluster):
+    """A sweep trial's driver and its bank actor cannot sit on the 0-CPU head: they run on a worker
+    node (a spot GPU node in the worst case). That node dies by SIGKILL mid-training: Tune retries
+    the trial, whose Ray Train run resumes from the trial's last checkpoint, bank included."""
+    from cpal_ray.engine import load_checkpoint
+
+    scale_to(cluster, 2)
+    epochs, steps = 3, 30
+    exp = location(cluster.bucket) / "sweeps" / "trial-node-kill"
+    args = ["workflows.sweep", "--space", "tune_spaces.k_tau", "--config", TINY, "--storage",
+            f"{cluster.bucket}/sweeps", "--name", "trial-node-kill", "--max-concurrent", "1", "--eval-max-images", "8",
+            "--search", "random", "--num-samples", "1", f"train.epochs={epochs}", f"data.synthetic_images={8 * steps}",
+            f"train.max_steps_per_epoch={steps}", "dist.num_workers=1", "dist.cpus_per_worker=0.5",
+            "inference.scales=[1.0]", "train.log_every=1000", "cpal.warmup_cluster_steps=0"]
+    job = submit(cluster, *args)
+    from ray.job_submission import JobStatus
+
+    def first_trial_checkpointed():
+        trials = [t for t in (exp / "trials").dirs()] if (exp / "trials").is_dir() else []
+        for t in trials:
+            snapshot = t / "checkpoint_manager_snapshot.json"
+            if snapshot.is_file() and json.loads(snapshot.read_text())["checkpoint_results"]:
+                return t
+        return None
+
+    assert wait_job(cluster, job, until=lambda: first_trial_checkpointed() is not None) == JobStatus.RUNNING
+    trial = first_trial_checkpointed()
+    bank_node = node_of_actor(f"cpal-bank-{trial.name}")
+    assert bank_node != cluster.cluster.head_node.node_id  # with the trial's driver, on a worker node
+    node = next(n for n in cluster.workers if n.node_id == bank_node)
+    kill_node(cluster, node)
+    scale_to(cluster, 2)
+    logs = succeeded(cluster, job)
+    assert last_json(logs)["error"] == 0 and last_json(logs)["ok"] >= 1, logs[-3000:]
+    assert (trial / "runs.log").read_text().count("start") == 2  # the retry, not a new trial
+    # The retry is a new fit of the same run: its history holds the epochs it trained, from where it resumed.
+    history = read_history(trial / "final")
+    resumed_at = history[0]["start_epoch"]
+    assert resumed_at >= 1 and [r["epoch"] for r in history] == list(range(resumed_at, epochs)), history
+    state = load_checkpoint(trial / "final")
+    assert set(state["bank"]["keys"]) == expected_keys(epochs, steps, ranks=1)  # the bank came back whole
 
 
 # ------------------------------------------------------------------------------------ Ray Data

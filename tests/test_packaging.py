@@ -31,7 +31,7 @@ def test_faiss_is_only_in_the_cpu_and_gpu_extras():
     assert not [d for d in p["dependencies"] if d.lower().startswith("faiss")], "faiss in the base dependencies"
     extras = p["optional-dependencies"]
     assert extras["cpu"] == ["faiss-cpu"]
-    assert extras["gpu"] == ["faiss-gpu-cu12"]
+    assert extras["gpu"] == ["faiss-gpu==1.15.1"]  # native code up to sm_90 (Hopper): docs/install.md
     for name, deps in extras.items():
         if name not in ("cpu", "gpu"):
             assert not [d for d in deps if d.lower().startswith("faiss")], f"extra {name} brings a faiss build"
@@ -130,3 +130,37 @@ def test_a_built_wheel_ships_the_configs_and_the_console_script(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     module_file, backbone = out.stdout.split()
     assert module_file.startswith(str(target)) and backbone == "efficientnet_lite0"  # the wheel's copy, not the repo's
+
+
+@pytest.fixture
+def gpu_faiss(monkeypatch):
+    """faiss as a GPU node shows it: one GPU; the GPU k-means probe's verdict is recomputed."""
+    faiss = pytest.importorskip("faiss")
+    monkeypatch.setattr(faiss, "get_num_gpus", lambda: 1)
+    km.faiss_gpu_usable.cache_clear()
+    yield faiss
+    km.faiss_gpu_usable.cache_clear()
+
+
+def test_faiss_without_code_for_the_gpu_falls_back_to_cpu_with_one_warning(gpu_faiss, monkeypatch, caplog):
+    """faiss-gpu-cu12 1.14 on an H100: its first kernel fails inside a faiss assertion, which aborts
+    the process. The probe's child process dies that way; the caller clusters on the CPU."""
+    monkeypatch.setattr(km, "GPU_PROBE", "import os, sys\nsys.stderr.write('Error: no kernel image is available "
+                                         "for execution on the device\\n')\nsys.stderr.flush()\nos.abort()")
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.normal(c, 0.1, (50, 4)) for c in (0.0, 5.0, 10.0)]).astype(np.float32)
+    with caplog.at_level(logging.WARNING, logger=km.__name__):
+        for _ in range(2):
+            cents, device = km.kmeans(x, 3, nredo=1)
+            assert device == "cpu" and cents.shape == (3, 4)
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1, caplog.text
+    assert "no kernel image is available" in warnings[0].getMessage()
+    assert "runs on the CPU" in warnings[0].getMessage()
+
+
+def test_a_gpu_k_means_that_works_in_the_child_keeps_the_gpu(gpu_faiss, monkeypatch, caplog):
+    monkeypatch.setattr(km, "GPU_PROBE", "print('faiss gpu k-means ok')")
+    with caplog.at_level(logging.WARNING, logger=km.__name__):
+        assert km.faiss_gpu_usable() and km.faiss_device() == "gpu"
+    assert caplog.records == []

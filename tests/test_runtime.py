@@ -84,3 +84,58 @@ def test_workflow_flags_become_config_overrides():
     off = make_cams.build_parser().parse_args(["--checkpoint", "c", "--no-gpu"])
     assert load_config("configs/voc_resnet50_8gpu.yaml", cam_actor_overrides(off)).inference.use_gpu is False
     assert pseudo_labels.build_parser().parse_args(["--cams", "x", "--crf-actors", "4"]).crf_actors == 4
+
+
+@pytest.fixture
+def gpu_node(monkeypatch):
+    """A GPU node as an actor sees it under Ray 2.60: CUDA visible whatever Ray granted."""
+    import ray
+    import torch
+
+    granted = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray, "get_gpu_ids", lambda: list(granted))
+    return granted
+
+
+def test_actor_device_follows_the_gpus_ray_granted_not_the_visible_ones(gpu_node, monkeypatch):
+    import ray
+    import torch
+
+    from cpal_ray.distributed.runtime import actor_device
+
+    assert actor_device() == torch.device("cpu")  # asked for no GPU: never cuda, though one is visible
+    gpu_node.append(3)  # a (share of a) GPU granted: Ray points CUDA_VISIBLE_DEVICES at it
+    assert actor_device() == torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # granted, but a CPU build of torch
+    with pytest.raises(RuntimeError, match="Ray granted GPU 3 to this actor but torch .* sees no CUDA device"):
+        actor_device()
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    assert actor_device() == torch.device("cpu")  # outside Ray
+
+
+def test_stage_actors_without_a_gpu_keep_their_model_on_the_cpu(gpu_node, monkeypatch):
+    """CAM, CRF, mask and prediction actors all take their device from ``actor_device``."""
+    import torch
+
+    from cpal_ray.distributed import pipelines, refine_pipelines
+    from cpal_ray.engine import checkpoint
+
+    cfg = load_config("configs/synthetic_tiny.yaml", ["data.synthetic_images=4"])
+    moved = []
+
+    class Model:
+        def to(self, device):
+            moved.append(torch.device(device))
+            return self
+
+    monkeypatch.setattr(checkpoint, "load_trained", lambda *a, **k: (Model(), SimpleNamespace(
+        train=SimpleNamespace(task=k.get("task", "affinity"))), None))
+    pipelines.CamPredictor("ckpt", cfg, "out", split="train", source="cam")
+    refine_pipelines.MaskMaker("ckpt", cfg, "out", "cams", split="train")
+    assert pipelines.PseudoLabeler(cfg, "out", "cams", split="train").device == torch.device("cpu")
+    assert moved == [torch.device("cpu")] * 2
+    gpu_node.append(0)
+    pipelines.CamPredictor("ckpt", cfg, "out", split="train", source="cam")
+    assert moved[-1] == torch.device("cuda")

@@ -169,6 +169,44 @@ def test_spec_resources_gpus_and_smoke(tmp_path):
     assert base["data"]["train_split"] == "train"
 
 
+@pytest.mark.unit
+def test_trials_are_retried_after_a_lost_node_and_restore_resumes_errored_ones(tmp_path, monkeypatch):
+    """A lost node (a spot GPU worker holding the trial's driver and bank) fails the trial: Tune must
+    retry it, and `--restore` must resume errored trials, both from the trial's last checkpoint."""
+    import ray.tune as tune
+
+    from cpal_ray.distributed import tune as sweeps
+
+    made = {}
+
+    class FakeTuner:
+        def __init__(self, trainable, **kwargs):
+            made["run"] = kwargs
+
+        @classmethod
+        def restore(cls, path, **kwargs):
+            made["restore"] = kwargs
+            return cls(None)
+
+        @staticmethod
+        def can_restore(path, storage_filesystem=None):
+            return (Path(path) / "sweep.json").exists()
+
+        def fit(self):
+            return "grid"
+
+    monkeypatch.setattr(tune, "Tuner", FakeTuner)
+    monkeypatch.setattr(sweeps, "_finish", lambda grid, experiment_dir, spec: spec)
+    space = SimpleNamespace(__name__="one", __doc__="one point", param_space=lambda: {"cpal.tau": [0.1]})
+    spec = sweeps.run_sweep(load_config(TINY, FAST), space, tmp_path / "s", max_concurrent=1)
+    failure = made["run"]["run_config"].failure_config
+    assert failure.max_failures == sweeps.TRIAL_MAX_FAILURES >= 1 and not failure.fail_fast
+    restored = sweeps.restore_sweep(tmp_path / "s")
+    assert made["restore"]["resume_errored"] is True and made["restore"]["resume_unfinished"] is True
+    assert not made["restore"].get("restart_errored") and restored["retry_errored"] is False
+    assert spec["experiment_dir"] == restored["experiment_dir"]
+
+
 # ------------------------------------------------------------------------------------ results
 
 

@@ -13,7 +13,8 @@ Results go to <storage>/<name>/ (results.md, results.csv, best_config.yaml, bars
 <storage> is a local path or a URI, by default <train.storage_path>/sweeps. Trials at once:
 --max-concurrent, else dist.max_concurrent_trials, else what the cluster holds at the start (a
 cluster scaling from zero must be told). An interrupted sweep (Ctrl+C, a lost driver, `ray job
-stop`) continues with --restore <that folder>: finished trials are kept, unfinished ones run.
+stop`) continues with --restore <that folder>: finished trials are kept, unfinished and errored
+ones resume from their last checkpoint. A trial whose node is lost is retried by Tune the same way.
 """
 from __future__ import annotations
 
@@ -43,7 +44,9 @@ def parse_args(argv=None):
     p.add_argument("--storage", default=None,
                    help="folder (path or URI) holding the experiment (default: <train.storage_path>/sweeps)")
     p.add_argument("--restore", default=None, help="continue the sweep in this experiment folder")
-    p.add_argument("--retry-errored", action="store_true", help="with --restore: run failed trials again from scratch")
+    p.add_argument("--retry-errored", action="store_true",
+                   help="with --restore: also run again the points recorded as failed for an error retrying cannot "
+                        "fix (trials that failed otherwise, e.g. on a lost node, are resumed by every --restore)")
     p.add_argument("--smoke-test", action="store_true",
                    help="2 points, 1 epoch of 2 steps, single-scale eval on 8 images")
     add_tracking_flags(p)

@@ -1,19 +1,39 @@
 """Eq. (5): context prototypes p_i = mean of the bank entries in k-means cluster G_i, via faiss.
 
 faiss is not a base dependency: the ``cpu`` extra installs faiss-cpu, the ``gpu`` extra
-faiss-gpu-cu12, and exactly one of them belongs in an environment (both provide the ``faiss``
-module). faiss runs on the GPU when ``faiss.get_num_gpus() > 0``, on the CPU otherwise. The
-device that actually ran is returned and logged: faiss-gpu imports without a GPU and then
-silently runs on the CPU, so never assume.
+faiss-gpu (CUDA 12), and exactly one of them belongs in an environment (both provide the ``faiss``
+module). faiss runs on the GPU when ``faiss.get_num_gpus() > 0`` and a GPU k-means works in this
+process's GPU (``faiss_gpu_usable``), on the CPU otherwise. The device that actually ran is
+returned and logged: faiss-gpu imports without a GPU and then silently runs on the CPU, so never
+assume.
+
+A faiss build without code for the GPU (faiss-gpu-cu12 1.14 carries sm_70 and sm_80 only: no
+Hopper) does not raise: its first CUDA kernel fails inside a faiss assertion, which aborts the
+whole process. So the first GPU k-means of a process is tried in a child process; when that one
+dies, k-means runs on the CPU for the rest of this process, with one WARNING.
 """
 from __future__ import annotations
 
 import functools
 import logging
+import subprocess
+import sys
 
 import numpy as np
 
 log = logging.getLogger(__name__)
+
+# The child process's k-means: a few iterations on a small random set, on GPU 0 of the devices this
+# process sees (a Ray actor's CUDA_VISIBLE_DEVICES is inherited).
+GPU_PROBE = """
+import numpy as np, faiss
+x = np.random.default_rng(0).standard_normal((2048, 32)).astype("float32")
+km = faiss.Kmeans(32, 8, niter=2, seed=1, gpu=True, verbose=False)
+km.train(x)
+assert np.isfinite(km.centroids).all()
+print("faiss gpu k-means ok")
+"""
+GPU_PROBE_TIMEOUT_S = 300
 
 FAISS_MISSING = ("faiss is not installed: pip install 'cpal-ray[cpu]' (CPU) or 'cpal-ray[gpu]' (CUDA 12); "
                  "from a checkout: pip install -e '.[cpu]' or -e '.[gpu]' (one of the two, not both)")
@@ -61,6 +81,30 @@ def faiss_device(prefer_gpu: bool = True) -> str:
     return "gpu" if prefer_gpu and n > 0 else "cpu"
 
 
+def _run_gpu_probe() -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", GPU_PROBE], capture_output=True, text=True,
+                          timeout=GPU_PROBE_TIMEOUT_S, check=False)
+
+
+@functools.cache
+def faiss_gpu_usable() -> bool:
+    """Whether a faiss GPU k-means runs in this process's GPU, tried once per process in a child
+    process (a faiss without kernels for the device aborts the process that runs it). False with
+    one WARNING otherwise; the bank then clusters on the CPU."""
+    try:
+        probe = _run_gpu_probe()
+        failed = probe.returncode != 0
+        detail = f"exit status {probe.returncode}" + (
+            f": {lines[-1].strip()}" if (lines := (probe.stderr or "").strip().splitlines()) else "")
+    except (OSError, subprocess.TimeoutExpired) as e:
+        failed, detail = True, f"{type(e).__name__}: {e}"
+    if failed:
+        log.warning("faiss cannot run k-means on this GPU (a GPU k-means in a child process failed: %s); k-means "
+                    "runs on the CPU in this process. Install a faiss build with code for this GPU: "
+                    "pip install 'cpal-ray[gpu]' (docs/install.md)", detail)
+    return not failed
+
+
 def kmeans(x: np.ndarray, k: int, niter: int = 20, seed: int = 1234, spherical: bool = False,
            prefer_gpu: bool = True, nredo: int = 5) -> tuple[np.ndarray, str]:
     """Cluster rows of x into k groups and return the centroids (Eq. 5) and the device used.
@@ -79,6 +123,8 @@ def kmeans(x: np.ndarray, k: int, niter: int = 20, seed: int = 1234, spherical: 
         return x.copy(), "none"
     faiss = import_faiss()
     device = faiss_device(prefer_gpu)
+    if device == "gpu" and not faiss_gpu_usable():
+        device = "cpu"
     extra = {}
     if hasattr(faiss, "ClusteringInitMethod_KMEANS_PLUS_PLUS"):  # faiss >= 1.13
         extra["init_method"] = faiss.ClusteringInitMethod_KMEANS_PLUS_PLUS

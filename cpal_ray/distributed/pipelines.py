@@ -46,6 +46,7 @@ from cpal_ray.config import Config, save_config
 from cpal_ray.storage import Location, location
 from cpal_ray.data import DataError, build_dataset, labels_source, record_labels_source
 from cpal_ray.engine.checkpoint import CheckpointError, checkpoint_context, load_checkpoint
+from cpal_ray.distributed.runtime import actor_device
 from cpal_ray.inference.jobs import (CAM_SCHEMA, LABEL_SCHEMA, ManifestWriter, cam_job, check_run_spec,
                                      consolidate_manifest, failed_row, pseudo_label_job, rows_to_table, source_dir)
 
@@ -82,9 +83,11 @@ def _column(batch, name: str) -> list | None:
 
 
 class _Stage:
-    """Shared by the stages: the eval dataset built once per actor, id -> index, the crash knob."""
+    """Shared by the stages: the eval dataset built once per actor, id -> index, the crash knob,
+    and the device (``cuda`` only when Ray granted this actor a GPU: ``actor_device``)."""
 
     def __init__(self, cfg: Config, split: str, crash_after: int):
+        self.device = actor_device()
         self.dataset = build_dataset(cfg.data, split, train=False)
         self.index = {sid: i for i, sid in enumerate(self.dataset.ids)}
         self.crash_after = int(crash_after)
@@ -115,12 +118,9 @@ class CamPredictor(_Stage):
 
     def __init__(self, checkpoint_dir: str, cfg: Config, out_dir: str, split: str = "val", source: str = "cam",
                  skip_existing: bool = True, label_dir: str | None = None, crash_after: int = -1):
-        import torch
-
         from cpal_ray.engine.checkpoint import load_trained
 
         super().__init__(cfg, split, crash_after)
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model, self.cfg, context = load_trained(checkpoint_dir, cfg=cfg)
         self.model.to(self.device)
         self.sources = SOURCES[source]

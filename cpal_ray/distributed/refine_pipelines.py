@@ -24,21 +24,20 @@ from cpal_ray.config import Config, save_config
 from cpal_ray.data import DataError, ImageFolderDataset, class_names
 from cpal_ray.distributed.pipelines import (MANIFEST_DIR, PipelineInputs, RunSummary, _column, _drain, _finish,
                                             _id_dataset, _spec, _Stage, check_inputs, elastic_pool)
+from cpal_ray.distributed.runtime import actor_device
 from cpal_ray.engine.checkpoint import CheckpointError, load_checkpoint
 from cpal_ray.inference.jobs import LABEL_SCHEMA, ManifestWriter, check_run_spec, failed_row, rows_to_table
 from cpal_ray.inference.refine_jobs import mask_job, seg_job
 from cpal_ray.storage import location
 
 
-def _load(checkpoint: str, task: str):
-    import torch
-
+def _load(checkpoint: str, task: str, device):
     from cpal_ray.engine.checkpoint import load_trained
 
     model, cfg, _ = load_trained(checkpoint)
     if cfg.train.task != task:
         raise CheckpointError(f"{checkpoint}: a {cfg.train.task!r} checkpoint, this stage needs a {task!r} one")
-    return model.to(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    return model.to(device)
 
 
 def check_stage_checkpoint(checkpoint, task: str) -> Config:
@@ -75,7 +74,7 @@ class MaskMaker(_PerImage):
     def __init__(self, checkpoint: str, cfg: Config, out_dir: str, cam_dir: str, split: str = "train",
                  skip_existing: bool = True, crash_after: int = -1):
         super().__init__(cfg, split, crash_after)
-        self.model = _load(checkpoint, "affinity")
+        self.model = _load(checkpoint, "affinity", self.device)
         self.cfg, self.out_dir, self.cam_dir, self.skip_existing = cfg, out_dir, cam_dir, skip_existing
 
     def job(self, index: int) -> dict:
@@ -92,10 +91,10 @@ class SegPredictor(_PerImage):
         if images_dir:
             self.dataset = ImageFolderDataset(images_dir, cfg.data.num_classes, class_names(cfg.data))
             self.index = {sid: i for i, sid in enumerate(self.dataset.ids)}
-            self.crash_after, self.calls = int(crash_after), 0
+            self.crash_after, self.calls, self.device = int(crash_after), 0, actor_device()
         else:
             super().__init__(cfg, split, crash_after)
-        self.model = _load(checkpoint, "seg")
+        self.model = _load(checkpoint, "seg", self.device)
         self.cfg, self.out_dir, self.skip_existing = cfg, out_dir, skip_existing
 
     def job(self, index: int) -> dict:

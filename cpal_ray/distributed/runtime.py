@@ -42,6 +42,27 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: 
     return how
 
 
+def actor_device():
+    """The torch device of a Ray actor or task: ``cuda`` only when Ray granted it a GPU.
+
+    Ray 2.60 no longer hides the GPUs from actors that asked for none (``CUDA_VISIBLE_DEVICES`` is
+    left as it is), so ``torch.cuda.is_available()`` is true in every actor of a GPU node: a CPU
+    actor choosing from it would load its model onto ``cuda:0`` outside Ray's accounting. For an
+    actor holding a GPU (or a share of one) Ray sets ``CUDA_VISIBLE_DEVICES`` to what it granted,
+    so that GPU is ``cuda``. Outside Ray (a local run) the CPU.
+    """
+    import torch
+
+    gpu_ids = ray.get_gpu_ids() if ray.is_initialized() else []
+    if not gpu_ids:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError(f"Ray granted GPU {', '.join(map(str, gpu_ids))} to this actor but torch "
+                           f"{torch.__version__} sees no CUDA device: install the CUDA build of torch "
+                           "(docs/install.md) or run without GPUs (--no-gpu)")
+    return torch.device("cuda")
+
+
 def output_location(where: str, field: str) -> Location:
     """The ``Location`` of an output path or URI given by config field / flag ``field``.
 

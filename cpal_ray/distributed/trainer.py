@@ -21,7 +21,9 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import uuid
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 import ray
 import ray.train
@@ -89,6 +91,40 @@ def remove_unregistered_checkpoints(run_dir: Location) -> list[str]:
     return removed
 
 
+@ray.remote(max_retries=0)
+def _write_probe(where: str) -> tuple[str, str]:
+    """On the node Ray picked: write one small file into ``where`` through the run's filesystem and
+    delete it. Returns (node address, "" or the error's first line)."""
+    node = ray.util.get_node_ip_address()
+    probe = output_location(where, "train.storage_path") / f".write-check-{uuid.uuid4().hex[:12]}"
+    try:
+        probe.write_bytes(b"cpal-ray write check\n")
+        probe.delete()
+    except Exception as e:  # noqa: BLE001 - reported to the driver as one line
+        return node, (f"{type(e).__name__}: {e}".strip().splitlines() or [""])[0]
+    return node, ""
+
+
+def check_storage_from_worker(cfg: Config, run_dir: Location) -> None:
+    """Before the first epoch: write and delete one small file in ``run_dir`` from a node that a
+    training worker would run on (a task with a worker's resources, outside any placement group).
+
+    The driver and the bank run where the job was submitted (the head on a cluster, whose instance
+    profile Ray sets up); the workers run on the GPU nodes, which may have no write access to the
+    bucket at all. Without this check the first checkpoint upload of rank 0 fails after a paid
+    epoch. Raises ConfigError naming the bucket (or folder) and the node."""
+    d = cfg.dist
+    opts = {"num_cpus": d.cpus_per_worker, "scheduling_strategy": "DEFAULT"}
+    if d.use_gpu:
+        opts["num_gpus"] = 1
+    node, error = ray.get(_write_probe.options(**opts).remote(str(run_dir)))
+    if error:
+        where = f"bucket {urlsplit(run_dir.uri).netloc}" if "://" in run_dir.uri else f"folder {run_dir}"
+        raise ConfigError(f"train.storage_path: a training worker on node {node} cannot write to {where} "
+                          f"({run_dir}): {error}; give that node type write access (on AWS an instance profile "
+                          "allowing s3:PutObject and s3:DeleteObject, see docs/cluster.md)")
+
+
 def build_trainer(cfg: Config, *, bank_actors: list[str], storage: Location, name: str,
                   callbacks=None) -> TorchTrainer:
     d = cfg.dist
@@ -120,6 +156,7 @@ def run_training(cfg: Config, *, callbacks=None, storage_path: str | None = None
     run_dir = storage / name
     cfg = check_training_inputs(cfg)
     save_config(cfg, run_dir / CONFIG_FILE)
+    check_storage_from_worker(cfg, run_dir)
     remove_unregistered_checkpoints(run_dir)
     actor_names = bank_actor_names(name, cfg.cpal.bank_shards) if cfg.cpal.uses_bank else []
     actors = []

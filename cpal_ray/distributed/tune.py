@@ -22,6 +22,13 @@ autoscaling cluster: what the cluster holds at its largest), else what the clust
 the sweep starts (CPUs // CPUs per trial, GPUs // GPUs per trial). A cluster that holds no trial
 yet (scaling from zero) and no setting is an error that says so, not a sweep of one trial at a time.
 
+A trial survives a lost node: Tune retries it (``TRIAL_MAX_FAILURES`` times) and the retry's
+``run_training`` resumes the trial's Ray Train run from its last checkpoint, bank included; a
+restore resumes errored trials the same way. A point that failed for a reason retrying cannot fix
+(``NOT_RETRYABLE``: an invalid value, bad data) is recorded in ``trials/trial-<id>/failed.json``,
+and a retry or a restore raises that error again at once, without training (``--retry-errored``
+runs it again).
+
 Each trial's result is read from its final report (the row tagged ``phase == "final"`` in
 ``ResultGrid``'s per-trial metrics), whatever order Tune received the progress reports in.
 """
@@ -39,8 +46,9 @@ import ray.tune as tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from cpal_ray.config import Config, ConfigError, from_dict
-from cpal_ray.distributed.runtime import output_location
+from cpal_ray.distributed.runtime import actor_device, output_location
 from cpal_ray.distributed.trainer import run_training
+from cpal_ray.engine.inputs import NOT_RETRYABLE
 from cpal_ray.numbers import finite_or_none
 from cpal_ray.sweeps.report import SPEC_FILE, source_metrics, trial_records, write_results
 from cpal_ray.storage import Location, location
@@ -48,6 +56,12 @@ from cpal_ray.sweeps.spaces import ROW_KEY, point_overrides, required_overrides,
 
 log = logging.getLogger(__name__)
 DRIVER_CPU = 0.01          # the trial function itself (0 is rejected by Tune)
+TRIAL_MAX_FAILURES = 3     # Tune's retries of a failed trial (a lost node: it resumes from its checkpoint)
+FAILED_FILE = "failed.json"
+
+
+class PointFailedError(RuntimeError):
+    """A point that failed before with an error retrying cannot fix, raised again without training."""
 SEARCHES = ("grid", "random", "optuna")
 
 
@@ -184,15 +198,13 @@ def _search_alg(spec: dict):
 @ray.remote
 def _evaluate_remote(final_dir: str, cfg_dict: dict, max_images: int, split: str) -> dict:
     """Seed mIoU of the exported weights on ``split`` (a task: GPU when the run had one)."""
-    import torch
-
     from cpal_ray.data import build_dataset
     from cpal_ray.engine import load_trained
     from cpal_ray.inference.diagnostics import contrast_report
     from cpal_ray.inference.evaluate import evaluate_seeds
 
     cfg = from_dict(cfg_dict)
-    device = "cuda" if cfg.dist.use_gpu and torch.cuda.is_available() else "cpu"
+    device = actor_device()  # cuda only when this task was given a GPU (cfg.dist.use_gpu)
     model, _, context = load_trained(final_dir, cfg=cfg)
     dataset = build_dataset(cfg.data, split, train=False)
     seeds = evaluate_seeds(model.to(device), dataset, cfg, device=device, context=context, max_images=max_images,
@@ -213,19 +225,31 @@ def sweep_trial(config: dict, spec: dict) -> None:
     # A trial stopped between its evaluation and Tune recording the report is started again by
     # a restore: report the evaluation it already made instead of training again.
     reuse = seeds_file.is_file()
-    runs_log.write_text((runs_log.read_text() if runs_log.is_file() else "")
-                        + f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {'reuse' if reuse else 'start'}\n")
+    failed_file = run_dir / FAILED_FILE
+    if failed_file.is_file() and spec.get("retry_errored"):
+        failed_file.delete()
+    failed = failed_file.is_file() and not reuse
+    runs_log.write_text((runs_log.read_text() if runs_log.is_file() else "") + f"{time.strftime('%Y-%m-%dT%H:%M:%S')} "
+                        f"{'reuse' if reuse else 'failed before' if failed else 'start'}\n")
+    if failed:
+        recorded = json.loads(failed_file.read_text())
+        raise PointFailedError(f"{recorded['type']}: {recorded['error']} (this point failed before; "
+                               "--retry-errored runs it again)")
     if reuse:
         seeds = json.loads(seeds_file.read_text())
         tune.report({k: v for k, v in seeds.items() if k != "curve"})
         return
     point = {k: config[k] for k in spec["space"]}
     seed = int(config.get("train.seed", spec["seeds"][0]))
-    cfg = from_dict(spec["base"]).replace(**point_overrides(point, spec["rows"]), **{
-        "train.seed": seed, "train.name": name, "train.storage_path": str(trials_dir)})
-    # Optuna learns from a trial's last report: it then gets the evaluation only.
-    progress = [SweepProgressCallback()] if spec["search"] != "optuna" else []
-    result = run_training(cfg, callbacks=progress, storage_path=str(trials_dir), name=name)
+    try:
+        cfg = from_dict(spec["base"]).replace(**point_overrides(point, spec["rows"]), **{
+            "train.seed": seed, "train.name": name, "train.storage_path": str(trials_dir)})
+        # Optuna learns from a trial's last report: it then gets the evaluation only.
+        progress = [SweepProgressCallback()] if spec["search"] != "optuna" else []
+        result = run_training(cfg, callbacks=progress, storage_path=str(trials_dir), name=name)
+    except NOT_RETRYABLE as e:
+        failed_file.write_text(json.dumps({"type": type(e).__name__, "error": str(e)}))
+        raise
     train_seconds = time.time() - start
     opts = {"num_cpus": cfg.dist.cpus_per_worker, "scheduling_strategy": "DEFAULT"}  # outside the trial's group
     if cfg.dist.use_gpu:
@@ -280,23 +304,25 @@ def run_sweep(base_cfg: Config, space_module, experiment_dir, *, seeds: int = 1,
                                     max_concurrent_trials=None if search == "random" else spec["max_concurrent"]),
         run_config=tune.RunConfig(name=experiment_dir.name, storage_path=experiment_dir.parent.path,
                                   storage_filesystem=experiment_dir.fs,
-                                  failure_config=tune.FailureConfig(max_failures=0, fail_fast=False)),
+                                  failure_config=tune.FailureConfig(max_failures=TRIAL_MAX_FAILURES,
+                                                                    fail_fast=False)),
     )
     return _finish(tuner.fit(), experiment_dir, spec)
 
 
 def restore_sweep(path, *, retry_errored: bool = False) -> SweepOutcome:
     """Continue an interrupted sweep (a local path or URI): finished trials are kept as they are,
-    unfinished ones run (a trial's Ray Train run resumes from its last checkpoint), errored ones
-    stay errored unless ``retry_errored`` (then they start again from scratch)."""
+    unfinished and errored ones run again (a trial's Ray Train run resumes from its last
+    checkpoint: a trial that lost its node goes on), except that a point recorded as failed for a
+    reason retrying cannot fix fails again at once unless ``retry_errored`` (then it runs)."""
     experiment_dir = output_location(str(path), "--restore")
     spec_file = experiment_dir / SPEC_FILE
     if not spec_file.is_file() or not tune.Tuner.can_restore(experiment_dir.path, storage_filesystem=experiment_dir.fs):
         raise FileNotFoundError(f"{experiment_dir}: not a sweep folder (no {SPEC_FILE} or no Tune state)")
-    spec = {**json.loads(spec_file.read_text()), "experiment_dir": str(experiment_dir)}  # the folder may have moved
+    spec = {**json.loads(spec_file.read_text()), "experiment_dir": str(experiment_dir),  # the folder may have moved
+            "retry_errored": retry_errored}
     tuner = tune.Tuner.restore(experiment_dir.path, trainable=make_trainable(spec), resume_unfinished=True,
-                               resume_errored=False, restart_errored=retry_errored,
-                               storage_filesystem=experiment_dir.fs)
+                               resume_errored=True, storage_filesystem=experiment_dir.fs)
     return _finish(tuner.fit(), experiment_dir, spec)
 
 
