@@ -173,13 +173,15 @@ def test_a_damaged_latest_checkpoint_is_skipped_for_the_newest_that_verifies(tmp
     latest = tmp_path / "epoch_001"
     sums = read_checksums(latest)
     assert set(sums) == {"state.pt", "model.pt", "config.yaml"} and (latest / SUMS_FILE).is_file()
-    state = latest / "state.pt"
-    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])  # a copy cut short
-    with pytest.raises(CheckpointError, match=r"epoch_001.*damaged or truncated"):
+    weights = latest / "model.pt"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0x10  # one flipped bit, in the weights torch would load without a word
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"epoch_001/model\.pt: damaged"):
         load_checkpoint(latest)
     with caplog.at_level(logging.WARNING):
         resumed = fit_local(cfg, out_dir=tmp_path)
-    assert any("epoch_001" in r.getMessage() and "truncated" in r.getMessage() for r in caplog.records)
+    assert any("epoch_001/model.pt" in r.getMessage() and "damaged" in r.getMessage() for r in caplog.records)
     assert [h["epoch"] for h in resumed.history] == [1] and resumed.history[0]["start_epoch"] == 1
     assert load_checkpoint(latest)["epoch"] == 2  # rewritten whole by the resumed epoch
     # None verifies: a clear error listing them, never a silent restart from scratch.

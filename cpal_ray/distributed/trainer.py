@@ -31,7 +31,8 @@ from cpal_ray.config import Config, ConfigError, save_config
 from cpal_ray.distributed.bank import bank_actor_names, create_bank_actors, remove_bank_actor
 from cpal_ray.distributed.runtime import output_location
 from cpal_ray.distributed.train_loop import CHECKPOINT_PREFIX, train_loop_per_worker
-from cpal_ray.engine.checkpoint import CHECKPOINT_FILES, CONFIG_FILE, checkpoint_context, load_checkpoint
+from cpal_ray.engine.checkpoint import (CONFIG_FILE, SUMS_FILE, checkpoint_context, load_checkpoint,
+                                        verify_checkpoint)
 from cpal_ray.engine.inputs import NOT_RETRYABLE, check_training_inputs
 from cpal_ray.storage import Location, relative_path
 
@@ -148,11 +149,16 @@ def run_training(cfg: Config, *, callbacks=None, storage_path: str | None = None
 
 def export_final(checkpoint: Location, out: Location, history: list | None = None) -> Location:
     """Copy the deliverables of a checkpoint folder to ``out``: weights, config, full state, and
-    ``summary.json`` / ``history.json``. Works across local folders and object stores."""
-    state = load_checkpoint(checkpoint)  # verified before anything is copied
-    for f in CHECKPOINT_FILES:
-        if (checkpoint / f).is_file():
-            (checkpoint / f).copy_to(out / f)
+    ``summary.json`` / ``history.json``. Works across local folders and object stores. Every file
+    is checked against the checkpoint's ``SHA256SUMS`` first, and the copy after: a damaged one
+    raises ``CheckpointError`` naming it, never becomes the final model."""
+    state = load_checkpoint(checkpoint)  # every file verified before anything is written
+    files = verify_checkpoint(checkpoint)  # the bytes checked are the bytes written
+    for name, data in files.items():
+        (out / name).write_bytes(data)
+    if (checkpoint / SUMS_FILE).is_file():
+        (out / SUMS_FILE).write_bytes((checkpoint / SUMS_FILE).read_bytes())
+    verify_checkpoint(out)
     summary = {"epochs_completed": state["epoch"], "global_step": state["global_step"],
                "context_version": context.version if (context := checkpoint_context(state)) else 0,
                "checkpoint": str(checkpoint), "metrics": state.get("metrics", {})}
