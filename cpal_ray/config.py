@@ -46,6 +46,18 @@ def _check(cond: bool, name: str, msg: str) -> None:
         raise ConfigError(f"{name}: {msg}", field=name)
 
 
+# A run name is one safe path component: it cannot leave its storage folder ("..", "/") or hide.
+_RUN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+=-]{0,199}")
+
+
+def check_run_name(name: str, field: str = "train.name") -> str:
+    """``name`` when it is one safe folder name (letters, digits, ``_ . + = -``, not starting with
+    a dot); ConfigError naming ``field`` otherwise."""
+    _check(isinstance(name, str) and _RUN_NAME.fullmatch(name) is not None, field,
+           f"must be one folder name (letters, digits, _ . + = -, not starting with '.'), got {name!r}")
+    return name
+
+
 class _YamlLoader(yaml.SafeLoader):
     """YAML 1.1 as PyYAML reads it, except that numbers in scientific notation without a dot
     (``1e6``, ``5e-4``) are floats, not strings."""
@@ -267,7 +279,7 @@ class TrainConfig:
         _check(self.diag_images >= 0, "train.diag_images", "must be >= 0 (0 = off)")
         _check(self.keep_checkpoints == 0 or self.keep_checkpoints >= 2, "train.keep_checkpoints",
                f"must be 0 (all) or >= 2 (a verified fallback), got {self.keep_checkpoints}")
-        _check(bool(self.name) and "/" not in self.name, "train.name", "must be a non-empty name without '/'")
+        check_run_name(self.name, "train.name")
 
 
 @dataclass(frozen=True)

@@ -69,7 +69,11 @@ class Location:
         return self.join(name)
 
     def join(self, *parts: str) -> "Location":
+        """This location with ``parts`` appended; a ``..`` among them is refused (ValueError): a
+        name joined below a folder stays below it."""
         parts = [str(p).strip("/") for p in parts if str(p).strip("/")]
+        if any(c == ".." for p in parts for c in p.split("/")):
+            raise ValueError(f"{self.uri}: refusing to join {'/'.join(parts)!r}, which leaves the folder ('..')")
         if not parts:
             return self
         base, query = _split_query(self.uri)

@@ -5,13 +5,15 @@ Each test here fails on the code before the fix (a bit-flipped ``model.pt`` was 
 final model, a damaged ``config.yaml`` was read as defaults, ...). The Ray side (a real resume
 past a damaged checkpoint) is in tests/test_resume_ray.py.
 """
+import json
+import logging
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from cpal_ray.config import load_config
-from cpal_ray.engine import CheckpointError, checkpoint_state, load_checkpoint, write_checkpoint
+from cpal_ray.config import ConfigError, config_yaml, load_config
+from cpal_ray.engine import CheckpointError, Hook, checkpoint_state, fit_local, load_checkpoint, write_checkpoint
 from cpal_ray.engine.checkpoint import SUMS_FILE
 from cpal_ray.storage import location
 
@@ -80,3 +82,115 @@ def test_a_damaged_config_of_a_checkpoint_is_refused_never_read_as_defaults(tmp_
     config.write_text(text[: text.index("model:")])  # the model section lost: it would read as resnet50
     with pytest.raises(CheckpointError, match=r"ck/config\.yaml: damaged"):
         config_from_folders(args, tmp_path / "ck")
+
+
+# ------------------------------------------------------------------------------ item 2: resume checks its config
+
+class LrAtStart(Hook):
+    """Records the lr of every param group when each epoch starts."""
+
+    def __init__(self):
+        self.lrs = {}
+
+    def before_epoch(self, state) -> None:
+        self.lrs[state.epoch] = [g["lr"] for g in state.optimizer.param_groups]
+
+
+def short_cfg(**over):
+    return tiny_cfg(**{"train.epochs": 1, "train.log_every": 100, "dist.num_workers": 1,
+                       "train.max_steps_per_epoch": 2, "train.diag_images": 0, "cpal.warmup_cluster_steps": 0,
+                       **over})
+
+
+def test_more_epochs_on_a_finished_run_follow_the_new_schedule_not_lr_0(tmp_path, caplog):
+    fit_local(short_cfg(), out_dir=tmp_path / "run")
+    resumed, fresh = LrAtStart(), LrAtStart()
+    with caplog.at_level(logging.INFO, logger="cpal_ray.engine.fit"):
+        out = fit_local(short_cfg(**{"train.epochs": 2}), out_dir=tmp_path / "run", hooks=[resumed])
+    assert [h["epoch"] for h in out.history] == [1] and out.history[0]["start_epoch"] == 1
+    fit_local(short_cfg(**{"train.epochs": 2}), hooks=[fresh])  # the same 2 epochs in one go
+    assert min(resumed.lrs[1]) > 0
+    assert resumed.lrs[1] == pytest.approx(fresh.lrs[1], rel=1e-6)
+    assert "resuming synthetic-tiny from epoch 1 of 2; changed: train.epochs 1 -> 2" in caplog.text
+    assert load_checkpoint(tmp_path / "run" / "epoch_001")["config"].train.epochs == 2
+
+
+@pytest.mark.parametrize("field,value", [("model.proj_dim", 16), ("cpal.tau", 0.3), ("train.seed", 7),
+                                         ("data.synthetic_images", 16)])
+def test_a_resume_with_another_model_data_cpal_or_seed_is_refused_in_one_line(tmp_path, field, value):
+    fit_local(short_cfg(), out_dir=tmp_path / "run")
+    with pytest.raises(ConfigError, match=rf"cannot resume with a different {field} ") as err:
+        fit_local(short_cfg(**{field: value, "train.epochs": 2}), out_dir=tmp_path / "run")
+    assert len(str(err.value).splitlines()) == 1 and "train.name" in str(err.value)
+    assert not (tmp_path / "run" / "epoch_001").exists()
+
+
+def test_a_checkpoint_of_another_network_is_a_checkpoint_error_not_a_traceback(tmp_path):
+    from cpal_ray.engine import fit
+
+    fit_local(short_cfg(), out_dir=tmp_path / "run")
+    state = load_checkpoint(tmp_path / "run" / "epoch_000")
+    state["model"] = torch.nn.Linear(3, 2).state_dict()
+    with pytest.raises(CheckpointError, match="weights do not fit the tiny network"):
+        fit(short_cfg(**{"train.epochs": 2}), resume=state)
+
+
+def test_run_training_compares_configs_before_ray_and_keeps_the_saved_one(tmp_path, monkeypatch):
+    from cpal_ray.distributed import trainer
+
+    monkeypatch.setattr(trainer, "build_trainer", _no_ray)
+    monkeypatch.setattr(trainer, "create_bank_actors", _no_ray)
+    cfg = short_cfg(**{"train.storage_path": str(tmp_path), "train.name": "run"})
+    run = tmp_path / "run"
+    small_checkpoint(run / "checkpoint_2026-01-01_00-00-01", cfg)
+    (run / trainer.SNAPSHOT_FILE).write_text(json.dumps(
+        {"checkpoint_results": [{"checkpoint_dir_name": "checkpoint_2026-01-01_00-00-01"}]}))
+    (run / trainer.RUN_RECORD).write_text("{}")
+    (run / "config.yaml").write_text(config_yaml(cfg))
+    with pytest.raises(ConfigError, match=r"cannot resume with a different cpal\.tau"):
+        trainer.run_training(cfg.replace(**{"cpal.tau": 0.3}))
+    assert load_config(run / "config.yaml").cpal.tau == cfg.cpal.tau  # not overwritten
+    with pytest.raises(AssertionError, match="Ray was started"):  # epochs may change: it gets to Ray
+        trainer.run_training(cfg.replace(**{"train.epochs": 3}))
+    assert load_config(run / "config.yaml").train.epochs == 3
+
+
+# ------------------------------------------------------------------------------ item 3: run names stay home
+
+@pytest.mark.parametrize("name", ["..", ".", ".hidden", "a/b", "", "a\\b", "x y"])
+def test_a_run_name_is_one_safe_folder_name(name):
+    with pytest.raises(ConfigError, match="train.name: must be one folder name"):
+        tiny_cfg(**{"train.name": name})
+    tiny_cfg(**{"train.name": "t2-k10_s0.v2"})
+
+
+def test_location_join_never_leaves_the_folder(tmp_path):
+    base = location(tmp_path / "runs")
+    assert (base / "a" / "b").path == str(tmp_path / "runs" / "a" / "b")
+    for bad in ("..", "a/../../x", "../x"):
+        with pytest.raises(ValueError, match=r"leaves the folder"):
+            base.join(bad)
+    with pytest.raises(ValueError, match=r"leaves the folder"):
+        location("s3://bucket/runs") / ".."
+
+
+def test_foreign_checkpoints_are_never_deleted(tmp_path, monkeypatch):
+    from cpal_ray.distributed import trainer
+
+    monkeypatch.setattr(trainer, "build_trainer", _no_ray)
+    monkeypatch.setattr(trainer, "create_bank_actors", _no_ray)
+    cfg = short_cfg(**{"train.storage_path": str(tmp_path), "train.name": "run"})
+    hand = tmp_path / "run" / "checkpoint_2026-01-01_00-00-01"  # copied by hand: no record of either kind
+    hand.mkdir(parents=True)
+    with pytest.raises(CheckpointError, match=r"run: holds 1 checkpoint folder.*no \.cpal-ray-run\.json.*move them"):
+        trainer.run_training(cfg)
+    with pytest.raises(CheckpointError, match="no .cpal-ray-run.json"):
+        trainer.remove_unregistered_checkpoints(location(tmp_path / "run"))
+    (tmp_path / "run" / trainer.RUN_RECORD).write_text("{}")  # ours, but Ray recorded none of them
+    with pytest.raises(CheckpointError, match="no checkpoint_manager_snapshot.json"):
+        trainer.run_training(cfg)
+    assert hand.is_dir() and not (tmp_path / "run" / "config.yaml").exists()
+
+
+def _no_ray(*_a, **_k):
+    raise AssertionError("Ray was started")

@@ -192,7 +192,7 @@ def test_a_damaged_latest_checkpoint_is_skipped_for_the_newest_that_verifies(tmp
 
 
 def test_checkpoints_ray_never_registered_are_removed(tmp_path):
-    from cpal_ray.distributed.trainer import SNAPSHOT_FILE, remove_unregistered_checkpoints
+    from cpal_ray.distributed.trainer import RUN_RECORD, SNAPSHOT_FILE, remove_unregistered_checkpoints
     from cpal_ray.storage import location
 
     for name in ("checkpoint_2026-01-01_00-00-01", "checkpoint_2026-01-01_00-00-02", "checkpoint_2026-01-01_00-00-03"):
@@ -201,6 +201,7 @@ def test_checkpoints_ray_never_registered_are_removed(tmp_path):
     snapshot = {"checkpoint_results": [{"checkpoint_dir_name": "checkpoint_2026-01-01_00-00-01"},
                                        {"checkpoint_dir_name": "checkpoint_2026-01-01_00-00-02"}]}
     (tmp_path / SNAPSHOT_FILE).write_text(json.dumps(snapshot))
+    (tmp_path / RUN_RECORD).write_text("{}")  # this project made the folder (tests/test_no_silent_loss.py: else nothing goes)
     assert remove_unregistered_checkpoints(location(tmp_path)) == ["checkpoint_2026-01-01_00-00-03"]
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == [
         "checkpoint_2026-01-01_00-00-01", "checkpoint_2026-01-01_00-00-02", "final"]

@@ -214,6 +214,10 @@ def load_trained(folder, map_location="cpu", cfg: Config | None = None):
     if cfg.train.task != task:
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, task=task))
     model = build_task_model(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, pretrained=False, weights="")))
-    model.load_state_dict(state["model"])
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as e:
+        raise CheckpointError(f"{folder}: its weights do not fit the {cfg.model.backbone} network "
+                              f"({str(e).splitlines()[0]})") from None
     model.eval()
     return model, cfg, checkpoint_context(state)
