@@ -194,3 +194,38 @@ def test_foreign_checkpoints_are_never_deleted(tmp_path, monkeypatch):
 
 def _no_ray(*_a, **_k):
     raise AssertionError("Ray was started")
+
+
+# ------------------------------------------------------------------------------ item 4: stale outputs
+
+def test_a_model_retrained_into_the_same_folder_is_another_run_spec(tmp_path):
+    from cpal_ray.inference.jobs import check_run_spec
+
+    small_checkpoint(tmp_path / "final", epoch=1)
+    spec = {"dataset": "synthetic", "checkpoint": str(tmp_path / "final")}
+    check_run_spec(tmp_path / "out", spec)
+    check_run_spec(tmp_path / "out", spec)  # the same model: resumes
+    small_checkpoint(tmp_path / "final", epoch=2)  # retrained: same path, other weights
+    with pytest.raises(ValueError, match="other settings.*checkpoint_sha256"):
+        check_run_spec(tmp_path / "out", spec)
+
+
+def test_a_valid_png_whose_sha256_differs_from_its_manifest_row_is_redone(tmp_path):
+    import numpy as np
+
+    from cpal_ray.inference.jobs import LABEL_SCHEMA, ManifestWriter, label_job, rows_to_table
+
+    dataset = SimpleNamespace(ids=["img.v2"], label_of=lambda i: np.array([0.0, 1.0, 0.0]),
+                              image_size=lambda i: (4, 5), num_classes=3)
+    made = np.full((4, 5), 2, np.uint8)
+    first = label_job(dataset, 0, tmp_path, lambda classes, hw: made)
+    assert first["status"] == "done"
+    writer = ManifestWriter(tmp_path / "manifest", LABEL_SCHEMA)
+    writer.add(rows_to_table([first], LABEL_SCHEMA))
+    writer.flush()
+    assert label_job(dataset, 0, tmp_path, lambda classes, hw: made)["status"] == "skipped"
+    from cpal_ray.inference.io import encode_label_png
+
+    (tmp_path / "img.v2.png").write_bytes(encode_label_png(np.zeros((4, 5), np.uint8)))  # valid, not this run's
+    again = label_job(dataset, 0, tmp_path, lambda classes, hw: made)
+    assert again["status"] == "done" and again["sha256"] == first["sha256"]

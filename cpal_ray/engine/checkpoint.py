@@ -173,6 +173,15 @@ def load_checkpoint(folder, map_location="cpu") -> dict:
     return state
 
 
+def checkpoint_digest(folder) -> str:
+    """The content hash of a checkpoint or ``final/`` folder: the sha256 of its ``SHA256SUMS`` (of
+    ``state.pt`` for a folder written before checksums existed). Retraining into the same folder
+    changes it; copying the folder does not."""
+    folder = location(folder)
+    sums = folder / SUMS_FILE
+    return hashlib.sha256((sums if sums.is_file() else folder / STATE_FILE).read_bytes()).hexdigest()
+
+
 def load_first_valid(folders, map_location="cpu") -> tuple[dict, Location] | None:
     """The first of ``folders`` (give them newest first) that loads and verifies, as (state, folder).
 
