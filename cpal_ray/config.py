@@ -111,6 +111,9 @@ class DataConfig:
     # file and id; "skip" leaves it out (training: replaced in its batch by the next readable image,
     # counted in the epoch's skipped_samples; pipelines: a failed manifest row).
     on_bad_sample: str = "error"
+    # The most pixels an image, mask or label file may have, read from its header before anything
+    # is decoded: a larger one (a decompression bomb) is a bad sample naming its file.
+    max_image_pixels: int = 64_000_000
 
     def __post_init__(self):
         _check(self.dataset in DATASETS, "data.dataset", f"must be one of {DATASETS}, got {self.dataset!r}")
@@ -125,6 +128,7 @@ class DataConfig:
         _check(self.loader_workers >= 0, "data.loader_workers", "must be >= 0")
         _check(self.max_side >= 0, "data.max_side", f"must be >= 0 (0 = as stored), got {self.max_side}")
         _check(self.on_bad_sample in ("error", "skip"), "data.on_bad_sample", "must be 'error' or 'skip'")
+        _check(self.max_image_pixels >= 1, "data.max_image_pixels", f"must be >= 1, got {self.max_image_pixels}")
 
     @property
     def num_classes(self) -> int:

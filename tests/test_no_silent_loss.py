@@ -229,3 +229,72 @@ def test_a_valid_png_whose_sha256_differs_from_its_manifest_row_is_redone(tmp_pa
     (tmp_path / "img.v2.png").write_bytes(encode_label_png(np.zeros((4, 5), np.uint8)))  # valid, not this run's
     again = label_job(dataset, 0, tmp_path, lambda classes, hw: made)
     assert again["status"] == "done" and again["sha256"] == first["sha256"]
+
+
+# ------------------------------------------------------------------------------ item 5: decompression bombs
+
+def bomb_png(path, width: int = 100_000, height: int = 100_000) -> None:
+    """A 100-byte PNG whose header claims ``width`` x ``height`` pixels (10^10 by default)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+
+
+@pytest.fixture
+def pixel_limit():
+    from cpal_ray.data.base import DEFAULT_MAX_IMAGE_PIXELS, set_max_image_pixels
+
+    yield set_max_image_pixels
+    set_max_image_pixels(DEFAULT_MAX_IMAGE_PIXELS)
+
+
+def test_every_reader_refuses_a_decompression_bomb_naming_the_file(tmp_path, pixel_limit):
+    import numpy as np
+
+    from cpal_ray.data import DataError, build_dataset
+    from cpal_ray.data.base import read_mask, read_rgb
+    from cpal_ray.data.folders import decode_label_png
+    from cpal_ray.inference.io import LabelFileError, load_label_png
+    from cpal_ray.inference.jobs import image_hw
+    from tests.fakes import make_voc_tree
+
+    bomb = tmp_path / "bomb.png"
+    bomb_png(bomb)
+    for read in (lambda: read_rgb(bomb, "b"), lambda: read_mask(bomb, "b", 20, (4, 4)),
+                 lambda: decode_label_png(bomb.read_bytes(), bomb, "b", 20, (4, 4))):
+        with pytest.raises(DataError, match=r"bomb\.png: .*decompression bomb.*id b"):
+            read()
+    with pytest.raises(LabelFileError, match=r"bomb\.png: .*decompression bomb"):
+        load_label_png(bomb)
+    fake = make_voc_tree(tmp_path / "voc")
+    bomb_png(tmp_path / "voc" / "JPEGImages" / f"{fake.ids[1]}.jpg")
+    ds = build_dataset(load_config(None, {"data.root": str(tmp_path / "voc"), "data.dataset": "voc"}).data, "train",
+                       train=False)
+    for read in (lambda: ds.image_size(1), lambda: image_hw(ds, 1)):
+        with pytest.raises(DataError, match=rf"{fake.ids[1]}\.jpg: .*decompression bomb"):
+            read()
+    # Under PIL's own limit but over data.max_image_pixels: refused from the header, never decoded.
+    from PIL import Image
+
+    Image.fromarray(np.zeros((40, 30), np.uint8)).save(tmp_path / "big.png")
+    pixel_limit(1000)
+    with pytest.raises(DataError, match=r"big\.png: image of 30x40 pixels is over data\.max_image_pixels=1000"):
+        read_rgb(tmp_path / "big.png", "big")
+
+
+def test_a_bomb_in_training_is_a_skipped_sample_with_on_bad_sample_skip(tmp_path, pixel_limit):
+    from tests.fakes import make_voc_tree
+    from tests.test_safety import voc_cfg
+
+    ids = ("2007_000032", "2007_000039", "2008_000123", "2007_000061")
+    make_voc_tree(tmp_path / "voc", ids=ids, num_classes=20)
+    bomb_png(tmp_path / "voc" / "SegmentationClass" / f"{ids[2]}.png")  # read with its image
+    cfg = voc_cfg(tmp_path / "voc", **{"train.epochs": 1, "cpal.enabled": False, "data.on_bad_sample": "skip"})
+    record = fit_local(cfg).history[0]
+    assert record["skipped_samples"] == 1 and record["skipped_ids"] == [ids[2]]

@@ -27,9 +27,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from PIL import Image
 
-from cpal_ray.data.base import DataError, read_rgb as read_image_file
+from cpal_ray.data.base import DataError, open_image, read_rgb as read_image_file
 from cpal_ray.data.classes import positive_classes
 from cpal_ray.inference.io import LabelFileError, atomic_write_bytes, encode_label_png, load_cams_npz, \
     load_label_png, save_cams_npz
@@ -70,8 +69,10 @@ def image_hw(dataset, index: int) -> tuple[int, int]:
         sid = dataset.ids[index]
         path = dataset.image_path(sid)
         try:
-            with Image.open(path) as im:
+            with open_image(path, path, "image", sid) as im:
                 return im.size[1], im.size[0]
+        except DataError:
+            raise
         except (OSError, SyntaxError, ValueError) as e:
             raise DataError(f"{path}: cannot read image header (id {sid}): {e}") from e
     return tuple(dataset.read(index)[0].shape[:2])
