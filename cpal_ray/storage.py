@@ -8,7 +8,8 @@ is a ``Location``: a ``pyarrow.fs`` filesystem and a path on it, as Ray Train an
     loc = location("s3://bucket/runs")        # or "/shared/runs", "runs", "file:///…", "gs://…"
     (loc / "cams" / "a.npz").write_bytes(data)
 
-Object stores: credentials and region come from the usual AWS variables or instance profile; a
+Object stores: credentials and region come from the usual AWS variables or instance profile,
+never from the URI (``s3://KEY:SECRET@bucket`` is refused, without echoing them); a
 custom endpoint (MinIO, moto, Ceph) from ``AWS_ENDPOINT_URL`` or the URI itself
 (``s3://bucket/runs?endpoint_override=host:9000&scheme=http``); ``str(loc)`` keeps that query,
 so a location travels to Ray workers as text and resolves to the same store there.
@@ -30,9 +31,24 @@ from urllib.parse import urlsplit
 
 import pyarrow.fs as pafs
 
-__all__ = ["Location", "location", "is_uri"]
+__all__ = ["Location", "StorageError", "location", "is_uri"]
 # Object stores whose URIs are scheme://bucket/key, with the path on the filesystem "bucket/key".
 BUCKET_SCHEMES = ("s3", "gs", "gcs")
+
+
+class StorageError(ValueError):
+    """A storage location that cannot be used as written; the message never holds credentials."""
+
+
+def _refuse_user_info(text: str) -> None:
+    """StorageError for a URI with user info (``s3://KEY:SECRET@bucket/…``), which would put a
+    secret into paths, logs and tracebacks; the message leaves the user info out."""
+    parts = urlsplit(text)
+    if "@" in parts.netloc:
+        host = parts.netloc.rsplit("@", 1)[1]
+        raise StorageError(f"{parts.scheme}://<user info>@{host}{parts.path}: a storage URI must not hold credentials; "
+                           "give them through the environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, an "
+                           "instance profile, GOOGLE_APPLICATION_CREDENTIALS)")
 
 
 def is_uri(text: str) -> bool:
@@ -212,6 +228,7 @@ def location(where: "str | os.PathLike | Location") -> Location:
     if not is_uri(text):
         path = str(Path(text).expanduser().resolve())
         return Location(path, path, pafs.LocalFileSystem())
+    _refuse_user_info(text)
     base, query = _split_query(text)
     base = base.rstrip("/")
     root = urlsplit(base)

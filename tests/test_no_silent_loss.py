@@ -298,3 +298,32 @@ def test_a_bomb_in_training_is_a_skipped_sample_with_on_bad_sample_skip(tmp_path
     cfg = voc_cfg(tmp_path / "voc", **{"train.epochs": 1, "cpal.enabled": False, "data.on_bad_sample": "skip"})
     record = fit_local(cfg).history[0]
     assert record["skipped_samples"] == 1 and record["skipped_ids"] == [ids[2]]
+
+
+# ------------------------------------------------------------------------------ item 6: credentials in URIs
+
+@pytest.mark.parametrize("uri", ["s3://AKIAEXAMPLEKEY:wJalrSECRETexample@bucket/runs",
+                                 "gs://AKIAEXAMPLEKEY@bucket/runs?endpoint_override=h:9",
+                                 "hdfs://AKIAEXAMPLEKEY:wJalrSECRETexample@namenode:8020/runs"])
+def test_a_uri_with_credentials_is_refused_without_echoing_them(uri):
+    from cpal_ray.storage import StorageError
+
+    with pytest.raises(StorageError) as err:
+        location(uri)
+    text = str(err.value)
+    assert "AKIAEXAMPLEKEY" not in text and "wJalrSECRETexample" not in text and len(text.splitlines()) == 1
+    assert "must not hold credentials" in text and "<user info>@" in text
+
+
+def test_a_workflow_given_credentials_in_a_uri_says_one_line_without_them(tmp_path, monkeypatch, capsys):
+    from cpal_ray.distributed import runtime
+    from workflows import make_cams
+    from workflows.common import run
+
+    monkeypatch.setattr(runtime, "init_ray", _no_ray)
+    with pytest.raises(SystemExit) as done:
+        run(make_cams.main, ["--checkpoint", "s3://AKIAEXAMPLEKEY:wJalrSECRETexample@bucket/run/final",
+                             "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert done.value.code == 2 and len(err.splitlines()) == 1
+    assert "wJalrSECRETexample" not in err and "AKIAEXAMPLEKEY" not in err and "must not hold credentials" in err
