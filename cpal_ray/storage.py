@@ -16,7 +16,8 @@ so a location travels to Ray workers as text and resolves to the same store ther
 
 Writes are whole-object and atomic: a local file is written to a hidden temporary file beside
 it, fsynced and renamed; an object is one upload that appears complete or not at all. So a
-reader, or a resumed run after a crash, never sees half a file under its final name.
+reader, or a resumed run after a crash, never sees half a file under its final name; the
+temporary files of a killed writer are removed when its stage runs again (``remove_temp_files``).
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ import contextlib
 import functools
 import os
 import posixpath
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +33,7 @@ from urllib.parse import urlsplit
 
 import pyarrow.fs as pafs
 
-__all__ = ["Location", "StorageError", "location", "is_uri"]
+__all__ = ["Location", "StorageError", "location", "is_uri", "remove_temp_files"]
 # Object stores whose URIs are scheme://bucket/key, with the path on the filesystem "bucket/key".
 BUCKET_SCHEMES = ("s3", "gs", "gcs")
 
@@ -262,6 +264,27 @@ def _split_query(uri: str) -> tuple[str, str]:
         return uri, ""
     parts = urlsplit(uri)
     return uri[: len(uri) - len(parts.query) - 1], "?" + parts.query
+
+
+# The temporary file of ``_atomic_local_write``: ".<name>.<8 random characters of mkstemp>.tmp".
+_TEMP_FILE = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
+
+
+def remove_temp_files(folder) -> list[str]:
+    """Remove the temporary files writers of this module left under ``folder`` (and its
+    sub-folders) when they were killed mid-write; returns their paths. Called when a stage starts
+    again in its folder, before any writer of it runs. An object store has none (whole uploads)."""
+    folder = location(folder)
+    if not folder.is_local or not os.path.isdir(folder.path):
+        return []
+    removed = []
+    for parent, _dirs, files in os.walk(folder.path):
+        for name in files:
+            if _TEMP_FILE.fullmatch(name):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(parent, name))
+                    removed.append(os.path.join(parent, name))
+    return removed
 
 
 def _atomic_local_write(path: Path, data: bytes) -> None:

@@ -327,3 +327,43 @@ def test_a_workflow_given_credentials_in_a_uri_says_one_line_without_them(tmp_pa
     err = capsys.readouterr().err
     assert done.value.code == 2 and len(err.splitlines()) == 1
     assert "wJalrSECRETexample" not in err and "AKIAEXAMPLEKEY" not in err and "must not hold credentials" in err
+
+
+# ------------------------------------------------------------------------------ item 9: leftover temp files
+
+def killed_writer_leftover(folder, name: str):
+    """What a writer of ``cpal_ray.storage`` killed mid-write leaves: its hidden temporary file."""
+    import os
+    import tempfile
+
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
+    os.write(fd, b"half a file")
+    os.close(fd)
+    return tmp
+
+
+def test_the_next_run_of_a_stage_removes_its_killed_writers_temp_files(tmp_path, monkeypatch):
+    import os
+
+    from cpal_ray.distributed import trainer
+    from cpal_ray.inference.jobs import check_run_spec
+
+    out = tmp_path / "labels"
+    leftovers = [killed_writer_leftover(out, "a.png"), killed_writer_leftover(out / "cams", "a.npz")]
+    (out / "notes.tmp").write_text("not ours")
+    check_run_spec(out, {"preset": "irn"})
+    assert not any(os.path.exists(p) for p in leftovers) and (out / "notes.tmp").is_file()
+
+    run = tmp_path / "local"
+    fit_local(short_cfg(), out_dir=run)
+    leftovers = [killed_writer_leftover(run, "history.json"), killed_writer_leftover(run / "epoch_000", "state.pt")]
+    fit_local(short_cfg(**{"train.epochs": 2}), out_dir=run)
+    assert not any(os.path.exists(p) for p in leftovers)
+
+    monkeypatch.setattr(trainer, "build_trainer", _no_ray)
+    monkeypatch.setattr(trainer, "create_bank_actors", _no_ray)
+    leftover = killed_writer_leftover(tmp_path / "ray-run", "config.yaml")
+    with pytest.raises(AssertionError, match="Ray was started"):
+        trainer.run_training(short_cfg(**{"train.storage_path": str(tmp_path), "train.name": "ray-run"}))
+    assert not os.path.exists(leftover)

@@ -38,7 +38,7 @@ from cpal_ray.engine.checkpoint import (CONFIG_FILE, SUMS_FILE, CheckpointError,
                                         load_checkpoint, verify_checkpoint)
 from cpal_ray.engine.inputs import NOT_RETRYABLE, check_training_inputs
 from cpal_ray.engine.resume import check_resume
-from cpal_ray.storage import Location, relative_path
+from cpal_ray.storage import Location, relative_path, remove_temp_files
 
 log = logging.getLogger(__name__)
 # Ray Train's record of the checkpoints it registered, in the run folder.
@@ -126,7 +126,7 @@ def prepare_run_folder(cfg: Config, run_dir: Location) -> list[str]:
     """Before Ray Train starts: refuse a folder of foreign checkpoints (``check_run_folder``); for
     a run that has checkpoints, compare ``cfg`` with its saved ``config.yaml``
     (``engine.resume.check_resume``: a frozen field that differs is a ConfigError, with nothing
-    written); remove unregistered checkpoints; write ``RUN_RECORD`` and the config. Returns the
+    written); remove unregistered checkpoints and the temporary files of killed writers; write ``RUN_RECORD`` and the config. Returns the
     changes of a resumed run (``["train.epochs 2 -> 6"]``)."""
     check_run_folder(run_dir)
     changes = []
@@ -134,6 +134,8 @@ def prepare_run_folder(cfg: Config, run_dir: Location) -> list[str]:
         changes = check_resume(load_config(run_dir / CONFIG_FILE), cfg, str(run_dir))
         log.info("resuming %s; changed: %s", run_dir, ", ".join(changes) or "nothing")
     remove_unregistered_checkpoints(run_dir)
+    for leftover in remove_temp_files(run_dir):
+        log.info("removed %s, left by a writer killed mid-write", leftover)
     (run_dir / RUN_RECORD).write_text(json.dumps({"written_by": "cpal-ray", "name": run_dir.name}) + "\n")
     save_config(cfg, run_dir / CONFIG_FILE)
     return changes

@@ -32,7 +32,7 @@ from cpal_ray.data.base import DataError, open_image, read_rgb as read_image_fil
 from cpal_ray.data.classes import positive_classes
 from cpal_ray.inference.io import LabelFileError, atomic_write_bytes, encode_label_png, load_cams_npz, \
     load_label_png, save_cams_npz
-from cpal_ray.storage import Location, location
+from cpal_ray.storage import Location, location, remove_temp_files
 from cpal_ray.inference.pseudo import IGNORE, pseudo_label_from_config
 
 log = logging.getLogger(__name__)
@@ -364,7 +364,8 @@ def check_run_spec(out_dir, spec: dict, overwrite: bool = False) -> None:
     ``spec`` (JSON-able) is what decides the output bytes. It is saved as ``<out>/run_spec.json``;
     a different saved spec raises ValueError naming the keys that differ, unless ``overwrite``.
     A ``checkpoint`` in it is recorded with its content (``checkpoint_sha256``: a model retrained
-    into the same folder is another input), a ``cam_dir`` with its own run spec's sha256.
+    into the same folder is another input), a ``cam_dir`` with its own run spec's sha256. An
+    accepted folder is then cleared of the temporary files of writers killed mid-write.
     """
     path = location(out_dir) / "run_spec.json"
     spec = json.loads(json.dumps(spec, default=str))
@@ -382,3 +383,5 @@ def check_run_spec(out_dir, spec: dict, overwrite: bool = False) -> None:
                              f"{[old.get(k) for k in diff]} -> {[spec.get(k) for k in diff]}); "
                              "use another output folder or overwrite")
     atomic_write_bytes(path, json.dumps(spec, indent=2, sort_keys=True).encode())
+    for leftover in remove_temp_files(out_dir):
+        log.info("removed %s, left by a writer killed mid-write", leftover)
