@@ -367,3 +367,14 @@ def test_the_next_run_of_a_stage_removes_its_killed_writers_temp_files(tmp_path,
     with pytest.raises(AssertionError, match="Ray was started"):
         trainer.run_training(short_cfg(**{"train.storage_path": str(tmp_path), "train.name": "ray-run"}))
     assert not os.path.exists(leftover)
+
+
+# ------------------------------------------------------------------------------ item 8: ids with a dot
+
+def test_ids_are_kept_as_written_dots_included(tmp_path):
+    from cpal_ray.data.base import read_id_list
+
+    ids = tmp_path / "train.txt"
+    ids.write_text("img.v2\n2007_000032\nscan.2024.01  # a comment\nphoto.v3.jpg\n"
+                   "/JPEGImages/2007_000039.jpg /SegmentationClassAug/2007_000039.png\nx.PNG\n")
+    assert read_id_list(ids) == ["img.v2", "2007_000032", "scan.2024.01", "photo.v3", "2007_000039", "x"]

@@ -36,6 +36,10 @@ log = logging.getLogger(__name__)
 _LOG_SKIPS = 10
 
 
+# File extensions an id list's entries may carry (stripped: ``x.jpg`` is the id ``x``).
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png")
+
+
 class DataError(ValueError):
     """A sample or data file is unusable; the message names the file and the sample id."""
 
@@ -80,14 +84,16 @@ def read_id_list(path: str | os.PathLike) -> list[str]:
     """Ids in a split file, one per line; blank lines and ``#`` comments skipped.
 
     Lines holding paths (DeepLab style ``/JPEGImages/x.jpg /SegmentationClassAug/x.png``) give
-    the stem of their first token.
+    the file name of their first token without its image extension; any other id is kept as
+    written, dots included (``img.v2`` is ``img.v2``, ``img.v2.jpg`` is ``img.v2``).
     """
     ids = []
     for line in Path(path).read_text().splitlines():
         line = line.split("#", 1)[0].strip()
         if line:
-            token = line.split()[0]
-            ids.append(Path(token).stem if "/" in token or "." in token else token)
+            name = line.split()[0].rsplit("/", 1)[-1]
+            stem, dot, ext = name.rpartition(".")
+            ids.append(stem if dot and stem and ext.lower() in IMAGE_EXTENSIONS else name)
     return ids
 
 
