@@ -378,3 +378,26 @@ def test_ids_are_kept_as_written_dots_included(tmp_path):
     ids.write_text("img.v2\n2007_000032\nscan.2024.01  # a comment\nphoto.v3.jpg\n"
                    "/JPEGImages/2007_000039.jpg /SegmentationClassAug/2007_000039.png\nx.PNG\n")
     assert read_id_list(ids) == ["img.v2", "2007_000032", "scan.2024.01", "photo.v3", "2007_000039", "x"]
+
+
+# ------------------------------------------------------------------------------ item 7: sweep --restore
+
+def test_sweep_restore_refuses_a_folder_without_our_record_before_unpickling(tmp_path, capsys):
+    import pickle
+
+    from cpal_ray.distributed.tune import restore_sweep
+    from tests.test_safety import _RunsCode
+    from workflows import sweep
+
+    marker, folder = tmp_path / "code-ran", tmp_path / "exp"
+    folder.mkdir()
+    (folder / "tuner.pkl").write_bytes(pickle.dumps(_RunsCode(marker)))
+    with pytest.raises(FileNotFoundError, match=r"exp: not a cpal-ray sweep folder \(no sweep\.json\).*unpickles"):
+        restore_sweep(folder)
+    (folder / "sweep.json").write_text("{}")
+    with pytest.raises(ConfigError, match=r"sweep\.json: not a cpal-ray sweep record \(no base, space, rows"):
+        restore_sweep(folder)
+    assert not marker.exists()
+    with pytest.raises(SystemExit):
+        sweep.parse_args(["--help"])
+    assert "Ray Tune unpickles its tuner.pkl" in " ".join(capsys.readouterr().out.split())

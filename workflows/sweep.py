@@ -42,7 +42,9 @@ def parse_args(argv=None):
     p.add_argument("--name", default=None, help="experiment name (default: sweep-<space>)")
     p.add_argument("--storage", default=None,
                    help="folder (path or URI) holding the experiment (default: <train.storage_path>/sweeps)")
-    p.add_argument("--restore", default=None, help="continue the sweep in this experiment folder")
+    p.add_argument("--restore", default=None,
+                   help="continue the sweep in this experiment folder; Ray Tune unpickles its tuner.pkl, so restore "
+                        "only folders you trust (one without this project's sweep.json record is refused)")
     p.add_argument("--retry-errored", action="store_true", help="with --restore: run failed trials again from scratch")
     p.add_argument("--smoke-test", action="store_true",
                    help="2 points, 1 epoch of 2 steps, single-scale eval on 8 images")
