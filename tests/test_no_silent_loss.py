@@ -401,3 +401,14 @@ def test_sweep_restore_refuses_a_folder_without_our_record_before_unpickling(tmp
     with pytest.raises(SystemExit):
         sweep.parse_args(["--help"])
     assert "Ray Tune unpickles its tuner.pkl" in " ".join(capsys.readouterr().out.split())
+
+
+def test_a_sweep_name_is_one_safe_folder_name_too(monkeypatch, capsys):
+    from cpal_ray.distributed import runtime
+    from workflows import sweep
+    from workflows.common import run
+
+    monkeypatch.setattr(runtime, "init_ray", _no_ray)
+    with pytest.raises(SystemExit) as done:
+        run(sweep.main, ["--space", "k_tau", "--name", "..", "--config", "configs/synthetic_tiny.yaml"])
+    assert done.value.code == 2 and "--name: must be one folder name" in capsys.readouterr().err

@@ -201,7 +201,7 @@ def test_checkpoints_ray_never_registered_are_removed(tmp_path):
     snapshot = {"checkpoint_results": [{"checkpoint_dir_name": "checkpoint_2026-01-01_00-00-01"},
                                        {"checkpoint_dir_name": "checkpoint_2026-01-01_00-00-02"}]}
     (tmp_path / SNAPSHOT_FILE).write_text(json.dumps(snapshot))
-    (tmp_path / RUN_RECORD).write_text("{}")  # this project made the folder (tests/test_no_silent_loss.py: else nothing goes)
+    (tmp_path / RUN_RECORD).write_text("{}")  # this project made the folder (else: tests/test_no_silent_loss.py)
     assert remove_unregistered_checkpoints(location(tmp_path)) == ["checkpoint_2026-01-01_00-00-03"]
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == [
         "checkpoint_2026-01-01_00-00-01", "checkpoint_2026-01-01_00-00-02", "final"]

@@ -66,12 +66,13 @@ def main(argv=None) -> int:
         init_ray(args.address, args.num_cpus)
         outcome = restore_sweep(args.restore, retry_errored=args.retry_errored)
     else:
+        from cpal_ray.config import check_run_name
         from cpal_ray.engine.inputs import check_training_inputs
         from cpal_ray.sweeps.spaces import load_space
 
         space = load_space(args.space)
         cfg = check_training_inputs(config_from_args(args))
-        name = args.name or f"sweep-{space.__name__.rsplit('.', 1)[-1]}"
+        name = check_run_name(args.name or f"sweep-{space.__name__.rsplit('.', 1)[-1]}", "--name")
         init_ray(args.address, args.num_cpus)
         storage = output_location(args.storage, "--storage") if args.storage else \
             output_location(cfg.train.storage_path, "train.storage_path") / "sweeps"

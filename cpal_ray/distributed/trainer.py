@@ -126,8 +126,8 @@ def prepare_run_folder(cfg: Config, run_dir: Location) -> list[str]:
     """Before Ray Train starts: refuse a folder of foreign checkpoints (``check_run_folder``); for
     a run that has checkpoints, compare ``cfg`` with its saved ``config.yaml``
     (``engine.resume.check_resume``: a frozen field that differs is a ConfigError, with nothing
-    written); remove unregistered checkpoints and the temporary files of killed writers; write ``RUN_RECORD`` and the config. Returns the
-    changes of a resumed run (``["train.epochs 2 -> 6"]``)."""
+    written); remove unregistered checkpoints and the temporary files of killed writers; write
+    ``RUN_RECORD`` and the config. Returns the changes of a resumed run (``["train.epochs 2 -> 6"]``)."""
     check_run_folder(run_dir)
     changes = []
     if checkpoint_folders(run_dir) and (run_dir / CONFIG_FILE).is_file():

@@ -299,7 +299,8 @@ def read_sweep_record(experiment_dir: Location) -> dict:
         if not missing:
             from_dict(spec["base"])
     except (ValueError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{spec_file}: not a cpal-ray sweep record ({str(e).splitlines()[0]}); not restored") from None
+        reason = str(e).splitlines()[0]
+        raise ConfigError(f"{spec_file}: not a cpal-ray sweep record ({reason}); not restored") from None
     if missing:
         raise ConfigError(f"{spec_file}: not a cpal-ray sweep record (no {', '.join(missing)}); not restored, as "
                           "restoring unpickles the folder's tuner.pkl")
