@@ -19,7 +19,7 @@ raises ``CheckpointError`` naming the file when one is missing or differs from i
 truncated copy, a flipped bit), or when ``SHA256SUMS`` itself is unreadable or leaves out a file
 of the folder. ``load_checkpoint`` (resume, export, inference) runs it first, then raises when
 ``state.pt`` is missing or not a cpal-ray checkpoint at all, and never suggests
-``weights_only=False``; ``verified_config`` does the same for a folder's ``config.yaml``. A folder
+``weights_only=False``; ``check_config_file`` does the same for a folder's ``config.yaml``. A folder
 written before checksums existed loads when its state does. ``load_first_valid`` takes candidates
 newest first and falls back past those that fail, saying which and why: local and Ray resumes use it.
 """
@@ -139,17 +139,14 @@ def verify_checkpoint(folder) -> dict[str, bytes]:
             if name in present}
 
 
-def verified_config(folder) -> Config:
-    """The ``config.yaml`` of a checkpoint or ``final/`` folder, checked against its ``SHA256SUMS``
-    (a folder without one, a CAM folder say, is read as it is). CheckpointError naming the file
-    when it is damaged: never a damaged file read as defaults."""
-    from cpal_ray.config import load_config
-
+def check_config_file(folder) -> None:
+    """Check the ``config.yaml`` of a checkpoint or ``final/`` folder against its ``SHA256SUMS`` (a
+    folder without one, a CAM folder say, passes). CheckpointError naming the file when it is
+    damaged: never a damaged file read as defaults."""
     folder = location(folder)
     expected = read_checksums(folder).get(CONFIG_FILE)
     if expected is not None:
         _checked_bytes(folder / CONFIG_FILE, expected)
-    return load_config(folder / CONFIG_FILE)
 
 
 def load_checkpoint(folder, map_location="cpu") -> dict:
