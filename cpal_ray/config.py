@@ -59,6 +59,18 @@ def _check(cond: bool, name: str, msg: str) -> None:
         raise ConfigError(f"{name}: {msg}", field=name)
 
 
+# A run name is one safe path component: it cannot leave its storage folder ("..", "/") or hide.
+_RUN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+=-]{0,199}")
+
+
+def check_run_name(name: str, field: str = "train.name") -> str:
+    """``name`` when it is one safe folder name (letters, digits, ``_ . + = -``, not starting with
+    a dot); ConfigError naming ``field`` otherwise."""
+    _check(isinstance(name, str) and _RUN_NAME.fullmatch(name) is not None, field,
+           f"must be one folder name (letters, digits, _ . + = -, not starting with '.'), got {name!r}")
+    return name
+
+
 class _YamlLoader(yaml.SafeLoader):
     """YAML 1.1 as PyYAML reads it, except that numbers in scientific notation without a dot
     (``1e6``, ``5e-4``) are floats, not strings."""
@@ -112,6 +124,9 @@ class DataConfig:
     # file and id; "skip" leaves it out (training: replaced in its batch by the next readable image,
     # counted in the epoch's skipped_samples; pipelines: a failed manifest row).
     on_bad_sample: str = "error"
+    # The most pixels an image, mask or label file may have, read from its header before anything
+    # is decoded: a larger one (a decompression bomb) is a bad sample naming its file.
+    max_image_pixels: int = 64_000_000
 
     def __post_init__(self):
         _check(self.dataset in DATASETS, "data.dataset", f"must be one of {DATASETS}, got {self.dataset!r}")
@@ -126,6 +141,7 @@ class DataConfig:
         _check(self.loader_workers >= 0, "data.loader_workers", "must be >= 0")
         _check(self.max_side >= 0, "data.max_side", f"must be >= 0 (0 = as stored), got {self.max_side}")
         _check(self.on_bad_sample in ("error", "skip"), "data.on_bad_sample", "must be 'error' or 'skip'")
+        _check(self.max_image_pixels >= 1, "data.max_image_pixels", f"must be >= 1, got {self.max_image_pixels}")
 
     @property
     def num_classes(self) -> int:
@@ -316,7 +332,7 @@ class TrainConfig:
         _check(self.diag_images >= 0, "train.diag_images", "must be >= 0 (0 = off)")
         _check(self.keep_checkpoints == 0 or self.keep_checkpoints >= 2, "train.keep_checkpoints",
                f"must be 0 (all) or >= 2 (a verified fallback), got {self.keep_checkpoints}")
-        _check(bool(self.name) and "/" not in self.name, "train.name", "must be a non-empty name without '/'")
+        check_run_name(self.name, "train.name")
 
 
 @dataclass(frozen=True)

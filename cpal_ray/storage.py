@@ -8,14 +8,16 @@ is a ``Location``: a ``pyarrow.fs`` filesystem and a path on it, as Ray Train an
     loc = location("s3://bucket/runs")        # or "/shared/runs", "runs", "file:///…", "gs://…"
     (loc / "cams" / "a.npz").write_bytes(data)
 
-Object stores: credentials and region come from the usual AWS variables or instance profile; a
+Object stores: credentials and region come from the usual AWS variables or instance profile,
+never from the URI (``s3://KEY:SECRET@bucket`` is refused, without echoing them); a
 custom endpoint (MinIO, moto, Ceph) from ``AWS_ENDPOINT_URL`` or the URI itself
 (``s3://bucket/runs?endpoint_override=host:9000&scheme=http``); ``str(loc)`` keeps that query,
 so a location travels to Ray workers as text and resolves to the same store there.
 
 Writes are whole-object and atomic: a local file is written to a hidden temporary file beside
 it, fsynced and renamed; an object is one upload that appears complete or not at all. So a
-reader, or a resumed run after a crash, never sees half a file under its final name.
+reader, or a resumed run after a crash, never sees half a file under its final name; the
+temporary files of a killed writer are removed when its stage runs again (``remove_temp_files``).
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ import contextlib
 import functools
 import os
 import posixpath
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,9 +33,24 @@ from urllib.parse import urlsplit
 
 import pyarrow.fs as pafs
 
-__all__ = ["Location", "location", "is_uri"]
+__all__ = ["Location", "StorageError", "location", "is_uri", "remove_temp_files"]
 # Object stores whose URIs are scheme://bucket/key, with the path on the filesystem "bucket/key".
 BUCKET_SCHEMES = ("s3", "gs", "gcs")
+
+
+class StorageError(ValueError):
+    """A storage location that cannot be used as written; the message never holds credentials."""
+
+
+def _refuse_user_info(text: str) -> None:
+    """StorageError for a URI with user info (``s3://KEY:SECRET@bucket/…``), which would put a
+    secret into paths, logs and tracebacks; the message leaves the user info out."""
+    parts = urlsplit(text)
+    if "@" in parts.netloc:
+        host = parts.netloc.rsplit("@", 1)[1]
+        raise StorageError(f"{parts.scheme}://<user info>@{host}{parts.path}: a storage URI must not hold credentials; "
+                           "give them through the environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, an "
+                           "instance profile, GOOGLE_APPLICATION_CREDENTIALS)")
 
 
 def is_uri(text: str) -> bool:
@@ -69,7 +87,11 @@ class Location:
         return self.join(name)
 
     def join(self, *parts: str) -> "Location":
+        """This location with ``parts`` appended; a ``..`` among them is refused (ValueError): a
+        name joined below a folder stays below it."""
         parts = [str(p).strip("/") for p in parts if str(p).strip("/")]
+        if any(c == ".." for p in parts for c in p.split("/")):
+            raise ValueError(f"{self.uri}: refusing to join {'/'.join(parts)!r}, which leaves the folder ('..')")
         if not parts:
             return self
         base, query = _split_query(self.uri)
@@ -208,6 +230,7 @@ def location(where: "str | os.PathLike | Location") -> Location:
     if not is_uri(text):
         path = str(Path(text).expanduser().resolve())
         return Location(path, path, pafs.LocalFileSystem())
+    _refuse_user_info(text)
     base, query = _split_query(text)
     base = base.rstrip("/")
     root = urlsplit(base)
@@ -241,6 +264,27 @@ def _split_query(uri: str) -> tuple[str, str]:
         return uri, ""
     parts = urlsplit(uri)
     return uri[: len(uri) - len(parts.query) - 1], "?" + parts.query
+
+
+# The temporary file of ``_atomic_local_write``: ".<name>.<8 random characters of mkstemp>.tmp".
+_TEMP_FILE = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
+
+
+def remove_temp_files(folder) -> list[str]:
+    """Remove the temporary files writers of this module left under ``folder`` (and its
+    sub-folders) when they were killed mid-write; returns their paths. Called when a stage starts
+    again in its folder, before any writer of it runs. An object store has none (whole uploads)."""
+    folder = location(folder)
+    if not folder.is_local or not os.path.isdir(folder.path):
+        return []
+    removed = []
+    for parent, _dirs, files in os.walk(folder.path):
+        for name in files:
+            if _TEMP_FILE.fullmatch(name):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(parent, name))
+                    removed.append(os.path.join(parent, name))
+    return removed
 
 
 def _atomic_local_write(path: Path, data: bytes) -> None:

@@ -92,13 +92,16 @@ def config_from_args(args) -> Config:
 def config_from_folders(args, *folders) -> Config:
     """``--config`` when given, else the ``config.yaml`` saved in the first of ``folders`` (local
     paths or URIs: a checkpoint, a CAM folder) that has one, else the defaults; then the dotted
-    overrides."""
+    overrides. A checkpoint's ``config.yaml`` is checked against its ``SHA256SUMS`` first
+    (``CheckpointError`` naming it when damaged)."""
+    from cpal_ray.engine.checkpoint import check_config_file
     from cpal_ray.storage import location
 
     path = args.config
     for folder in folders if path is None else ():
         if folder and (location(folder) / "config.yaml").is_file():
             path = location(folder) / "config.yaml"
+            check_config_file(folder)
             break
     return load_config(path, list(args.overrides))
 

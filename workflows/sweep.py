@@ -43,7 +43,9 @@ def parse_args(argv=None):
     p.add_argument("--name", default=None, help="experiment name (default: sweep-<space>)")
     p.add_argument("--storage", default=None,
                    help="folder (path or URI) holding the experiment (default: <train.storage_path>/sweeps)")
-    p.add_argument("--restore", default=None, help="continue the sweep in this experiment folder")
+    p.add_argument("--restore", default=None,
+                   help="continue the sweep in this experiment folder; Ray Tune unpickles its tuner.pkl, so restore "
+                        "only folders you trust (one without this project's sweep.json record is refused)")
     p.add_argument("--retry-errored", action="store_true",
                    help="with --restore: also run again the points recorded as failed for an error retrying cannot "
                         "fix (trials that failed otherwise, e.g. on a lost node, are resumed by every --restore)")
@@ -67,12 +69,13 @@ def main(argv=None) -> int:
         init_ray(args.address, args.num_cpus)
         outcome = restore_sweep(args.restore, retry_errored=args.retry_errored)
     else:
+        from cpal_ray.config import check_run_name
         from cpal_ray.engine.inputs import check_training_inputs
         from cpal_ray.sweeps.spaces import load_space
 
         space = load_space(args.space)
         cfg = check_training_inputs(config_from_args(args))
-        name = args.name or f"sweep-{space.__name__.rsplit('.', 1)[-1]}"
+        name = check_run_name(args.name or f"sweep-{space.__name__.rsplit('.', 1)[-1]}", "--name")
         init_ray(args.address, args.num_cpus)
         storage = output_location(args.storage, "--storage") if args.storage else \
             output_location(cfg.train.storage_path, "train.storage_path") / "sweeps"

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from cpal_ray.data.assets import VOC12_META_DIR, VOC_MINI_DIR, resolve_root_path
 from cpal_ray.data.attributes import AttributeShapes
-from cpal_ray.data.base import DataError, FileDataset, SampleDataset, SkipUnreadable
+from cpal_ray.data.base import DataError, FileDataset, SampleDataset, SkipUnreadable, set_max_image_pixels
 from cpal_ray.data.classes import (COCO_CLASSES, VOC_CLASSES, attribute_class_names, colorize, synthetic_class_names,
                                    voc_palette)
 from cpal_ray.data.coco import COCOSegmentation, convert_instances
@@ -75,6 +75,7 @@ def build_dataset(data_cfg, split: str = "train", train: bool | None = None, ret
     """
     if train is None:
         train = split == "train"
+    set_max_image_pixels(data_cfg.max_image_pixels)
     if data_cfg.dataset in _PROCEDURAL:
         return _READERS[data_cfg.dataset].from_config(data_cfg, split, train, return_rgb)
     if data_cfg.root.startswith("bundled:") and data_cfg.dataset != "voc":

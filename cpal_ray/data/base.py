@@ -16,8 +16,10 @@ so an item is the same whatever the worker or process that loads it; call ``set_
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Hashable
 
@@ -34,8 +36,46 @@ log = logging.getLogger(__name__)
 _LOG_SKIPS = 10
 
 
+# File extensions an id list's entries may carry (stripped: ``x.jpg`` is the id ``x``).
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png")
+
+
 class DataError(ValueError):
     """A sample or data file is unusable; the message names the file and the sample id."""
+
+
+# The most pixels an image or label file may claim in its header (data.max_image_pixels, set by
+# ``set_max_image_pixels`` when a dataset is built): checked before anything is decoded, so a
+# decompression bomb (a small file that decodes to gigabytes) is a bad sample naming its file.
+DEFAULT_MAX_IMAGE_PIXELS = 64_000_000
+_max_pixels = [DEFAULT_MAX_IMAGE_PIXELS]
+
+
+def set_max_image_pixels(limit: int) -> None:
+    """The limit of ``open_image`` in this process; PIL's own check (it refuses twice its limit at
+    open) is set to the same number."""
+    _max_pixels[0] = int(limit)
+    Image.MAX_IMAGE_PIXELS = int(limit)
+
+
+@contextlib.contextmanager
+def open_image(source, path, what: str = "image", sample_id: str | None = None, error=DataError):
+    """``PIL.Image.open(source)`` (a path or a file object) whose header size is checked first:
+    ``error`` naming ``path`` (and the id) when it claims more than data.max_image_pixels pixels.
+    Other errors of ``Image.open`` are the caller's to handle, as without it."""
+    of = f" (id {sample_id})" if sample_id is not None else ""
+    try:
+        with warnings.catch_warnings():  # over the limit: refused below, with the file's name
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(source)
+    except Image.DecompressionBombError as e:
+        raise error(f"{path}: {what} too large to decode, a decompression bomb?{of} ({e})") from None
+    with im:
+        width, height = im.size
+        if width * height > _max_pixels[0]:
+            raise error(f"{path}: {what} of {width}x{height} pixels is over data.max_image_pixels="
+                        f"{_max_pixels[0]} (a decompression bomb?){of}")
+        yield im
 
 
 # ----------------------------------------------------------------------------------- file access
@@ -44,26 +84,30 @@ def read_id_list(path: str | os.PathLike) -> list[str]:
     """Ids in a split file, one per line; blank lines and ``#`` comments skipped.
 
     Lines holding paths (DeepLab style ``/JPEGImages/x.jpg /SegmentationClassAug/x.png``) give
-    the stem of their first token.
+    the file name of their first token without its image extension; any other id is kept as
+    written, dots included (``img.v2`` is ``img.v2``, ``img.v2.jpg`` is ``img.v2``).
     """
     ids = []
     for line in Path(path).read_text().splitlines():
         line = line.split("#", 1)[0].strip()
         if line:
-            token = line.split()[0]
-            ids.append(Path(token).stem if "/" in token or "." in token else token)
+            name = line.split()[0].rsplit("/", 1)[-1]
+            stem, dot, ext = name.rpartition(".")
+            ids.append(stem if dot and stem and ext.lower() in IMAGE_EXTENSIONS else name)
     return ids
 
 
 def read_rgb(path: Path, sample_id: str) -> np.ndarray:
     """Decode an image file to uint8 (H, W, 3); DataError naming file and id if unreadable."""
     try:
-        with Image.open(path) as im:
+        with open_image(path, path, "image", sample_id) as im:
             im.load()
             return np.array(im.convert("RGB"))
     except FileNotFoundError as e:
         raise DataError(f"{path}: image file missing (id {sample_id})") from e
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    except DataError:
+        raise
+    except (OSError, SyntaxError, ValueError) as e:
         raise DataError(f"{path}: cannot decode image (id {sample_id}): {e}") from e
 
 
@@ -75,7 +119,7 @@ def read_mask(path: Path, sample_id: str, num_classes: int, image_hw: tuple[int,
     size than its image (H, W) = image_hw, or holds values outside {0..N, 255}.
     """
     try:
-        with Image.open(path) as im:
+        with open_image(path, path, "mask", sample_id) as im:
             im.load()
             if im.mode not in ("P", "L", "I", "I;16"):
                 raise DataError(f"{path}: mask has mode {im.mode!r}, expected class indices in a "
@@ -264,8 +308,10 @@ class FileDataset(SampleDataset):
         sid = self.ids[index]
         path = self.image_path(sid)
         try:
-            with Image.open(path) as im:
+            with open_image(path, path, "image", sid) as im:
                 return fit_long_side((im.size[1], im.size[0]), self.max_side)
+        except DataError:
+            raise
         except (OSError, SyntaxError, ValueError) as e:
             raise DataError(f"{path}: cannot read image header (id {sid}): {e}") from e
 

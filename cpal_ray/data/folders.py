@@ -12,9 +12,8 @@ import io
 import logging
 
 import numpy as np
-from PIL import Image
 
-from cpal_ray.data.base import DataError, SampleDataset
+from cpal_ray.data.base import DataError, SampleDataset, open_image
 from cpal_ray.data.transforms import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
@@ -24,7 +23,7 @@ def decode_label_png(data: bytes, path, sample_id: str, num_classes: int, hw: tu
     """A label PNG's bytes -> (H, W) uint8 in {0..N, 255}; DataError naming the file and id when it
     does not decode, is not a class-index image, has another size than its image or other values."""
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        with open_image(io.BytesIO(data), path, "label PNG", sample_id) as im:
             im.load()
             if im.mode not in ("P", "L"):
                 raise DataError(f"{path}: label has mode {im.mode!r}, expected a palette or greyscale PNG (id {sample_id})")

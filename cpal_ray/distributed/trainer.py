@@ -14,7 +14,10 @@ Failing fast and safe: the inputs are checked before Ray Train starts
 that retrying cannot fix (``NOT_RETRYABLE``: data, config, checkpoint errors, a non-finite loss)
 ends the run at once whatever ``dist.max_failures`` says (``FailFast``) and is raised as itself;
 checkpoint folders that Ray Train never registered (a driver killed between a worker writing
-one and the controller recording it) are removed before a run resumes.
+one and the controller recording it) are removed before a run resumes, and only in a run folder
+this project's record (``RUN_RECORD``) says it made, with Ray Train's record of its checkpoints:
+any other folder of checkpoints is refused with its path. A resumed run's config is compared
+with the saved one before Ray starts (``engine.resume``: frozen fields refused, the rest logged).
 """
 from __future__ import annotations
 
@@ -29,17 +32,21 @@ import ray
 import ray.train
 from ray.train.torch import TorchTrainer
 
-from cpal_ray.config import Config, ConfigError, save_config
+from cpal_ray.config import Config, ConfigError, check_run_name, load_config, save_config
 from cpal_ray.distributed.bank import bank_actor_names, create_bank_actors, remove_bank_actor
 from cpal_ray.distributed.runtime import output_location
 from cpal_ray.distributed.train_loop import CHECKPOINT_PREFIX, train_loop_per_worker
-from cpal_ray.engine.checkpoint import CHECKPOINT_FILES, CONFIG_FILE, checkpoint_context, load_checkpoint
+from cpal_ray.engine.checkpoint import (CONFIG_FILE, SUMS_FILE, CheckpointError, checkpoint_context,
+                                        load_checkpoint, verify_checkpoint)
 from cpal_ray.engine.inputs import NOT_RETRYABLE, check_training_inputs
-from cpal_ray.storage import Location, relative_path
+from cpal_ray.engine.resume import check_resume
+from cpal_ray.storage import Location, relative_path, remove_temp_files
 
 log = logging.getLogger(__name__)
 # Ray Train's record of the checkpoints it registered, in the run folder.
 SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"
+# This project's record that it made a run folder: nothing in a folder without it is deleted.
+RUN_RECORD = ".cpal-ray-run.json"
 
 
 @dataclass
@@ -64,7 +71,8 @@ class FailFast(ray.train.UserCallback):
 
 
 def registered_checkpoints(run_dir: Location) -> list[str] | None:
-    """Names of the checkpoint folders Ray Train registered in ``run_dir`` (None: no readable record)."""
+    """Names of the checkpoint folders Ray Train registered in ``run_dir`` ([] when it has no
+    record; None: a record that cannot be read)."""
     snapshot = run_dir / SNAPSHOT_FILE
     if not snapshot.is_file():
         return []
@@ -75,16 +83,41 @@ def registered_checkpoints(run_dir: Location) -> list[str] | None:
         return None
 
 
+def checkpoint_folders(run_dir: Location) -> list[Location]:
+    return [d for d in run_dir.dirs() if d.name.startswith(CHECKPOINT_PREFIX)]
+
+
+def check_run_folder(run_dir: Location) -> None:
+    """Refuse a run folder holding checkpoints this project has no record of writing: a folder
+    without ``RUN_RECORD`` (another program's, or copied by hand), or one whose checkpoints Ray
+    Train never recorded (no ``checkpoint_manager_snapshot.json``). Nothing there is resumed
+    from or deleted; the CheckpointError says how to proceed."""
+    found = checkpoint_folders(run_dir)
+    if not found:
+        return
+    if not (run_dir / RUN_RECORD).is_file():
+        raise CheckpointError(f"{run_dir}: holds {len(found)} checkpoint folder(s) cpal-ray has no record of writing "
+                              f"(no {RUN_RECORD}); nothing is resumed or deleted: move them away or choose another "
+                              f"train.name")
+    if not (run_dir / SNAPSHOT_FILE).is_file():
+        raise CheckpointError(f"{run_dir}: holds {len(found)} checkpoint folder(s) but no {SNAPSHOT_FILE} (Ray "
+                              f"Train's record of them); nothing is resumed or deleted: move them away to start "
+                              f"afresh, or choose another train.name")
+
+
 def remove_unregistered_checkpoints(run_dir: Location) -> list[str]:
     """Delete the ``checkpoint_*`` folders of ``run_dir`` Ray Train never registered: written by a
     worker after the last registration, when the driver was killed. Ray never resumes from them,
-    and a fallback past a damaged checkpoint must not either. Returns the names removed."""
+    and a fallback past a damaged checkpoint must not either. Only in a folder this project's own
+    record says it wrote, with Ray Train's record of its checkpoints (``check_run_folder``, which
+    raises otherwise). Returns the names removed."""
+    check_run_folder(run_dir)
     registered = registered_checkpoints(run_dir)
     if registered is None:
         return []
     removed = []
-    for folder in run_dir.dirs():
-        if folder.name.startswith(CHECKPOINT_PREFIX) and folder.name not in registered:
+    for folder in checkpoint_folders(run_dir):
+        if folder.name not in registered:
             log.warning("%s: removing a checkpoint Ray Train never registered (left by a killed run)", folder)
             folder.delete()
             removed.append(folder.name)
@@ -125,6 +158,25 @@ def check_storage_from_worker(cfg: Config, run_dir: Location) -> None:
                           "allowing s3:PutObject and s3:DeleteObject, see docs/cluster.md)")
 
 
+def prepare_run_folder(cfg: Config, run_dir: Location) -> list[str]:
+    """Before Ray Train starts: refuse a folder of foreign checkpoints (``check_run_folder``); for
+    a run that has checkpoints, compare ``cfg`` with its saved ``config.yaml``
+    (``engine.resume.check_resume``: a frozen field that differs is a ConfigError, with nothing
+    written); remove unregistered checkpoints and the temporary files of killed writers; write
+    ``RUN_RECORD`` and the config. Returns the changes of a resumed run (``["train.epochs 2 -> 6"]``)."""
+    check_run_folder(run_dir)
+    changes = []
+    if checkpoint_folders(run_dir) and (run_dir / CONFIG_FILE).is_file():
+        changes = check_resume(load_config(run_dir / CONFIG_FILE), cfg, str(run_dir))
+        log.info("resuming %s; changed: %s", run_dir, ", ".join(changes) or "nothing")
+    remove_unregistered_checkpoints(run_dir)
+    for leftover in remove_temp_files(run_dir):
+        log.info("removed %s, left by a writer killed mid-write", leftover)
+    (run_dir / RUN_RECORD).write_text(json.dumps({"written_by": "cpal-ray", "name": run_dir.name}) + "\n")
+    save_config(cfg, run_dir / CONFIG_FILE)
+    return changes
+
+
 def build_trainer(cfg: Config, *, bank_actors: list[str], storage: Location, name: str,
                   callbacks=None) -> TorchTrainer:
     d = cfg.dist
@@ -149,15 +201,14 @@ def run_training(cfg: Config, *, callbacks=None, storage_path: str | None = None
 
     Bad inputs raise before Ray Train starts, with nothing written; a worker error of
     ``NOT_RETRYABLE`` is raised as itself (``ray.train.TrainingFailedError`` for the others)."""
-    name = name or cfg.train.name
+    name = check_run_name(name or cfg.train.name, "train.name")
     if cfg.train.mlflow_uri and importlib.util.find_spec("mlflow") is None:
         raise ConfigError(f"train.mlflow_uri={cfg.train.mlflow_uri!r}: MLflow tracking needs `pip install mlflow`")
     storage = output_location(storage_path or cfg.train.storage_path, "train.storage_path")
     run_dir = storage / name
     cfg = check_training_inputs(cfg)
-    save_config(cfg, run_dir / CONFIG_FILE)
+    prepare_run_folder(cfg, run_dir)
     check_storage_from_worker(cfg, run_dir)
-    remove_unregistered_checkpoints(run_dir)
     actor_names = bank_actor_names(name, cfg.cpal.bank_shards) if cfg.cpal.uses_bank else []
     actors = []
     try:
@@ -185,11 +236,16 @@ def run_training(cfg: Config, *, callbacks=None, storage_path: str | None = None
 
 def export_final(checkpoint: Location, out: Location, history: list | None = None) -> Location:
     """Copy the deliverables of a checkpoint folder to ``out``: weights, config, full state, and
-    ``summary.json`` / ``history.json``. Works across local folders and object stores."""
-    state = load_checkpoint(checkpoint)  # verified before anything is copied
-    for f in CHECKPOINT_FILES:
-        if (checkpoint / f).is_file():
-            (checkpoint / f).copy_to(out / f)
+    ``summary.json`` / ``history.json``. Works across local folders and object stores. Every file
+    is checked against the checkpoint's ``SHA256SUMS`` first, and the copy after: a damaged one
+    raises ``CheckpointError`` naming it, never becomes the final model."""
+    state = load_checkpoint(checkpoint)  # every file verified before anything is written
+    files = verify_checkpoint(checkpoint)  # the bytes checked are the bytes written
+    for name, data in files.items():
+        (out / name).write_bytes(data)
+    if (checkpoint / SUMS_FILE).is_file():
+        (out / SUMS_FILE).write_bytes((checkpoint / SUMS_FILE).read_bytes())
+    verify_checkpoint(out)
     summary = {"epochs_completed": state["epoch"], "global_step": state["global_step"],
                "context_version": context.version if (context := checkpoint_context(state)) else 0,
                "checkpoint": str(checkpoint), "metrics": state.get("metrics", {})}

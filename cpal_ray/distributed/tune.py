@@ -310,17 +310,41 @@ def run_sweep(base_cfg: Config, space_module, experiment_dir, *, seeds: int = 1,
     return _finish(tuner.fit(), experiment_dir, spec)
 
 
+SWEEP_RECORD_KEYS = ("base", "space", "rows", "seeds", "search")
+
+
+def read_sweep_record(experiment_dir: Location) -> dict:
+    """This project's record of a sweep, ``sweep.json`` (written when the sweep starts), checked
+    before Ray Tune is let near the folder: a restore unpickles the folder's ``tuner.pkl``, so a
+    folder without a record of ours is refused (FileNotFoundError / ConfigError naming it)."""
+    spec_file = experiment_dir / SPEC_FILE
+    if not spec_file.is_file():
+        raise FileNotFoundError(f"{experiment_dir}: not a cpal-ray sweep folder (no {SPEC_FILE}); not restored, "
+                                "as restoring unpickles its tuner.pkl")
+    try:
+        spec = json.loads(spec_file.read_text())
+        missing = [k for k in SWEEP_RECORD_KEYS if k not in spec] if isinstance(spec, dict) else list(SWEEP_RECORD_KEYS)
+        if not missing:
+            from_dict(spec["base"])
+    except (ValueError, UnicodeDecodeError) as e:
+        reason = str(e).splitlines()[0]
+        raise ConfigError(f"{spec_file}: not a cpal-ray sweep record ({reason}); not restored") from None
+    if missing:
+        raise ConfigError(f"{spec_file}: not a cpal-ray sweep record (no {', '.join(missing)}); not restored, as "
+                          "restoring unpickles the folder's tuner.pkl")
+    return spec
+
+
 def restore_sweep(path, *, retry_errored: bool = False) -> SweepOutcome:
     """Continue an interrupted sweep (a local path or URI): finished trials are kept as they are,
     unfinished and errored ones run again (a trial's Ray Train run resumes from its last
     checkpoint: a trial that lost its node goes on), except that a point recorded as failed for a
     reason retrying cannot fix fails again at once unless ``retry_errored`` (then it runs)."""
     experiment_dir = output_location(str(path), "--restore")
-    spec_file = experiment_dir / SPEC_FILE
-    if not spec_file.is_file() or not tune.Tuner.can_restore(experiment_dir.path, storage_filesystem=experiment_dir.fs):
-        raise FileNotFoundError(f"{experiment_dir}: not a sweep folder (no {SPEC_FILE} or no Tune state)")
-    spec = {**json.loads(spec_file.read_text()), "experiment_dir": str(experiment_dir),  # the folder may have moved
+    spec = {**read_sweep_record(experiment_dir), "experiment_dir": str(experiment_dir),  # the folder may have moved
             "retry_errored": retry_errored}
+    if not tune.Tuner.can_restore(experiment_dir.path, storage_filesystem=experiment_dir.fs):
+        raise FileNotFoundError(f"{experiment_dir}: not a sweep folder (no Tune state)")
     tuner = tune.Tuner.restore(experiment_dir.path, trainable=make_trainable(spec), resume_unfinished=True,
                                resume_errored=True, storage_filesystem=experiment_dir.fs)
     return _finish(tuner.fit(), experiment_dir, spec)

@@ -14,11 +14,14 @@ local run and every ``final/`` hold the same files):
   config.yaml  the resolved config
   SHA256SUMS   the sha256 of the three, written last (``sha256sum -c SHA256SUMS`` checks them)
 
-Loading verifies: ``load_checkpoint`` raises ``CheckpointError`` naming the folder when
-``state.pt`` is missing, differs from its checksum (a truncated or damaged copy), or is not a
-cpal-ray checkpoint at all, and never suggests ``weights_only=False``. A folder written before
-checksums existed loads when its state does. ``load_first_valid`` takes candidates newest first
-and falls back past those that fail, saying which and why: local and Ray resumes use it.
+Loading verifies every file: ``verify_checkpoint`` reads each file ``SHA256SUMS`` lists and
+raises ``CheckpointError`` naming the file when one is missing or differs from its checksum (a
+truncated copy, a flipped bit), or when ``SHA256SUMS`` itself is unreadable or leaves out a file
+of the folder. ``load_checkpoint`` (resume, export, inference) runs it first, then raises when
+``state.pt`` is missing or not a cpal-ray checkpoint at all, and never suggests
+``weights_only=False``; ``check_config_file`` does the same for a folder's ``config.yaml``. A folder
+written before checksums existed loads when its state does. ``load_first_valid`` takes candidates
+newest first and falls back past those that fail, saying which and why: local and Ray resumes use it.
 """
 from __future__ import annotations
 
@@ -85,38 +88,95 @@ def write_checkpoint(folder, checkpoint: dict) -> Location:
 
 
 def read_checksums(folder) -> dict[str, str]:
-    """{file name: sha256} of a checkpoint folder's ``SHA256SUMS`` ({} when it has none)."""
+    """{file name: sha256} of a checkpoint folder's ``SHA256SUMS`` ({} when it has none).
+    CheckpointError when a line of it is not a checksum line (a damaged record checks nothing)."""
     path = location(folder) / SUMS_FILE
     if not path.is_file():
         return {}
-    return {m.group(2): m.group(1) for line in path.read_text().splitlines() if (m := _SUM_LINE.match(line.strip()))}
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: unreadable ({e})") from None
+    sums = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        if not (m := _SUM_LINE.match(line.strip())):
+            raise CheckpointError(f"{path}: line {number} is not '<sha256>  <file>' (damaged)")
+        sums[m.group(2)] = m.group(1)
+    return sums
+
+
+def _checked_bytes(path: Location, expected: str | None) -> bytes:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing (listed in {SUMS_FILE})") from None
+    except OSError as e:
+        raise CheckpointError(str(e)) from None
+    if expected is not None and hashlib.sha256(data).hexdigest() != expected:
+        raise CheckpointError(f"{path}: damaged or truncated ({len(data)} bytes whose sha256 is not the one in "
+                              f"{SUMS_FILE})")
+    return data
+
+
+def verify_checkpoint(folder) -> dict[str, bytes]:
+    """Read the checkpoint files of ``folder`` and check each against ``SHA256SUMS``; returns
+    {name: bytes} of the files present.
+
+    CheckpointError naming the file: listed but missing, or different from its checksum; present
+    but left out of ``SHA256SUMS``; ``SHA256SUMS`` unreadable. A folder without ``SHA256SUMS``
+    (written before checksums existed) is returned unchecked."""
+    folder = location(folder)
+    sums = read_checksums(folder)
+    present = {f.name for f in folder.list()}
+    if sums:
+        unlisted = sorted(n for n in (STATE_FILE, MODEL_FILE, CONFIG_FILE) if n in present and n not in sums)
+        if unlisted:
+            raise CheckpointError(f"{folder / SUMS_FILE}: does not list {', '.join(unlisted)} (damaged)")
+        return {name: _checked_bytes(folder / name, digest) for name, digest in sums.items()}
+    return {name: _checked_bytes(folder / name, None) for name in (STATE_FILE, MODEL_FILE, CONFIG_FILE)
+            if name in present}
+
+
+def check_config_file(folder) -> None:
+    """Check the ``config.yaml`` of a checkpoint or ``final/`` folder against its ``SHA256SUMS`` (a
+    folder without one, a CAM folder say, passes). CheckpointError naming the file when it is
+    damaged: never a damaged file read as defaults."""
+    folder = location(folder)
+    expected = read_checksums(folder).get(CONFIG_FILE)
+    if expected is not None:
+        _checked_bytes(folder / CONFIG_FILE, expected)
 
 
 def load_checkpoint(folder, map_location="cpu") -> dict:
-    """Read and verify ``state.pt`` of a checkpoint folder (local path or URI; weights_only) and
-    rebuild its Config. ``CheckpointError`` names the folder when it is not a usable checkpoint."""
+    """Verify every file of a checkpoint folder (local path or URI; ``verify_checkpoint``), read its
+    ``state.pt`` (weights_only) and rebuild its Config. ``CheckpointError`` names the folder or file
+    when it is not a usable checkpoint."""
     from cpal_ray.models.weights import load_tensors
 
     folder = location(folder)
     path = folder / STATE_FILE
+    files = verify_checkpoint(folder)
+    if STATE_FILE not in files:
+        raise CheckpointError(f"{folder}: not a cpal-ray checkpoint (no {STATE_FILE})")
     try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise CheckpointError(f"{folder}: not a cpal-ray checkpoint (no {STATE_FILE})") from None
-    except OSError as e:
-        raise CheckpointError(str(e)) from None
-    expected = read_checksums(folder).get(STATE_FILE)
-    if expected is not None and hashlib.sha256(data).hexdigest() != expected:
-        raise CheckpointError(f"{path}: damaged or truncated ({len(data)} bytes whose sha256 is not the one in "
-                              f"{SUMS_FILE})")
-    try:
-        state = load_tensors(data, str(path), map_location=map_location)
+        state = load_tensors(files[STATE_FILE], str(path), map_location=map_location)
     except ValueError as e:
         raise CheckpointError(f"{e}: {folder} is not a cpal-ray checkpoint") from None
     if not isinstance(state, dict) or not {"model", "epoch", "config"} <= set(state):
         raise CheckpointError(f"{path}: not a cpal-ray checkpoint (no model, epoch and config in it)")
     state["config"] = from_dict(state["config"])
     return state
+
+
+def checkpoint_digest(folder) -> str:
+    """The content hash of a checkpoint or ``final/`` folder: the sha256 of its ``SHA256SUMS`` (of
+    ``state.pt`` for a folder written before checksums existed). Retraining into the same folder
+    changes it; copying the folder does not."""
+    folder = location(folder)
+    sums = folder / SUMS_FILE
+    return hashlib.sha256((sums if sums.is_file() else folder / STATE_FILE).read_bytes()).hexdigest()
 
 
 def load_first_valid(folders, map_location="cpu") -> tuple[dict, Location] | None:
@@ -160,6 +220,10 @@ def load_trained(folder, map_location="cpu", cfg: Config | None = None):
     if cfg.train.task != task:
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, task=task))
     model = build_task_model(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, pretrained=False, weights="")))
-    model.load_state_dict(state["model"])
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as e:
+        raise CheckpointError(f"{folder}: its weights do not fit the {cfg.model.backbone} network "
+                              f"({str(e).splitlines()[0]})") from None
     model.eval()
     return model, cfg, checkpoint_context(state)

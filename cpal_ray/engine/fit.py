@@ -38,11 +38,13 @@ from torch.utils.data import DataLoader
 
 from cpal_ray.config import Config
 from cpal_ray.cpal.bank import Context
+from cpal_ray.engine.checkpoint import CheckpointError
 from cpal_ray.engine.comm import all_gather_object
 from cpal_ray.engine.diagnostics import DiagnosticsHook
 from cpal_ray.engine.hooks import CheckpointHook, ClusterHook, Hook
 from cpal_ray.engine.loop import train_one_epoch
 from cpal_ray.engine.optim import build_optimizer, build_scheduler
+from cpal_ray.engine.resume import check_resume, resume_schedule
 from cpal_ray.engine.sampler import GlobalBatchSampler
 from cpal_ray.engine.tracking import TrackingHook
 
@@ -91,7 +93,9 @@ def fit(cfg: Config, *, bank=None, device: torch.device | str = "cpu", rank: int
     rank / world_size: this worker's shard of every global batch (``GlobalBatchSampler``);
     prepare_model: wraps the model for data parallelism (default: ``model.to(device)``);
     save_fn: receives each epoch's checkpoint (see ``CheckpointHook``); resume: a loaded
-    checkpoint (``load_checkpoint``); hooks: run after the clustering, before the checkpoint;
+    checkpoint (``load_checkpoint``), whose config is compared with ``cfg`` first
+    (``engine.resume``: a frozen field that differs is a ConfigError) and whose lr schedule is
+    spread over ``cfg.train.epochs``; hooks: run after the clustering, before the checkpoint;
     model / dataset: built from ``cfg`` (seeded with ``train.seed``) when not given; run_dir: where
     the run's records go as it trains (``TrackingHook``: TensorBoard, history.json, curves.png).
     """
@@ -112,10 +116,19 @@ def fit(cfg: Config, *, bank=None, device: torch.device | str = "cpu", rank: int
     scheduler = build_scheduler(optimizer, len(sampler) * cfg.train.epochs, cfg.optim.poly_power)
     start_epoch, context = 0, None
     if resume is not None:
-        model.load_state_dict(resume["model"])
+        changes = check_resume(resume["config"], cfg, f"resuming {cfg.train.name}")
+        try:
+            model.load_state_dict(resume["model"])
+        except RuntimeError as e:  # frozen fields equal, weights not: a checkpoint of another network
+            raise CheckpointError(f"resuming {cfg.train.name}: the checkpoint's weights do not fit the "
+                                  f"{cfg.model.backbone} network ({str(e).splitlines()[0]})") from None
         optimizer.load_state_dict(resume["optimizer"])
         scheduler.load_state_dict(resume["scheduler"])
+        resume_schedule(scheduler, len(sampler) * cfg.train.epochs, cfg.optim.poly_power)
         start_epoch = int(resume["epoch"])
+        if rank == 0:
+            log.info("resuming %s from epoch %d of %d; changed: %s", cfg.train.name, start_epoch, cfg.train.epochs,
+                     ", ".join(changes) or "nothing")
     if bank is not None:  # the bank always equals the state saved with the model
         bank_state = resume["bank"] if resume is not None else None
         bank.load_state_dict(bank_state)

@@ -14,10 +14,11 @@ import dataclasses
 from cpal_ray.config import Config, ConfigError
 from cpal_ray.data.base import DataError
 from cpal_ray.engine.checkpoint import CheckpointError
+from cpal_ray.storage import StorageError
 
 # Errors a person fixes in a command, a config, a folder or a file: a workflow reports them in one
 # line with exit status 2 (``workflows.common.run``) instead of a traceback.
-USER_ERRORS = (ConfigError, DataError, CheckpointError, FileNotFoundError, NotADirectoryError)
+USER_ERRORS = (ConfigError, DataError, CheckpointError, StorageError, FileNotFoundError, NotADirectoryError)
 # Errors of a training worker that fail the run at once, whatever dist.max_failures says.
 NOT_RETRYABLE = (ConfigError, DataError, CheckpointError, FloatingPointError)
 

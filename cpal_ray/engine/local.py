@@ -13,7 +13,7 @@ from cpal_ray.config import Config
 from cpal_ray.cpal.shards import make_bank
 from cpal_ray.engine.checkpoint import load_first_valid, write_checkpoint
 from cpal_ray.engine.fit import FitResult, fit
-from cpal_ray.storage import Location, location
+from cpal_ray.storage import Location, location, remove_temp_files
 
 log = logging.getLogger(__name__)
 EPOCH_DIR = re.compile(r"epoch_(\d{3,})$")
@@ -34,6 +34,8 @@ def fit_local(cfg: Config, out_dir=None, device: str = "cpu", model=None, datase
     save_fn = resume = None
     if out_dir is not None:
         out = location(out_dir)
+        for leftover in remove_temp_files(out):
+            log.info("removed %s, left by a writer killed mid-write", leftover)
         found = load_first_valid(epoch_dirs(out))
         if found is not None:
             resume, folder = found

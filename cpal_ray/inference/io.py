@@ -17,6 +17,7 @@ import zipfile
 import numpy as np
 from PIL import Image
 
+from cpal_ray.data.base import open_image
 from cpal_ray.data.classes import voc_palette
 from cpal_ray.storage import Location, location
 
@@ -81,7 +82,7 @@ def load_label_png(path, expected_shape: tuple[int, int] | None = None) -> np.nd
     is missing, unreadable, not a 'P' or 'L' image, or not of ``expected_shape`` (H, W).
     """
     try:
-        with Image.open(io.BytesIO(location(path).read_bytes())) as im:
+        with open_image(io.BytesIO(location(path).read_bytes()), path, "label PNG", error=LabelFileError) as im:
             if im.mode not in ("P", "L"):
                 raise LabelFileError(f"{path}: label PNG must be mode 'P' or 'L', got {im.mode!r}")
             arr = np.array(im, dtype=np.uint8)

@@ -27,13 +27,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from PIL import Image
 
-from cpal_ray.data.base import DataError, read_rgb as read_image_file
+from cpal_ray.data.base import DataError, open_image, read_rgb as read_image_file
 from cpal_ray.data.classes import positive_classes
 from cpal_ray.inference.io import LabelFileError, atomic_write_bytes, encode_label_png, load_cams_npz, \
     load_label_png, save_cams_npz
-from cpal_ray.storage import Location, location
+from cpal_ray.storage import Location, location, remove_temp_files
 from cpal_ray.inference.pseudo import IGNORE, pseudo_label_from_config
 
 log = logging.getLogger(__name__)
@@ -46,6 +45,7 @@ _COMMON = [("id", pa.string()), ("status", pa.string()), ("path", pa.string()), 
 CAM_SCHEMA = pa.schema(_COMMON + [("pacam_path", pa.string())])
 LABEL_SCHEMA = pa.schema(_COMMON + [("frac_ignored", pa.float64()), ("sha256", pa.string())])
 PNG_END = b"IEND\xaeB`\x82"
+MANIFEST_PARTS = "manifest"  # <out>/manifest/part-*.parquet (ManifestWriter)
 
 
 PACAM_DIR = "pacam"  # the PACAM files of a CAM folder live in this subfolder
@@ -69,8 +69,10 @@ def image_hw(dataset, index: int) -> tuple[int, int]:
         sid = dataset.ids[index]
         path = dataset.image_path(sid)
         try:
-            with Image.open(path) as im:
+            with open_image(path, path, "image", sid) as im:
                 return im.size[1], im.size[0]
+        except DataError:
+            raise
         except (OSError, SyntaxError, ValueError) as e:
             raise DataError(f"{path}: cannot read image header (id {sid}): {e}") from e
     return tuple(dataset.read(index)[0].shape[:2])
@@ -120,16 +122,44 @@ def validate_label_png(path, hw: tuple[int, int], classes: np.ndarray) -> tuple[
     return label, hashlib.sha256(data).hexdigest()
 
 
-def existing_label(png, hw: tuple[int, int], classes) -> tuple[np.ndarray | None, str | None]:
-    """(label, sha256) of a finished PNG that ``validate_label_png`` accepts, else (None, None): the
-    file is missing or is redone (logged with the reason)."""
+def existing_label(png, hw: tuple[int, int], classes, recorded: str | None = None
+                   ) -> tuple[np.ndarray | None, str | None]:
+    """(label, sha256) of a finished PNG that ``validate_label_png`` accepts and whose sha256 is
+    ``recorded`` (the manifest's, when it has one), else (None, None): the file is missing or is
+    redone (logged with the reason)."""
     if not png.exists():
         return None, None
     try:
-        return validate_label_png(png, hw, classes)
+        label, sha = validate_label_png(png, hw, classes)
     except LabelFileError as e:
         log.info("redoing %s: %s", png, e)
         return None, None
+    if recorded and sha != recorded:
+        log.info("redoing %s: its sha256 is not the one its manifest row records", png)
+        return None, None
+    return label, sha
+
+
+_RECORDED: dict[str, tuple[tuple[str, ...], dict[str, str]]] = {}
+
+
+def recorded_sha256(out_dir) -> dict[str, str]:
+    """{id: sha256} of the PNGs the manifest parts of ``out_dir`` record (the latest row with a
+    sha256 per id; parts sort in run order). Read again whenever the parts change."""
+    parts = [p for p in (location(out_dir) / MANIFEST_PARTS).list(".parquet") if p.name.startswith("part-")]
+    key, names = str(location(out_dir)), tuple(p.name for p in parts)
+    if key in _RECORDED and _RECORDED[key][0] == names:
+        return _RECORDED[key][1]
+    sums = {}
+    for part in parts:
+        try:
+            table = pq.read_table(io.BytesIO(part.read_bytes()), columns=["id", "sha256"])
+        except Exception as e:  # noqa: BLE001 - a damaged part records nothing
+            log.warning("%s: unreadable manifest part (%s)", part, e)
+            continue
+        sums.update((sid, sha) for sid, sha in zip(*(table.column(c).to_pylist() for c in ("id", "sha256"))) if sha)
+    _RECORDED[key] = (names, sums)
+    return sums
 
 
 def write_label_png(png, label: np.ndarray) -> str:
@@ -215,7 +245,8 @@ def label_job(dataset, index: int, out_dir, make_label, *, image_labels: bool = 
     try:
         classes = positive_classes(dataset.label_of(index)) if image_labels else np.arange(dataset.num_classes)
         hw = image_hw(dataset, index)
-        label, sha = existing_label(png, hw, classes) if skip_existing else (None, None)
+        label, sha = existing_label(png, hw, classes, recorded_sha256(out_dir).get(sid)) if skip_existing \
+            else (None, None)
         status = "skipped"
         if label is None:
             status, label = "done", make_label(classes, hw)
@@ -332,9 +363,18 @@ def check_run_spec(out_dir, spec: dict, overwrite: bool = False) -> None:
 
     ``spec`` (JSON-able) is what decides the output bytes. It is saved as ``<out>/run_spec.json``;
     a different saved spec raises ValueError naming the keys that differ, unless ``overwrite``.
+    A ``checkpoint`` in it is recorded with its content (``checkpoint_sha256``: a model retrained
+    into the same folder is another input), a ``cam_dir`` with its own run spec's sha256. An
+    accepted folder is then cleared of the temporary files of writers killed mid-write.
     """
     path = location(out_dir) / "run_spec.json"
     spec = json.loads(json.dumps(spec, default=str))
+    if spec.get("checkpoint"):
+        from cpal_ray.engine.checkpoint import checkpoint_digest
+
+        spec["checkpoint_sha256"] = checkpoint_digest(spec["checkpoint"])
+    if spec.get("cam_dir") and (cams_spec := location(spec["cam_dir"]) / "run_spec.json").is_file():
+        spec["cam_dir_spec_sha256"] = hashlib.sha256(cams_spec.read_bytes()).hexdigest()
     if path.is_file() and not overwrite:
         old = json.loads(path.read_text())
         diff = sorted(k for k in set(old) | set(spec) if old.get(k) != spec.get(k))
@@ -343,3 +383,5 @@ def check_run_spec(out_dir, spec: dict, overwrite: bool = False) -> None:
                              f"{[old.get(k) for k in diff]} -> {[spec.get(k) for k in diff]}); "
                              "use another output folder or overwrite")
     atomic_write_bytes(path, json.dumps(spec, indent=2, sort_keys=True).encode())
+    for leftover in remove_temp_files(out_dir):
+        log.info("removed %s, left by a writer killed mid-write", leftover)
