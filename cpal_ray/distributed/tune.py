@@ -41,7 +41,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from cpal_ray.config import Config, ConfigError, from_dict
 from cpal_ray.distributed.runtime import output_location
 from cpal_ray.distributed.trainer import run_training
-from cpal_ray.numbers import finite_or_none
+from cpal_ray.numbers import finite_or_none, strict_json
 from cpal_ray.sweeps.report import SPEC_FILE, trial_records, write_results
 from cpal_ray.storage import Location, location
 from cpal_ray.sweeps.spaces import ROW_KEY, point_overrides, required_overrides, smoke_space, space_spec
@@ -235,7 +235,7 @@ def sweep_trial(config: dict, spec: dict) -> None:
                "cam_source": seeds["cam_source"], "eval_images": seeds["images"], "phase": "final",
                "started_at": start, "finished_at": time.time(),
                "point": point.get(ROW_KEY) or json.dumps(point)}
-    seeds_file.write_text(json.dumps({**metrics, "curve": finite_or_none(seeds["miou"])}, indent=2))
+    seeds_file.write_text(strict_json({**metrics, "curve": finite_or_none(seeds["miou"])}, indent=2))
     tune.report(metrics)
 
 
@@ -267,7 +267,7 @@ def run_sweep(base_cfg: Config, space_module, experiment_dir, *, seeds: int = 1,
                       gpus_per_trial=gpus_per_trial, eval_max_images=eval_max_images, eval_split=eval_split,
                       smoke_test=smoke_test,
                       max_concurrent=max_concurrent)
-    (experiment_dir / SPEC_FILE).write_text(json.dumps(spec, indent=2))
+    (experiment_dir / SPEC_FILE).write_text(strict_json(spec, indent=2))
     search_alg = _search_alg(spec)
     tuner = tune.Tuner(
         make_trainable(spec),

@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 from cpal_ray.engine.hooks import Hook
-from cpal_ray.numbers import is_finite, json_safe
+from cpal_ray.numbers import is_finite, json_safe, strict_json
 from cpal_ray.storage import location
 
 log = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ class TrackingHook(Hook):
         if self._local is not None:  # an object store: upload the event files as they are now
             location(self._local.name).copy_to(self.run_dir / TENSORBOARD_DIR)
         self.history.append(json_safe(dict(record)))
-        (self.run_dir / HISTORY_FILE).write_text(json.dumps(self.history, indent=2, default=str))
+        (self.run_dir / HISTORY_FILE).write_text(strict_json(self.history, indent=2))
         from cpal_ray.inference.visuals import diagnostic_curves
 
         diagnostic_curves({self.name: self.history}, self.run_dir / CURVES_FILE)

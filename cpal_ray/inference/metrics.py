@@ -21,7 +21,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from cpal_ray.inference.io import atomic_write_bytes
-from cpal_ray.numbers import json_safe, pct
+from cpal_ray.numbers import pct, strict_json
 from cpal_ray.storage import Location, location
 
 
@@ -257,7 +257,7 @@ def write_report(results: dict[str, Any], out_dir, class_names: list[str]) -> di
     out = location(out_dir)
     payload = dict(results, class_names=list(class_names))
     paths = {"json": out / "seeds.json", "md": out / "seeds.md", "png": out / "miou_vs_threshold.png"}
-    atomic_write_bytes(paths["json"], json.dumps(json_safe(payload), indent=2).encode())
+    atomic_write_bytes(paths["json"], strict_json(payload, indent=2).encode())
 
     lines = [
         "# Seed mIoU",
