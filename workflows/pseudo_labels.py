@@ -62,17 +62,20 @@ def main(argv=None) -> int:
     from cpal_ray.storage import location
 
     from cpal_ray.data import build_dataset
-    from cpal_ray.distributed.pipelines import check_inputs, run_pseudo_labels
+    from cpal_ray.distributed.pipelines import check_inputs, pseudo_labels_spec, run_pseudo_labels
     from cpal_ray.distributed.runtime import init_ray, output_location
     from cpal_ray.inference.evaluate import evaluate_labels, write_json
+    from cpal_ray.inference.jobs import check_run_spec
 
     cams_parent = location(args.cams).parent if args.cams else None  # a pacam/ folder: the config is above it
     cfg = config_from_folders(args, args.cams, cams_parent, args.checkpoint)
     inputs = check_inputs(cfg, args.split, checkpoint=None if args.cams else args.checkpoint, cam_dir=args.cams,
                           source=cfg.inference.cam_source, limit=args.limit)
-    init_ray(args.address, args.num_cpus)
     out = output_location(args.out, "--out") if args.out else \
         location(args.checkpoint or args.cams).parent / f"pseudo-labels-{args.split}"
+    check_run_spec(out, pseudo_labels_spec(inputs, args.split, cam_dir=args.cams, checkpoint=args.checkpoint),
+                   args.overwrite, write=False)
+    init_ray(args.address, args.num_cpus)
     summary = run_pseudo_labels(cfg, out, cam_dir=args.cams, checkpoint=args.checkpoint, split=args.split,
                                 overwrite=args.overwrite, limit=args.limit, inputs=inputs)
     report = {"run": summary.to_dict()}
