@@ -7,21 +7,35 @@ import sys
 from pathlib import Path
 
 from cpal_ray.config import Config, load_config
-from cpal_ray.engine.inputs import USER_ERRORS
+
+
+# The exit status of a command stopped by Ctrl-C (128 + SIGINT), as shells report it.
+INTERRUPTED = 130
 
 
 def run(main, argv=None) -> None:
     """``sys.exit(main(argv))`` for an entry point, with ``USER_ERRORS`` as one line on stderr and
     exit status 2 (the status argparse uses for a bad command line). An OSError from the system that names
-    no file (``os.getcwd()`` of a deleted folder, say) is not about an input: it keeps its traceback."""
+    no file (``os.getcwd()`` of a deleted folder, say) is not about an input: it keeps its traceback.
+    Ctrl-C is one line (a training run's says where it resumes) and exit status 130."""
     try:
         code = main(argv)
-    except USER_ERRORS as e:
-        if isinstance(e, OSError) and e.errno is not None and not e.filename:
-            raise  # raised by the system about no file in particular; cpal-ray's own name their file
+    except KeyboardInterrupt as e:
+        interrupted(e)
+    except Exception as e:
+        from cpal_ray.engine.inputs import USER_ERRORS  # not before: --help must not wait for torch
+
+        if not isinstance(e, USER_ERRORS) or (isinstance(e, OSError) and e.errno is not None and not e.filename):
+            raise  # a bug, or the system about no file in particular (cpal-ray's own errors name their file)
         print(f"error: {e}", file=sys.stderr)
         code = 2
     sys.exit(code)
+
+
+def interrupted(e: KeyboardInterrupt | None = None) -> None:
+    """Ctrl-C: its one line on stderr, exit status 130 (no traceback)."""
+    print(str(e) if e is not None and str(e) else "interrupted", file=sys.stderr)
+    sys.exit(INTERRUPTED)
 
 
 def doc_parser(doc: str) -> argparse.ArgumentParser:
