@@ -1,4 +1,4 @@
-"""Seed mIoU of CAMs: background-threshold sweep (or one fixed threshold), per-class IoU, plot.
+r"""Seed mIoU of CAMs: background-threshold sweep (or one fixed threshold), per-class IoU, plot.
 
     python -m workflows.eval_cams --cams out/cams --out out/seeds              # saved CAM files
     python -m workflows.eval_cams --cams out/cams/pacam --out out/seeds-pacam  # saved PACAM files
@@ -20,13 +20,14 @@ before anything starts or is written; the exit status is then 2.
 """
 from __future__ import annotations
 
-import json
+from cpal_ray.numbers import strict_json
 
 from workflows.common import (
     add_cam_actor_flags,
     base_parser,
     cam_actor_overrides,
     config_from_folders,
+    flag_overrides,
     run,
     setup_logging,
 )
@@ -68,9 +69,8 @@ def read_ids(path) -> list[str]:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging()
-    args.overrides = [*args.overrides, *cam_actor_overrides(args)]
-    if args.threshold is not None:
-        args.overrides = [*args.overrides, f"inference.fixed_threshold={args.threshold}"]
+    args.overrides = [*args.overrides, *cam_actor_overrides(args),
+                      *flag_overrides(args, ("--threshold", "inference.fixed_threshold"))]
     from cpal_ray.config import save_config
     from cpal_ray.data import build_dataset
     from cpal_ray.distributed.pipelines import check_inputs
@@ -95,7 +95,7 @@ def main(argv=None) -> int:
         summary = run_make_cams(cfg, args.checkpoint, out / "cams", split=args.split, source=source, limit=args.limit,
                                 inputs=inputs)
         cams = source_dir(out / "cams", source)
-        print(json.dumps({"make_cams": {k: v for k, v in summary.to_dict().items() if k != "failures"}}))
+        print(strict_json({"make_cams": {k: v for k, v in summary.to_dict().items() if k != "failures"}}))
     else:
         out = output_location(args.out, "--out") if args.out else cams / "seeds"
     save_config(inputs.cfg, out / "config.yaml")
@@ -106,7 +106,7 @@ def main(argv=None) -> int:
     results["errors"] = [f"id {sid}: {reason}" for sid, reason in skipped] + results["errors"]
     results["n_errors"] += len(skipped)
     paths = write_report(results, out, list(results["class_names"]))
-    print(json.dumps({"best_miou": results["best_miou"], "best_threshold": results["best_threshold"],
+    print(strict_json({"best_miou": results["best_miou"], "best_threshold": results["best_threshold"],
                       "images": results["images"], "n_errors": results["n_errors"],
                       "errors": results["errors"][:20], **{k: str(v) for k, v in paths.items()}}))
     return 0 if results["n_errors"] == 0 else 1

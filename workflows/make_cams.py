@@ -1,4 +1,4 @@
-"""Multi-scale (+flip) CAM files for one dataset split, on Ray Data.
+r"""Multi-scale (+flip) CAM files for one dataset split, on Ray Data.
 
     python -m workflows.make_cams --checkpoint results/synthetic-tiny/final --split val --out out/cams
     python -m workflows.make_cams --checkpoint <run>/final --source both --out out/cams inference.scales=[1.0]
@@ -19,7 +19,7 @@ status is 2.
 """
 from __future__ import annotations
 
-import json
+from cpal_ray.numbers import strict_json
 
 from workflows.common import (
     add_cam_actor_flags,
@@ -59,7 +59,7 @@ def main(argv=None) -> int:
     init_ray(args.address, args.num_cpus)
     summary = run_make_cams(cfg, args.checkpoint, out, split=args.split, source=args.source, limit=args.limit,
                             overwrite=args.overwrite, inputs=inputs)
-    print(json.dumps(summary.to_dict()))
+    print(strict_json(summary.to_dict()))
     return 0 if summary.ok else 1
 
 

@@ -1,4 +1,4 @@
-"""CRF pseudo-labels (IRN recipe) for a dataset split on Ray Data, then their mIoU against the GT.
+r"""CRF pseudo-labels (IRN recipe) for a dataset split on Ray Data, then their mIoU against the GT.
 
     python -m workflows.pseudo_labels --cams out/cams-train --split train --out out/pseudo
     python -m workflows.pseudo_labels --checkpoint <run>/final --split train --out out/pseudo --preset amn
@@ -20,13 +20,14 @@ written; the exit status is then 2.
 """
 from __future__ import annotations
 
-import json
+from cpal_ray.numbers import strict_json
 
 from workflows.common import (
     add_cam_actor_flags,
     base_parser,
     cam_actor_overrides,
     config_from_folders,
+    flag_overrides,
     run,
     setup_logging,
 )
@@ -51,14 +52,14 @@ def build_parser():
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    setup_logging()
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.cams is None and args.checkpoint is None:
-        raise SystemExit("pseudo_labels: give --cams or --checkpoint")
-    pseudo = {"preset": args.preset, "mode": args.mode, "max_crf_actors": args.crf_actors,
-              "cpus_per_task": args.cpus_per_crf}
+        parser.error("give --cams (saved CAM files) or --checkpoint (CAMs computed on the fly)")
+    setup_logging()
     args.overrides = [*args.overrides, *cam_actor_overrides(args),
-                      *(f"pseudo.{k}={v}" for k, v in pseudo.items() if v is not None)]
+                      *flag_overrides(args, ("--preset", "pseudo.preset"), ("--mode", "pseudo.mode"),
+                                      ("--crf-actors", "pseudo.max_crf_actors"), ("--cpus-per-crf", "pseudo.cpus_per_task"))]
     from cpal_ray.storage import location
 
     from cpal_ray.data import build_dataset
@@ -84,7 +85,7 @@ def main(argv=None) -> int:
         scores = evaluate_labels(out, dataset, max_images=args.limit)
         write_json(scores, out / "pseudo_labels_miou.json")
         report["miou"] = {k: scores[k] for k in ("miou", "pixel_acc", "frac_ignored", "images", "n_errors")}
-    print(json.dumps(report, default=str))
+    print(strict_json(report))
     return 0 if summary.ok else 1
 
 

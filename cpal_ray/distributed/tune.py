@@ -96,7 +96,7 @@ def build_spec(base_cfg: Config, space_module, experiment_dir: Location, *, seed
     if seeds < 1 or num_samples < 1:
         raise ValueError("seeds and num_samples must be >= 1")
     if search == "optuna" and seeds > 1:
-        raise ValueError("--seeds > 1 repeats grid or random points; Optuna proposes each point once")
+        raise ValueError("--repeats > 1 repeats grid or random points; Optuna proposes each point once")
     spec = space_spec(space_module)
     cfg = _absolute_paths(base_cfg)
     raised = required_overrides(_dotted(cfg), spec["requires"])
