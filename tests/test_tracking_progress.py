@@ -1,5 +1,6 @@
 """What a run shows as it trains (issue 27, items 6-8): complete TensorBoard event files, one
 progress report from rank 0 with short plain lines, and curves.png that explains itself."""
+import os
 import struct
 from types import SimpleNamespace
 
@@ -50,3 +51,80 @@ def test_tensorboard_the_docs_tell_users_to_run_is_a_dependency():
 
     deps = tomllib.loads(open(f"{REPO}/pyproject.toml").read())["project"]["dependencies"]
     assert "tensorboard" in deps  # the `tensorboard --logdir` of the README and of `cpal-ray train --help`
+
+
+class _Steps:
+    """A fake TrainState for StepMeter: CPU, an optimizer with one param group, log_every 2."""
+
+    def __init__(self, rank=0, steps=4, log_every=2):
+        self.cfg = SimpleNamespace(train=SimpleNamespace(log_every=log_every))
+        self.optimizer = SimpleNamespace(param_groups=[{"lr": 0.01}])
+        self.device, self.rank, self.epoch, self.steps_per_epoch, self.logged = "cpu", rank, 3, steps, None
+
+
+def _run(meter, values):
+    import torch
+
+    seen = []
+    for step, batch in meter.log_every(range(10)):
+        seen.append((step, batch))
+        meter.update(torch.tensor(values[step]))
+    return seen
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_step_meter_times_averages_calls_hooks_and_reports_from_rank_0_alone(rank, caplog, monkeypatch):
+    import logging
+
+    from cpal_ray.engine import progress
+
+    bars, logged = [], []
+    monkeypatch.setattr(progress, "bar_factory", lambda it, desc, total: bars.append((desc, total)) or it)
+    hook = SimpleNamespace(after_step=lambda state, step: logged.append((step, state.logged)))
+    state = _Steps(rank)
+    meter = progress.StepMeter(state, ("loss", "bce"), [hook])
+    with caplog.at_level(logging.INFO, logger="cpal_ray.engine.progress"):
+        seen = _run(meter, [[1.0, 0.5], [3.0, 1.5], [5.0, 2.5], [7.0, 3.5]])
+    assert seen == [(s, s) for s in range(4)] and meter.steps == 4 and meter.means() == [4.0, 2.0]
+    assert meter.data_seconds >= 0 and meter.step_seconds >= 0
+    assert [s for s, _ in logged] == [0, 1, 2, 3]  # every step's hooks, after the step
+    assert [v for _, v in logged] == [{"loss": 1.0, "bce": 0.5, "lr": 0.01}, None,
+                                      {"loss": 5.0, "bce": 2.5, "lr": 0.01}, None]
+    lines = [r.getMessage() for r in caplog.records]
+    if rank == 0:
+        assert bars == [("epoch 3", 4)] and len(lines) == 2
+        assert lines[1].startswith("epoch 3 step 3/4: loss 4.0000 bce 2.0000 lr 1.00e-02")  # steps 1-2 averaged
+        assert all(len(line) <= progress.MAX_LINE and "\x1b" not in line for line in lines)
+    else:
+        assert bars == [] and lines == []
+
+
+def test_step_meter_names_the_first_non_finite_step_and_its_terms():
+    from cpal_ray.engine.progress import StepMeter
+
+    meter = StepMeter(_Steps(rank=1, log_every=2), ("loss", "bce"))
+    with pytest.raises(FloatingPointError, match=r"non-finite loss at epoch 3 step 1 \(rank 1\): "
+                                                 r"\{'loss': nan, 'bce': 1.0\}"):
+        _run(meter, [[1.0, 0.5], [float("nan"), 1.0], [5.0, 2.5], [7.0, 3.5]])
+
+
+def test_long_log_lines_are_cut():
+    import logging
+
+    from cpal_ray.engine.progress import MAX_LINE, ShortLines
+
+    record = logging.LogRecord("ray.train", logging.INFO, __file__, 1, "Reporting %s", ("x" * 5000,), None)
+    assert ShortLines().filter(record) and len(record.getMessage()) == MAX_LINE
+
+
+def test_no_colour_codes_in_worker_output_when_not_a_terminal(monkeypatch):
+    from cpal_ray.distributed import runtime
+
+    monkeypatch.delenv("RAY_COLOR_PREFIX", raising=False)
+    monkeypatch.setattr(runtime, "interactive", lambda: False)
+    runtime.plain_worker_output()
+    assert os.environ["RAY_COLOR_PREFIX"] == "0"
+    monkeypatch.delenv("RAY_COLOR_PREFIX")
+    monkeypatch.setattr(runtime, "interactive", lambda: True)
+    runtime.plain_worker_output()
+    assert "RAY_COLOR_PREFIX" not in os.environ

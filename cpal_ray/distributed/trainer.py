@@ -30,7 +30,7 @@ import ray.train
 from cpal_ray.config import Config, ConfigError, save_config
 from cpal_ray.distributed.bank import bank_actor_names, create_bank_actors, remove_bank_actor
 from cpal_ray.distributed.interrupt import SNAPSHOT_FILE, InterruptibleTorchTrainer, interrupted
-from cpal_ray.distributed.runtime import output_location
+from cpal_ray.distributed.runtime import interactive, output_location
 from cpal_ray.distributed.train_loop import CHECKPOINT_PREFIX, train_loop_per_worker
 from cpal_ray.engine.checkpoint import CHECKPOINT_FILES, CONFIG_FILE, checkpoint_context, load_checkpoint
 from cpal_ray.engine.inputs import NOT_RETRYABLE, check_training_inputs
@@ -97,7 +97,8 @@ def build_trainer(cfg: Config, *, bank_actors: list[str], storage: Location, nam
         resources["GPU"] = 1
     return InterruptibleTorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg.to_dict(), "bank_actors": bank_actors, "run_dir": str(storage / name)},
+        train_loop_config={"cfg": cfg.to_dict(), "bank_actors": bank_actors, "run_dir": str(storage / name),
+                           "progress_bar": interactive()},  # rank 0 draws a bar through Ray (tqdm_ray)
         scaling_config=ray.train.ScalingConfig(num_workers=d.num_workers, use_gpu=d.use_gpu,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(name=name, storage_path=storage.path, storage_filesystem=storage.fs,
