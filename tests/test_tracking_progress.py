@@ -128,3 +128,42 @@ def test_no_colour_codes_in_worker_output_when_not_a_terminal(monkeypatch):
     monkeypatch.setattr(runtime, "interactive", lambda: True)
     runtime.plain_worker_output()
     assert "RAY_COLOR_PREFIX" not in os.environ
+
+
+def test_curves_have_a_title_whole_epochs_an_lr_panel_and_say_why_a_panel_is_empty():
+    from cpal_ray.inference.visuals import curves_figure
+
+    history = [{"epoch": e, "bce": 0.7 - 0.1 * e, "self": 0.1, "lr": 0.05 * (1 - e / 3), "self_image_share": 0.5,
+                "self_class_share": 0.4, "bank_fill": [4, 4], "classes_below_k": []} for e in range(3)]
+    fig = curves_figure({"synthetic-tiny": history})  # train.diag_images=0: no diag_* numbers
+    assert fig._suptitle.get_text() == "synthetic-tiny: training curves (3 epochs)"
+    panels = {ax.get_title(): ax for ax in fig.axes}
+    lr = panels["learning rate (end of epoch)"]
+    assert list(lr.lines[0].get_ydata()) == [0.05, 0.05 * (1 - 1 / 3), 0.05 * (1 - 2 / 3)]
+    for ax in fig.axes:
+        ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+        assert all(float(t).is_integer() for t in ticks), (ax.get_title(), ticks)
+    empty = [ax for ax in fig.axes if not ax.lines]
+    assert len(empty) == 3 and all("train.diag_images=0" in ax.texts[0].get_text() for ax in empty)
+
+
+def test_the_threshold_plot_says_how_many_images_it_scored():
+    from cpal_ray.inference.metrics import threshold_figure
+
+    fig = threshold_figure({"thresholds": [0.2, 0.3], "miou": [0.4, 0.5], "best_threshold": 0.3, "best_miou": 0.5,
+                            "images": 4})
+    assert fig.axes[0].get_title() == "seed mIoU of 4 images: best 50.00 at 0.30"
+
+
+def test_the_epoch_record_has_the_learning_rate():
+    import torch
+
+    from cpal_ray.config import load_config
+    from cpal_ray.engine import fit_local
+
+    cfg = load_config("configs/synthetic_tiny.yaml", ["train.epochs=2", "train.max_steps_per_epoch=2",
+                                                      "data.synthetic_images=16", "cpal.enabled=false",
+                                                      "dist.num_workers=1", "train.diag_images=0"])
+    torch.manual_seed(0)
+    record = fit_local(cfg).history[0]
+    assert 0 < record["lr"] < cfg.optim.lr  # the poly schedule half-way

@@ -89,4 +89,5 @@ def train_one_epoch(state, loader, hooks=()) -> dict:
     return {**dict(zip(names, means)), "steps": meter.steps, "images": images, "self_images": int(self_images),
             "self_image_share": self_images / max(images, 1), "self_class_share": self_pairs / max(pairs, 1),
             "pushed": pushed, "skipped_ids": sorted(skipped), "data_seconds": meter.data_seconds,
-            "step_seconds": meter.step_seconds, "context_version": state.context.version if state.context else 0}
+            "step_seconds": meter.step_seconds, "lr": optimizer.param_groups[0]["lr"],
+            "context_version": state.context.version if state.context else 0}

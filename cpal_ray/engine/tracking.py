@@ -3,7 +3,7 @@
   tensorboard/    TensorBoard event files: the loss terms and lr every ``train.log_every`` steps
                   (``step/…``) and every scalar of each epoch's record (``epoch/…``)
   history.json    the records of the epochs so far, rewritten after each epoch
-  curves.png      losses, L_self shares, seed mIoU of CAM and PACAM, contrast, bank (after each epoch)
+  curves.png      losses, lr, L_self shares, seed mIoU of CAM and PACAM, contrast, bank (after each epoch)
 
 Open with ``tensorboard --logdir <run folder>`` (``tensorboard`` is installed with cpal-ray; for an
 object store: copy the folder first, or point TensorBoard at the URI where it supports it). The

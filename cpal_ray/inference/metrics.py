@@ -276,6 +276,14 @@ def write_report(results: dict[str, Any], out_dir, class_names: list[str]) -> di
     lines += [f"| {name} | {pct(v, 2)} |" for name, v in zip(class_names, results["iou"])]
     atomic_write_bytes(paths["md"], ("\n".join(lines) + "\n").encode())
 
+    buf = io.BytesIO()
+    threshold_figure(results).savefig(buf, format="png", dpi=100)
+    atomic_write_bytes(paths["png"], buf.getvalue())
+    return paths
+
+
+def threshold_figure(results: dict[str, Any]):
+    """``miou_vs_threshold.png``: the mIoU curve, the best threshold, how many images were scored."""
     # Figure + Agg canvas directly: no pyplot, so no global backend switch in library code.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -287,9 +295,8 @@ def write_report(results: dict[str, Any], out_dir, class_names: list[str]) -> di
     ax.axvline(results["best_threshold"], color="gray", linestyle="--", linewidth=1)
     ax.set_xlabel("background threshold")
     ax.set_ylabel("mIoU (%)")
-    ax.set_title(f"best {pct(results['best_miou'], 2)} at {results['best_threshold']:.2f}")
+    images = results.get("images")
+    ax.set_title(f"seed mIoU of {images if images is not None else '?'} images: best {pct(results['best_miou'], 2)} "
+                 f"at {results['best_threshold']:.2f}")
     ax.grid(True, alpha=0.3)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    atomic_write_bytes(paths["png"], buf.getvalue())
-    return paths
+    return fig
