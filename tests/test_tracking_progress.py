@@ -115,6 +115,9 @@ def test_long_log_lines_are_cut():
 
     record = logging.LogRecord("ray.train", logging.INFO, __file__, 1, "Reporting %s", ("x" * 5000,), None)
     assert ShortLines().filter(record) and len(record.getMessage()) == MAX_LINE
+    record = logging.LogRecord("ray", logging.INFO, __file__, 1, "dashboard at \x1b[1m\x1b[32mhttp://h:8265\x1b[39m", (),
+                               None)
+    assert ShortLines(None, plain=True).filter(record) and record.getMessage() == "dashboard at http://h:8265"
 
 
 def test_no_colour_codes_in_worker_output_when_not_a_terminal(monkeypatch):

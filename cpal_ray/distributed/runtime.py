@@ -53,10 +53,14 @@ def interactive() -> bool:
 
 
 def plain_worker_output() -> None:
-    """No colour codes around the workers' lines Ray prints here unless stderr is a terminal
-    (``RAY_COLOR_PREFIX=0``, read by Ray as it prints; a value the user set is kept)."""
+    """No colour codes unless stderr is a terminal: around the workers' lines Ray prints here
+    (``RAY_COLOR_PREFIX=0``, read by Ray as it prints; a value the user set is kept) and in Ray's
+    own log lines of this process (the dashboard's address)."""
     if not interactive():
+        from cpal_ray.engine.progress import shorten_log_lines
+
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")
+        shorten_log_lines("ray", limit=None, plain=True)
 
 
 def output_location(where: str, field: str) -> Location:

@@ -24,7 +24,7 @@ from cpal_ray.config import from_dict
 from cpal_ray.distributed.bank import NAMESPACE, BankClient
 from cpal_ray.engine import Hook, fit, load_first_valid, write_checkpoint
 from cpal_ray.engine.comm import all_gather_object, barrier
-from cpal_ray.engine.progress import set_bar_factory, shorten_log_lines
+from cpal_ray.engine.progress import WORKER_LINE, set_bar_factory, shorten_log_lines
 from cpal_ray.engine.tracking import MlflowHook
 from cpal_ray.storage import location
 
@@ -113,7 +113,7 @@ def report_progress(rank: int, progress_bar: bool) -> None:
         set_bar_factory(lambda iterable, desc, total: ray_tqdm(iterable, desc=desc, total=total))
     else:
         set_bar_factory(lambda iterable, desc, total: None)
-    shorten_log_lines("", "ray")
+    shorten_log_lines("", "ray", limit=WORKER_LINE)
 
 
 def train_loop_per_worker(config: dict) -> None:

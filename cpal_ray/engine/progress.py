@@ -21,6 +21,7 @@ draws, when the driver's terminal is interactive, see ``distributed.train_loop``
 from __future__ import annotations
 
 import logging
+import re
 import time
 from typing import Callable
 
@@ -28,6 +29,9 @@ import torch
 
 log = logging.getLogger(__name__)
 MAX_LINE = 200  # characters of a log line (longer ones are cut, see ShortLines)
+# A Ray worker's message: Ray prints "(RayTrainWorker pid=…) " before it in the driver.
+WORKER_LINE = MAX_LINE - 30
+_COLOUR = re.compile(r"\x1b\[[0-9;]*m")
 
 
 def _terminal_bar(iterable, desc: str, total: int):
@@ -48,25 +52,28 @@ def set_bar_factory(factory: Callable | None) -> None:
 
 class ShortLines(logging.Filter):
     """Cuts the message of a log record to ``limit`` characters (Ray Train logs whole metric
-    dicts at INFO, several thousand characters a line)."""
+    dicts at INFO, several thousand characters a line) and, with ``plain``, removes colour codes."""
 
-    def __init__(self, limit: int = MAX_LINE):
+    def __init__(self, limit: int | None = MAX_LINE, plain: bool = False):
         super().__init__()
-        self.limit = limit
+        self.limit, self.plain = limit, plain
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        if len(message) > self.limit:
-            record.msg, record.args = message[: self.limit - 1] + "…", None
+        short = _COLOUR.sub("", message) if self.plain else message
+        if self.limit and len(short) > self.limit:
+            short = short[: self.limit - 1] + "…"
+        if short != message:
+            record.msg, record.args = short, None
         return True
 
 
-def shorten_log_lines(*logger_names: str, limit: int = MAX_LINE) -> None:
+def shorten_log_lines(*logger_names: str, limit: int | None = MAX_LINE, plain: bool = False) -> None:
     """Add ``ShortLines`` to every handler of these loggers ("" = the root), once."""
     for name in logger_names:
         for handler in logging.getLogger(name).handlers:
             if not any(isinstance(f, ShortLines) for f in handler.filters):
-                handler.addFilter(ShortLines(limit))
+                handler.addFilter(ShortLines(limit, plain))
 
 
 class _NonFiniteWatch:
