@@ -6,7 +6,8 @@ r"""Train CPAL (or the BCE baseline with cpal.enabled=false) on Ray Train.
 
 train.storage_path is an absolute path every node shares or a URI (s3://…; a custom endpoint from
 AWS_ENDPOINT_URL). Re-running with the same train.name and train.storage_path resumes from the
-last checkpoint. The run folder holds, as it trains, TensorBoard files (tensorboard/), history.json
+last checkpoint; Ctrl-C stops a run with one line saying the epoch it resumes from (exit status
+130), and history.json keeps only the epochs that have a checkpoint. The run folder holds, as it trains, TensorBoard files (tensorboard/), history.json
 and curves.png; --mlflow-uri also logs to MLflow. Bad inputs (config, dataset
 folder, id list, labels, weights file) are reported before Ray starts, with nothing written; the
 exit status is then 2.
