@@ -170,3 +170,18 @@ def test_the_epoch_record_has_the_learning_rate():
     torch.manual_seed(0)
     record = fit_local(cfg).history[0]
     assert 0 < record["lr"] < cfg.optim.lr  # the poly schedule half-way
+
+
+def test_a_ray_worker_draws_a_bar_through_the_driver_only_on_rank_0_and_only_for_a_terminal():
+    from cpal_ray.distributed.train_loop import report_progress
+    from cpal_ray.engine import progress
+
+    try:
+        for rank, terminal in ((1, True), (0, False)):
+            report_progress(rank, terminal)
+            assert progress.bar_factory(range(3), "epoch 0", 3) is None, (rank, terminal)
+        report_progress(0, True)
+        bar = progress.bar_factory(range(3), "epoch 0", 3)
+        assert type(bar).__module__ == "ray.experimental.tqdm_ray"
+    finally:
+        progress.set_bar_factory(None)
