@@ -7,6 +7,7 @@ Every invalid value raises ``ConfigError`` naming the field and what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import re
 import typing
 from dataclasses import dataclass, field
@@ -641,7 +642,10 @@ def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)
-    _check(not unknown, f"{prefix}{unknown[0]}" if unknown else prefix, f"unknown field; known: {sorted(known)}")
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], sorted(known), n=1)
+        hint = f"did you mean {prefix}{close[0]}? " if close else ""
+        _check(False, f"{prefix}{unknown[0]}", f"unknown field; {hint}known: {sorted(known)}")
     kwargs = {}
     for name, value in values.items():
         typ = hints[name]
@@ -669,18 +673,38 @@ def _apply_overrides(values: dict[str, Any], overrides: dict[str, Any]) -> dict[
     return out
 
 
+def _field_type(key: str) -> Any:
+    """The declared type of a dotted field (``train.name`` -> str); None for an unknown one."""
+    section, _, name = key.partition(".")
+    cls = typing.get_type_hints(Config).get(section)
+    return typing.get_type_hints(cls).get(name) if dataclasses.is_dataclass(cls) else None
+
+
 def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """``["cpal.tau=0.2", "model.backbone=tiny"]`` -> {"cpal.tau": 0.2, ...} (values parsed as YAML)."""
+    """``["cpal.tau=0.2", "model.backbone=tiny"]`` -> {"cpal.tau": 0.2, ...} (values parsed as YAML).
+
+    A text field stays the text typed: ``train.name=001`` is "001", ``train.name=yes`` is "yes"
+    (YAML alone would make them 1 and True)."""
     parsed = {}
     for item in items:
         _check("=" in item, item, "an override must look like section.field=value")
         key, raw = item.split("=", 1)
+        key = key.strip()
         try:
-            parsed[key.strip()] = _yaml(raw) if raw.strip() else ""
+            value = _yaml(raw) if raw.strip() else ""
         except yaml.YAMLError as e:
-            raise ConfigError(f"override {item}: not a YAML value ({str(e).splitlines()[0]})",
-                              field=key.strip()) from None
+            if _field_type(key) is not str:
+                raise ConfigError(f"override {item}: not a YAML value ({str(e).splitlines()[0]})", field=key) from None
+            value = raw.strip()
+        if _field_type(key) is str and value is not None and not isinstance(value, (str, list, dict)):
+            value = raw.strip()
+        parsed[key] = value
     return parsed
+
+
+def _override_of(field: str, overrides: dict[str, Any]) -> str | None:
+    """The override that set ``field`` or a field below it (an unknown section: ``cpall.tau``)."""
+    return field if field in overrides else next((k for k in overrides if k.startswith(f"{field}.")), None)
 
 
 def shipped_configs() -> list[str]:
@@ -728,8 +752,8 @@ def load_config(path=None, overrides: list[str] | dict[str, Any] | None = None) 
     try:
         return from_dict(_apply_overrides(values, overrides))
     except ConfigError as e:
-        if e.field in overrides:
-            raise ConfigError(f"override {e.field}={overrides[e.field]}: {e}", e.field) from None
+        if (key := _override_of(e.field, overrides)) is not None:
+            raise ConfigError(f"override {key}={overrides[key]}: {e}", e.field) from None
         raise ConfigError(f"{source}: {e}" if source is not None else str(e), e.field) from None
 
 

@@ -27,6 +27,16 @@ def json_safe(x: Any) -> Any:
     return x
 
 
+def strict_json(x: Any, **kwargs) -> str:
+    """``json.dumps`` of ``x`` that every JSON parser reads: NaN and ±inf become null (``json_safe``),
+    other objects their ``str`` (``default=str``), and ``allow_nan=False`` as the last guard.
+    Every JSON file cpal-ray writes, and every summary it prints, goes through here."""
+    import json
+
+    kwargs.setdefault("default", str)
+    return json.dumps(json_safe(x), allow_nan=False, **kwargs)
+
+
 def _as_float(x: Any) -> float | None:
     """x as a finite float (numpy scalars included), else None."""
     if x is None or isinstance(x, bool):

@@ -18,6 +18,8 @@ Writes are whole-object and atomic: a local file is written to a hidden temporar
 it, fsynced and renamed; an object is one upload that appears complete or not at all. So a
 reader, or a resumed run after a crash, never sees half a file under its final name; the
 temporary files of a killed writer are removed when its stage runs again (``remove_temp_files``).
+A local file gets the mode ``open()`` would give it (0666 less the umask: readable by colleagues
+and a TensorBoard server on a shared file system), not the 0600 of the temporary file.
 """
 from __future__ import annotations
 
@@ -287,11 +289,23 @@ def remove_temp_files(folder) -> list[str]:
     return removed
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux shows it (``/proc/self/status``);
+    elsewhere set and put back at once."""
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        with open("/proc/self/status") as f:
+            return int(next(line for line in f if line.startswith("Umask:")).split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _atomic_local_write(path: Path, data: bytes) -> None:
     """Temp file in the same folder + fsync + ``os.replace``; the temp file goes on any error."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes it 0600
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

@@ -3,55 +3,105 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 from pathlib import Path
 
-from cpal_ray.config import Config, load_config
-from cpal_ray.engine.inputs import USER_ERRORS
+from cpal_ray.config import Config, ConfigError, load_config
+
+
+# The exit status of a command stopped by Ctrl-C (128 + SIGINT), as shells report it.
+INTERRUPTED = 130
 
 
 def run(main, argv=None) -> None:
     """``sys.exit(main(argv))`` for an entry point, with ``USER_ERRORS`` as one line on stderr and
     exit status 2 (the status argparse uses for a bad command line). An OSError from the system that names
-    no file (``os.getcwd()`` of a deleted folder, say) is not about an input: it keeps its traceback."""
+    no file (``os.getcwd()`` of a deleted folder, say) is not about an input: it keeps its traceback.
+    Ctrl-C is one line (a training run's says where it resumes) and exit status 130."""
     try:
         code = main(argv)
-    except USER_ERRORS as e:
-        if isinstance(e, OSError) and e.errno is not None and not e.filename:
-            raise  # raised by the system about no file in particular; cpal-ray's own name their file
+    except KeyboardInterrupt as e:
+        interrupted(e)
+    except Exception as e:
+        from cpal_ray.engine.inputs import USER_ERRORS  # not before: --help must not wait for torch
+
+        if not isinstance(e, USER_ERRORS) or (isinstance(e, OSError) and e.errno is not None and not e.filename):
+            raise  # a bug, or the system about no file in particular (cpal-ray's own errors name their file)
         print(f"error: {e}", file=sys.stderr)
         code = 2
     sys.exit(code)
 
 
+def interrupted(e: KeyboardInterrupt | None = None) -> None:
+    """Ctrl-C: its one line on stderr, exit status 130 (no traceback)."""
+    print(str(e) if e is not None and str(e) else "interrupted", file=sys.stderr)
+    sys.exit(INTERRUPTED)
+
+
+class Parser(argparse.ArgumentParser):
+    """``parse_args`` takes the dotted overrides anywhere among the flags (``parse_intermixed_args``):
+    ``--config x train.epochs=2 --num-cpus 2`` as well as flags first."""
+
+    def parse_args(self, args=None, namespace=None):
+        return self.parse_intermixed_args(args, namespace)
+
+
 def doc_parser(doc: str) -> argparse.ArgumentParser:
     """A parser whose ``--help`` is the entry point's docstring: its first line, then the options,
-    then the rest (the example commands and what the command writes) as written."""
-    first, _, rest = doc.strip().partition("\n")
-    return argparse.ArgumentParser(prog=_prog(), description=first, epilog=rest.strip("\n") or None,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    then the rest (the example commands and what the command writes) as written, without the
+    double backticks of reST, and with the examples in the form the user ran (``cpal-ray train``
+    under a ``cpal-ray train`` usage line; ``ray job submit`` lines keep ``python -m``, the form a
+    job's entrypoint needs)."""
+    prog = _prog()
+    first, _, rest = doc.strip().replace("``", "").partition("\n")
+    if prog and prog.startswith("cpal-ray "):
+        from workflows.cli import COMMANDS
+
+        commands = {module: command for command, (module, _) in COMMANDS.items()}
+        rest = re.sub(r"^(\s*)python -m workflows\.(\w+)", lambda m: f"{m.group(1)}cpal-ray "
+                      f"{commands.get(m.group(2), m.group(2))}", rest, flags=re.M)
+    return Parser(prog=prog, description=first, epilog=rest.strip("\n") or None,
+                  formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
 def _prog() -> str | None:
     """How the user ran it, for the usage line: ``python -m workflows.<name>`` or ``cpal-ray <command>``
     (argparse's default is the file name, ``train.py``, which is neither)."""
     script = Path(sys.argv[0])
+    if script.name == "cpal-ray" or (script.name == "cli.py" and script.parent.name == "workflows"):
+        return f"cpal-ray {sys.argv[1]}" if len(sys.argv) > 1 else "cpal-ray"
     if script.suffix == ".py" and script.parent.name == "workflows":
         return f"python -m workflows.{script.stem}"
-    if script.name == "cpal-ray" and len(sys.argv) > 1:
-        return f"cpal-ray {sys.argv[1]}"
     return None
 
 
 def base_parser(doc: str) -> argparse.ArgumentParser:
     p = doc_parser(doc)
     p.add_argument("--config", default=None, help="YAML config, local or a URI (default: the embedded defaults)")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved config (the YAML, overrides and flags applied) and exit; nothing starts")
     p.add_argument("--address", default=None,
                    help="Ray to join (default: $RAY_ADDRESS, else a cluster running on this machine, else a new "
                         "local Ray); 'local' = always a private local Ray")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of a private local Ray (implies --address local)")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. cpal.tau=0.2 train.epochs=2")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. cpal.tau=0.2 train.epochs=2 (anywhere among "
+                                                "the flags)")
     return p
+
+
+def flag_overrides(args, *flags: tuple[str, str]) -> list[str]:
+    """Dotted overrides for the ``(flag, config field)`` pairs whose flag was given (its value not
+    None; ``--gpu``/``--no-gpu`` as true/false). Each field is remembered in ``args.flag_fields``,
+    so that a bad value is reported against the flag the user typed, not the field behind it."""
+    out, given = [], vars(args).setdefault("flag_fields", {})
+    for flag, field in flags:
+        value = getattr(args, flag.lstrip("-").replace("-", "_"), None)
+        if value is None:
+            continue
+        out.append(f"{field}={str(value).lower() if isinstance(value, bool) else value}")
+        given[field] = (flag if value else f"--no-{flag[2:]}") if isinstance(value, bool) else f"{flag} {value}"
+    return out
 
 
 def add_tracking_flags(p: argparse.ArgumentParser) -> None:
@@ -61,7 +111,7 @@ def add_tracking_flags(p: argparse.ArgumentParser) -> None:
 
 
 def tracking_overrides(args) -> list[str]:
-    return [f"train.mlflow_uri={args.mlflow_uri}"] if getattr(args, "mlflow_uri", None) else []
+    return flag_overrides(args, ("--mlflow-uri", "train.mlflow_uri"))
 
 
 def add_cam_actor_flags(p: argparse.ArgumentParser) -> None:
@@ -76,24 +126,21 @@ def add_cam_actor_flags(p: argparse.ArgumentParser) -> None:
 
 def cam_actor_overrides(args) -> list[str]:
     """The CAM actor flags that were given, as dotted overrides (``--gpu`` -> inference.use_gpu=true)."""
-    out = []
-    for flag, field in (("gpu", "use_gpu"), ("actors_per_gpu", "cam_actors_per_gpu"), ("cam_cpus", "cam_cpus"),
-                        ("cam_actors", "max_cam_actors")):
-        value = getattr(args, flag, None)
-        if value is not None:
-            out.append(f"inference.{field}={str(value).lower() if isinstance(value, bool) else value}")
-    return out
+    return flag_overrides(args, ("--gpu", "inference.use_gpu"), ("--actors-per-gpu", "inference.cam_actors_per_gpu"),
+                          ("--cam-cpus", "inference.cam_cpus"), ("--cam-actors", "inference.max_cam_actors"))
 
 
-def config_from_args(args) -> Config:
-    return load_config(args.config, list(args.overrides))
+def config_from_args(args, default=None, *, show: bool = True) -> Config:
+    """``--config`` (else ``default``, else the embedded defaults) with the dotted overrides; with
+    ``--print-config`` (and ``show``) the resolved config is printed and the command ends here."""
+    return _load(args, args.config or default, show)
 
 
-def config_from_folders(args, *folders) -> Config:
+def config_from_folders(args, *folders, show: bool = True) -> Config:
     """``--config`` when given, else the ``config.yaml`` saved in the first of ``folders`` (local
     paths or URIs: a checkpoint, a CAM folder) that has one, else the defaults; then the dotted
-    overrides. A checkpoint's ``config.yaml`` is checked against its ``SHA256SUMS`` first
-    (``CheckpointError`` naming it when damaged)."""
+    overrides (and ``--print-config`` as ``config_from_args``). A checkpoint's ``config.yaml`` is
+    checked against its ``SHA256SUMS`` first (``CheckpointError`` naming it when damaged)."""
     from cpal_ray.engine.checkpoint import check_config_file
     from cpal_ray.storage import location
 
@@ -103,7 +150,28 @@ def config_from_folders(args, *folders) -> Config:
             path = location(folder) / "config.yaml"
             check_config_file(folder)
             break
-    return load_config(path, list(args.overrides))
+    return _load(args, path, show)
+
+
+def _load(args, path, show: bool) -> Config:
+    try:
+        cfg = load_config(path, list(args.overrides))
+    except ConfigError as e:
+        flag = getattr(args, "flag_fields", {}).get(e.field)
+        if flag is None:
+            raise
+        raise ConfigError(f"{flag}: {str(e).rpartition(f'{e.field}: ')[2]} ({e.field})", e.field) from None
+    return print_config(args, cfg) if show else cfg
+
+
+def print_config(args, cfg: Config) -> Config:
+    """With ``--print-config``: print ``cfg`` as the YAML it would be saved as, and exit 0."""
+    if getattr(args, "print_config", False):
+        from cpal_ray.config import config_yaml
+
+        print(config_yaml(cfg), end="")
+        sys.exit(0)
+    return cfg
 
 
 def setup_logging() -> None:
@@ -114,27 +182,27 @@ def stage_training_main(doc: str, task: str, label_flag: str, label_field: str, 
     """The body of ``workflows.train_affinity`` / ``train_seg``: the CAM run's config (``--config``,
     else the ``config.yaml`` of ``--from``), the label folder (``--<label_flag>``), the stage's
     config (``stage_config``), checked before Ray starts, then Ray Train."""
-    import json
+    from cpal_ray.numbers import strict_json
 
     p = base_parser(doc)
     p.add_argument("--from", dest="source", default=None,
                    help="the CAM run's final/ folder (or any folder with its config.yaml): its config is the base")
-    p.add_argument(f"--{label_flag}", dest="labels", default=None,
+    p.add_argument(f"--{label_flag}", default=None,
                    help=f"folder of label PNGs to train on ({label_field}; default: the config's)")
     p.add_argument("--name", default=None, help="run name (default <train.name>-" + task + ")")
     add_tracking_flags(p)
     args = p.parse_args(argv)
     setup_logging()
-    args.overrides = [*args.overrides, *tracking_overrides(args),
-                      *([f"{label_field}={args.labels}"] if args.labels else [])]
+    args.overrides = [*args.overrides, *tracking_overrides(args), *flag_overrides(args, (f"--{label_flag}", label_field))]
     from cpal_ray.config import stage_config
     from cpal_ray.distributed.runtime import init_ray
     from cpal_ray.distributed.trainer import run_training
     from cpal_ray.engine.inputs import check_training_inputs
 
-    cfg = check_training_inputs(stage_config(config_from_folders(args, args.source), task, args.name))
+    cfg = print_config(args, stage_config(config_from_folders(args, args.source, show=False), task, args.name))
+    cfg = check_training_inputs(cfg)
     init_ray(args.address, args.num_cpus)
     result = run_training(cfg)
-    print(json.dumps({"run_dir": str(result.run_dir), "final": str(result.final_dir), "task": task,
-                      "epoch": result.metrics.get("epoch"), "loss": result.metrics.get("loss")}, default=str))
+    print(strict_json({"run_dir": str(result.run_dir), "final": str(result.final_dir), "task": task,
+                       "epoch": result.metrics.get("epoch"), "loss": result.metrics.get("loss")}))
     return 0

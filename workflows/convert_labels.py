@@ -9,7 +9,7 @@ Prints the output file and the number of ids; a file that is not a label file gi
 """
 from __future__ import annotations
 
-import json
+from cpal_ray.numbers import strict_json
 
 from workflows.common import doc_parser, run, setup_logging
 
@@ -23,7 +23,7 @@ def main(argv=None) -> int:
     from cpal_ray.data import convert_labels
 
     dst, n = convert_labels(args.src, args.dst)
-    print(json.dumps({"labels": str(dst), "ids": n}))
+    print(strict_json({"labels": str(dst), "ids": n}))
     return 0
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 
-from workflows.common import base_parser, run, setup_logging
+from workflows.common import base_parser, config_from_args, run, setup_logging
 
 DEFAULT_CONFIG = "configs/voc_mini_cpu.yaml"  # shipped in the package: found from any directory
 
@@ -18,11 +18,10 @@ def main(argv=None) -> int:
     p.add_argument("--keep", action="store_true", help="keep an earlier demo folder (default: start fresh)")
     args = p.parse_args(argv)
     setup_logging()
-    from cpal_ray.config import load_config
     from cpal_ray.distributed.demo import run_demo
     from cpal_ray.distributed.runtime import init_ray
 
-    cfg = load_config(args.config or DEFAULT_CONFIG, list(args.overrides))
+    cfg = config_from_args(args, DEFAULT_CONFIG)
     t0 = time.perf_counter()
     init_ray(args.address, args.num_cpus)
     result = run_demo(cfg, args.out, fresh=not args.keep)

@@ -1,4 +1,4 @@
-"""Seed mIoU of CAMs: background-threshold sweep (or one fixed threshold), per-class IoU, plot.
+r"""Seed mIoU of CAMs: background-threshold sweep (or one fixed threshold), per-class IoU, plot.
 
     python -m workflows.eval_cams --cams out/cams --out out/seeds              # saved CAM files
     python -m workflows.eval_cams --cams out/cams/pacam --out out/seeds-pacam  # saved PACAM files
@@ -13,18 +13,21 @@ no Ray is started. Folders are local paths or URIs. Writes (``--out``, default
 ``<run>/seeds-<split>`` beside the checkpoint folder, or ``<cams>/seeds``) ``<out>/seeds.json``,
 ``seeds.md``, ``miou_vs_threshold.png`` and ``config.yaml``. Images without a usable CAM file or
 without a ground-truth mask are listed and left out (never scored); the exit status is then 1.
+The images scored are those the CAM folder's ``manifest.parquet`` lists (``make_cams --limit 4``
+made 4), else (a folder made otherwise) the whole split; ``--ids`` names them instead.
 A bad input (missing CAM folder, checkpoint that does not verify, unreadable dataset) is reported
 before anything starts or is written; the exit status is then 2.
 """
 from __future__ import annotations
 
-import json
+from cpal_ray.numbers import strict_json
 
 from workflows.common import (
     add_cam_actor_flags,
     base_parser,
     cam_actor_overrides,
     config_from_folders,
+    flag_overrides,
     run,
     setup_logging,
 )
@@ -41,22 +44,39 @@ def build_parser():
                    help="with --checkpoint: which map (default inference.cam_source)")
     p.add_argument("--threshold", type=float, default=None, help="evaluate this background threshold only")
     p.add_argument("--limit", type=int, default=0, help="only the first N images (0 = all)")
+    p.add_argument("--ids", default=None,
+                   help="file of the ids to score, one a line (default: those the CAM folder's manifest lists, "
+                        "else the whole split)")
     add_cam_actor_flags(p)
     return p
+
+
+def read_ids(path) -> list[str]:
+    """The ids of an id file (one a line; blank lines and ``#`` comments left out)."""
+    from cpal_ray.data.base import DataError
+    from cpal_ray.storage import location
+
+    try:
+        lines = location(path).read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"--ids {path}: cannot read ({e})") from None
+    ids = [line.split("#")[0].strip() for line in lines]
+    if not any(ids):
+        raise DataError(f"--ids {path}: no id in it")
+    return [sid for sid in ids if sid]
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging()
-    args.overrides = [*args.overrides, *cam_actor_overrides(args)]
-    if args.threshold is not None:
-        args.overrides = [*args.overrides, f"inference.fixed_threshold={args.threshold}"]
+    args.overrides = [*args.overrides, *cam_actor_overrides(args),
+                      *flag_overrides(args, ("--threshold", "inference.fixed_threshold"))]
     from cpal_ray.config import save_config
     from cpal_ray.data import build_dataset
     from cpal_ray.distributed.pipelines import check_inputs
     from cpal_ray.distributed.runtime import output_location
     from cpal_ray.inference.evaluate import evaluate_cam_dir
-    from cpal_ray.inference.jobs import source_dir
+    from cpal_ray.inference.jobs import manifest_ids, source_dir
     from cpal_ray.inference.metrics import write_report
     from cpal_ray.storage import location
 
@@ -64,6 +84,7 @@ def main(argv=None) -> int:
     cfg = config_from_folders(args, cams, cams.parent if cams else None, args.checkpoint)
     source = args.source or cfg.inference.cam_source
     inputs = check_inputs(cfg, args.split, checkpoint=args.checkpoint, cam_dir=cams, source=source, limit=args.limit)
+    given_ids = read_ids(args.ids) if args.ids else None
     if args.checkpoint:
         from cpal_ray.distributed.pipelines import run_make_cams
         from cpal_ray.distributed.runtime import init_ray
@@ -74,16 +95,18 @@ def main(argv=None) -> int:
         summary = run_make_cams(cfg, args.checkpoint, out / "cams", split=args.split, source=source, limit=args.limit,
                                 inputs=inputs)
         cams = source_dir(out / "cams", source)
-        print(json.dumps({"make_cams": {k: v for k, v in summary.to_dict().items() if k != "failures"}}))
+        print(strict_json({"make_cams": {k: v for k, v in summary.to_dict().items() if k != "failures"}}))
     else:
         out = output_location(args.out, "--out") if args.out else cams / "seeds"
     save_config(inputs.cfg, out / "config.yaml")
     dataset = build_dataset(inputs.worker_cfg.data, args.split, train=False)
-    results = evaluate_cam_dir(cams, dataset, cfg, max_images=args.limit)
-    results["errors"] = [f"id {sid}: {reason}" for sid, reason in dataset.skipped] + results["errors"]
-    results["n_errors"] += len(dataset.skipped)
+    ids = given_ids or manifest_ids(cams)
+    results = evaluate_cam_dir(cams, dataset, cfg, max_images=args.limit, ids=ids)
+    skipped = [(sid, reason) for sid, reason in dataset.skipped if ids is None or sid in ids]
+    results["errors"] = [f"id {sid}: {reason}" for sid, reason in skipped] + results["errors"]
+    results["n_errors"] += len(skipped)
     paths = write_report(results, out, list(results["class_names"]))
-    print(json.dumps({"best_miou": results["best_miou"], "best_threshold": results["best_threshold"],
+    print(strict_json({"best_miou": results["best_miou"], "best_threshold": results["best_threshold"],
                       "images": results["images"], "n_errors": results["n_errors"],
                       "errors": results["errors"][:20], **{k: str(v) for k, v in paths.items()}}))
     return 0 if results["n_errors"] == 0 else 1

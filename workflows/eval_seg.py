@@ -1,4 +1,4 @@
-"""Score a trained segmenter on a split (val by default): predictions on Ray Data, then mIoU.
+r"""Score a trained segmenter on a split (val by default): predictions on Ray Data, then mIoU.
 
     python -m workflows.eval_seg --checkpoint results/voc-mini-cpu-seg/final
     python -m workflows.eval_seg --checkpoint <seg run>/final --scales 1.0 0.75 1.25 --flip --crf
@@ -14,9 +14,9 @@ reported before Ray starts: exit status 2.
 """
 from __future__ import annotations
 
-import json
+from cpal_ray.numbers import strict_json
 
-from workflows.common import base_parser, config_from_folders, run, setup_logging
+from workflows.common import base_parser, config_from_folders, flag_overrides, run, setup_logging
 
 
 def seg_flags(p) -> None:
@@ -30,7 +30,7 @@ def seg_overrides(args) -> list[str]:
     out = [f"seg.scales=[{', '.join(map(str, args.scales))}]"] if args.scales else []
     out += ["seg.flip=true"] if args.flip else []
     out += ["seg.crf=true"] if args.crf else []
-    return out + ([f"seg.max_actors={args.actors}"] if args.actors is not None else [])
+    return out + flag_overrides(args, ("--actors", "seg.max_actors"))
 
 
 def main(argv=None) -> int:
@@ -60,8 +60,8 @@ def main(argv=None) -> int:
                               inputs=inputs)
     scores = evaluate_labels(out, build_dataset(inputs.worker_cfg.data, args.split, train=False), max_images=args.limit)
     write_label_report(scores, out, f"Segmentation mIoU ({args.split})")
-    print(json.dumps({"run": summary.to_dict(), "miou": scores["miou"], "pixel_acc": scores["pixel_acc"],
-                      "images": scores["images"], "report": str(out / "miou.md")}, default=str))
+    print(strict_json({"run": summary.to_dict(), "miou": scores["miou"], "pixel_acc": scores["pixel_acc"],
+                      "images": scores["images"], "report": str(out / "miou.md")}))
     return 0 if summary.ok else 1
 
 

@@ -1,4 +1,4 @@
-"""Multi-scale (+flip) CAM files for one dataset split, on Ray Data.
+r"""Multi-scale (+flip) CAM files for one dataset split, on Ray Data.
 
     python -m workflows.make_cams --checkpoint results/synthetic-tiny/final --split val --out out/cams
     python -m workflows.make_cams --checkpoint <run>/final --source both --out out/cams inference.scales=[1.0]
@@ -13,12 +13,13 @@ Checkpoint and output are local paths or URIs (s3://…). Writes (``--out``, def
 flags or ``inference.*``; their pool grows with the cluster. Running again skips the files that
 validate. Images that fail (missing, corrupt) are listed in the JSON summary and the manifest;
 the others are written, and the exit status is then 1. A bad input (a checkpoint that is missing
-or does not verify, a dataset that cannot be read) is reported before Ray starts, with nothing
-written, and the exit status is 2.
+or does not verify, a dataset that cannot be read, an output folder holding CAMs of other
+settings without --overwrite) is reported before Ray starts, with nothing written, and the exit
+status is 2.
 """
 from __future__ import annotations
 
-import json
+from cpal_ray.numbers import strict_json
 
 from workflows.common import (
     add_cam_actor_flags,
@@ -46,17 +47,19 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging()
     args.overrides = [*args.overrides, *cam_actor_overrides(args)]
-    from cpal_ray.distributed.pipelines import check_inputs, run_make_cams
+    from cpal_ray.distributed.pipelines import check_inputs, make_cams_spec, run_make_cams
     from cpal_ray.distributed.runtime import init_ray, output_location
+    from cpal_ray.inference.jobs import check_run_spec
     from cpal_ray.storage import location
 
     cfg = config_from_folders(args, args.checkpoint)
     inputs = check_inputs(cfg, args.split, checkpoint=args.checkpoint, source=args.source, limit=args.limit)
-    init_ray(args.address, args.num_cpus)
     out = output_location(args.out, "--out") if args.out else location(args.checkpoint).parent / f"cams-{args.split}"
+    check_run_spec(out, make_cams_spec(inputs, args.split, args.checkpoint), args.overwrite, write=False)
+    init_ray(args.address, args.num_cpus)
     summary = run_make_cams(cfg, args.checkpoint, out, split=args.split, source=args.source, limit=args.limit,
                             overwrite=args.overwrite, inputs=inputs)
-    print(json.dumps(summary.to_dict()))
+    print(strict_json(summary.to_dict()))
     return 0 if summary.ok else 1
 
 

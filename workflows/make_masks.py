@@ -1,4 +1,4 @@
-"""Pseudo masks by random walk (IRN) for a dataset split, on Ray Data, then the Table-4 scores.
+r"""Pseudo masks by random walk (IRN) for a dataset split, on Ray Data, then the Table-4 scores.
 
     python -m workflows.make_masks --checkpoint results/voc-mini-cpu-affinity/final \
         --cams results/voc-mini-cpu/pseudo-labels-train/cams --seeds results/voc-mini-cpu/pseudo-labels-train
@@ -19,9 +19,9 @@ reported before Ray starts, with nothing written: exit status 2.
 """
 from __future__ import annotations
 
-import json
+from cpal_ray.numbers import strict_json
 
-from workflows.common import base_parser, config_from_folders, run, setup_logging
+from workflows.common import base_parser, config_from_folders, flag_overrides, run, setup_logging
 
 
 def build_parser():
@@ -41,7 +41,7 @@ def build_parser():
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging()
-    args.overrides = [*args.overrides, *([f"affinity.max_actors={args.actors}"] if args.actors is not None else [])]
+    args.overrides = [*args.overrides, *flag_overrides(args, ("--actors", "affinity.max_actors"))]
     from cpal_ray.data import build_dataset
     from cpal_ray.distributed.pipelines import check_inputs
     from cpal_ray.distributed.refine_pipelines import check_stage_checkpoint, run_make_masks
@@ -67,7 +67,7 @@ def main(argv=None) -> int:
             crf = evaluate_labels(args.seeds, dataset, max_images=args.limit)
             report["table4"] = {"cam": seeds["best_miou"], "cam_bg_threshold": seeds["best_threshold"],
                                 "crf": crf["miou"], "crf_frac_ignored": crf["frac_ignored"], "pseudo_mask": masks["miou"]}
-    print(json.dumps(report, default=str))
+    print(strict_json(report))
     return 0 if summary.ok else 1
 
 

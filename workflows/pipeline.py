@@ -1,4 +1,4 @@
-"""The whole WSSS pipeline for one config: CAM training -> CAMs -> CRF -> affinity -> masks -> segmenter -> val mIoU.
+r"""The whole WSSS pipeline for one config: CAM training -> CAMs -> CRF -> affinity -> masks -> segmenter -> val mIoU.
 
     python -m workflows.pipeline --config configs/voc_mini_cpu.yaml --out results/pipeline/voc-mini
     python -m workflows.pipeline --config configs/voc_mini_cpu.yaml --out results/pipeline/voc-mini-bce cpal.enabled=false
@@ -15,7 +15,7 @@ each stage's wall time. Bad inputs are reported before Ray starts: exit status 2
 """
 from __future__ import annotations
 
-import json
+from cpal_ray.numbers import strict_json
 
 from workflows.common import add_tracking_flags, base_parser, config_from_args, run, setup_logging, tracking_overrides
 
@@ -35,7 +35,7 @@ def main(argv=None) -> int:
     out = output_location(args.out or f"{cfg.train.storage_path}/pipeline-{cfg.train.name}", "--out")
     init_ray(args.address, args.num_cpus)
     result = run_pipeline(cfg, out, say=print)
-    print(json.dumps({"out": str(out), "pipeline": str(out / "pipeline.json"),
+    print(strict_json({"out": str(out), "pipeline": str(out / "pipeline.json"),
                       "seconds": {k: round(v, 1) for k, v in result["timings"].items()}}))
     return 0
 

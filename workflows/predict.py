@@ -13,7 +13,7 @@ before Ray starts (exit status 2).
 """
 from __future__ import annotations
 
-import json
+from cpal_ray.numbers import strict_json
 
 from workflows.common import base_parser, config_from_folders, run, setup_logging
 from workflows.eval_seg import seg_flags, seg_overrides
@@ -38,7 +38,7 @@ def main(argv=None) -> int:
     init_ray(args.address, args.num_cpus)
     summary = run_seg_predict(cfg, args.checkpoint, output_location(args.out, "--out"), images_dir=args.images,
                               overwrite=args.overwrite, inputs=inputs)
-    print(json.dumps(summary.to_dict(), default=str))
+    print(strict_json(summary.to_dict()))
     return 0 if summary.ok else 1
 
 

@@ -1,4 +1,4 @@
-"""CRF pseudo-labels (IRN recipe) for a dataset split on Ray Data, then their mIoU against the GT.
+r"""CRF pseudo-labels (IRN recipe) for a dataset split on Ray Data, then their mIoU against the GT.
 
     python -m workflows.pseudo_labels --cams out/cams-train --split train --out out/pseudo
     python -m workflows.pseudo_labels --checkpoint <run>/final --split train --out out/pseudo --preset amn
@@ -20,13 +20,14 @@ written; the exit status is then 2.
 """
 from __future__ import annotations
 
-import json
+from cpal_ray.numbers import strict_json
 
 from workflows.common import (
     add_cam_actor_flags,
     base_parser,
     cam_actor_overrides,
     config_from_folders,
+    flag_overrides,
     run,
     setup_logging,
 )
@@ -51,28 +52,31 @@ def build_parser():
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    setup_logging()
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.cams is None and args.checkpoint is None:
-        raise SystemExit("pseudo_labels: give --cams or --checkpoint")
-    pseudo = {"preset": args.preset, "mode": args.mode, "max_crf_actors": args.crf_actors,
-              "cpus_per_task": args.cpus_per_crf}
+        parser.error("give --cams (saved CAM files) or --checkpoint (CAMs computed on the fly)")
+    setup_logging()
     args.overrides = [*args.overrides, *cam_actor_overrides(args),
-                      *(f"pseudo.{k}={v}" for k, v in pseudo.items() if v is not None)]
+                      *flag_overrides(args, ("--preset", "pseudo.preset"), ("--mode", "pseudo.mode"),
+                                      ("--crf-actors", "pseudo.max_crf_actors"), ("--cpus-per-crf", "pseudo.cpus_per_task"))]
     from cpal_ray.storage import location
 
     from cpal_ray.data import build_dataset
-    from cpal_ray.distributed.pipelines import check_inputs, run_pseudo_labels
+    from cpal_ray.distributed.pipelines import check_inputs, pseudo_labels_spec, run_pseudo_labels
     from cpal_ray.distributed.runtime import init_ray, output_location
     from cpal_ray.inference.evaluate import evaluate_labels, write_json
+    from cpal_ray.inference.jobs import check_run_spec
 
     cams_parent = location(args.cams).parent if args.cams else None  # a pacam/ folder: the config is above it
     cfg = config_from_folders(args, args.cams, cams_parent, args.checkpoint)
     inputs = check_inputs(cfg, args.split, checkpoint=None if args.cams else args.checkpoint, cam_dir=args.cams,
                           source=cfg.inference.cam_source, limit=args.limit)
-    init_ray(args.address, args.num_cpus)
     out = output_location(args.out, "--out") if args.out else \
         location(args.checkpoint or args.cams).parent / f"pseudo-labels-{args.split}"
+    check_run_spec(out, pseudo_labels_spec(inputs, args.split, cam_dir=args.cams, checkpoint=args.checkpoint),
+                   args.overwrite, write=False)
+    init_ray(args.address, args.num_cpus)
     summary = run_pseudo_labels(cfg, out, cam_dir=args.cams, checkpoint=args.checkpoint, split=args.split,
                                 overwrite=args.overwrite, limit=args.limit, inputs=inputs)
     report = {"run": summary.to_dict()}
@@ -81,7 +85,7 @@ def main(argv=None) -> int:
         scores = evaluate_labels(out, dataset, max_images=args.limit)
         write_json(scores, out / "pseudo_labels_miou.json")
         report["miou"] = {k: scores[k] for k in ("miou", "pixel_acc", "frac_ignored", "images", "n_errors")}
-    print(json.dumps(report, default=str))
+    print(strict_json(report))
     return 0 if summary.ok else 1
 
 

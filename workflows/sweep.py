@@ -1,8 +1,8 @@
-"""Ray Tune ablation sweep: every trial trains with Ray Train, then evaluates seed mIoU.
+r"""Ray Tune ablation sweep: every trial trains with Ray Train, then evaluates seed mIoU.
 
     python -m workflows.sweep --space tune_spaces.k_tau --config configs/synthetic_tiny.yaml train.epochs=1
     python -m workflows.sweep --space tune_spaces.table1 --config configs/voc_resnet50_8gpu.yaml \
-        --seeds 3 --gpus-per-trial 2
+        --repeats 3 --gpus-per-trial 2
     python -m workflows.sweep --space tune_spaces.bank --search random --num-samples 4 --config configs/x.yaml
     python -m workflows.sweep --restore results/sweeps/sweep-k_tau
     ray job submit --working-dir . -- \
@@ -18,7 +18,7 @@ ones resume from their last checkpoint. A trial whose node is lost is retried by
 """
 from __future__ import annotations
 
-import json
+from cpal_ray.numbers import strict_json
 
 from workflows.common import (add_tracking_flags, base_parser, config_from_args, run, setup_logging,
                               tracking_overrides)
@@ -27,8 +27,8 @@ from workflows.common import (add_tracking_flags, base_parser, config_from_args,
 def parse_args(argv=None):
     p = base_parser(__doc__)
     p.add_argument("--space", default=None, help="space module, e.g. tune_spaces.k_tau (or just k_tau)")
-    p.add_argument("--seeds", type=int, default=1,
-                   help="run every point with seeds train.seed, train.seed+1, ... (table: mean ± std)")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="run every point N times, with train.seed, train.seed+1, ... (table: mean ± std)")
     p.add_argument("--search", choices=("grid", "random", "optuna"), default="grid",
                    help="grid: every point; random: --num-samples points drawn from the lists (each run with "
                         "every seed); optuna: needs `pip install optuna`")
@@ -79,7 +79,7 @@ def main(argv=None) -> int:
         init_ray(args.address, args.num_cpus)
         storage = output_location(args.storage, "--storage") if args.storage else \
             output_location(cfg.train.storage_path, "train.storage_path") / "sweeps"
-        outcome = run_sweep(cfg, space, storage / name, seeds=args.seeds, search=args.search,
+        outcome = run_sweep(cfg, space, storage / name, seeds=args.repeats, search=args.search,
                             num_samples=args.num_samples, gpus_per_trial=args.gpus_per_trial,
                             max_concurrent=args.max_concurrent, eval_max_images=args.eval_max_images,
                             eval_split=args.eval_split,
@@ -87,7 +87,7 @@ def main(argv=None) -> int:
     report = {"experiment": str(outcome.experiment_dir), **outcome.summary, "files": outcome.files}
     if outcome.summary["unfinished"]:
         report["restore"] = f"python -m workflows.sweep --restore {outcome.experiment_dir}"
-    print(json.dumps(report))
+    print(strict_json(report))
     return 0
 
 

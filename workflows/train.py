@@ -1,4 +1,4 @@
-"""Train CPAL (or the BCE baseline with cpal.enabled=false) on Ray Train.
+r"""Train CPAL (or the BCE baseline with cpal.enabled=false) on Ray Train.
 
     python -m workflows.train --config configs/synthetic_tiny.yaml train.epochs=2
     ray job submit --working-dir . -- python -m workflows.train --config configs/voc_resnet50_8gpu.yaml \
@@ -6,14 +6,15 @@
 
 train.storage_path is an absolute path every node shares or a URI (s3://…; a custom endpoint from
 AWS_ENDPOINT_URL). Re-running with the same train.name and train.storage_path resumes from the
-last checkpoint. The run folder holds, as it trains, TensorBoard files (tensorboard/), history.json
+last checkpoint; Ctrl-C stops a run with one line saying the epoch it resumes from (exit status
+130), and history.json keeps only the epochs that have a checkpoint. The run folder holds, as it trains, TensorBoard files (tensorboard/), history.json
 and curves.png; --mlflow-uri also logs to MLflow. Bad inputs (config, dataset
 folder, id list, labels, weights file) are reported before Ray starts, with nothing written; the
 exit status is then 2.
 """
 from __future__ import annotations
 
-import json
+from cpal_ray.numbers import strict_json
 
 from workflows.common import (add_tracking_flags, base_parser, config_from_args, run, setup_logging,
                               tracking_overrides)
@@ -32,8 +33,8 @@ def main(argv=None) -> int:
     cfg = check_training_inputs(config_from_args(args))
     init_ray(args.address, args.num_cpus)
     result = run_training(cfg)
-    print(json.dumps({"run_dir": str(result.run_dir), "final": str(result.final_dir),
-                      "epoch": result.metrics.get("epoch"), "loss": result.metrics.get("loss")}, default=str))
+    print(strict_json({"run_dir": str(result.run_dir), "final": str(result.final_dir),
+                      "epoch": result.metrics.get("epoch"), "loss": result.metrics.get("loss")}))
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Train IRN's boundary (affinity) network on the CRF seeds of a CAM run, on Ray Train.
+r"""Train IRN's boundary (affinity) network on the CRF seeds of a CAM run, on Ray Train.
 
     python -m workflows.train_affinity --from results/voc-mini-cpu/final --seeds results/voc-mini-cpu/pseudo-labels-train
     python -m workflows.train_affinity --config configs/voc_resnet50_8gpu.yaml --seeds s3://bucket/pseudo/<name> \

@@ -1,4 +1,4 @@
-"""Train the segmentation network (DeepLabV3 head on the config's backbone) on pseudo masks, on Ray Train.
+r"""Train the segmentation network (DeepLabV3 head on the config's backbone) on pseudo masks, on Ray Train.
 
     python -m workflows.train_seg --from results/voc-mini-cpu/final --masks results/voc-mini-cpu-affinity/masks-train
     python -m workflows.train_seg --config configs/voc_resnet50_8gpu.yaml --masks s3://bucket/masks/<name> seg.epochs=30

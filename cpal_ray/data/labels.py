@@ -33,6 +33,7 @@ import numpy as np
 
 from cpal_ray.data.assets import BUNDLED_LABELS, bundled_name
 from cpal_ray.data.base import DataError
+from cpal_ray.numbers import strict_json
 
 log = logging.getLogger(__name__)
 
@@ -189,7 +190,7 @@ def write_labels_json(path: str | os.PathLike, labels: dict) -> Path:
     for k in sorted(labels, key=str):
         v = np.asarray(labels[k], dtype=np.float64)
         out[str(k)] = [int(x) for x in v] if np.isin(v, (0.0, 1.0)).all() else v.tolist()
-    text = "{\n" + ",\n".join(f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in out.items()) + "\n}\n"
+    text = "{\n" + ",\n".join(f"  {json.dumps(k)}: {strict_json(v)}" for k, v in out.items()) + "\n}\n"
     location(path).write_text(text)
     return Path(path)
 

@@ -283,6 +283,20 @@ def _cam_spec(cfg: Config, checkpoint) -> dict:
             "save_dtype": inf.save_dtype}
 
 
+def make_cams_spec(inputs: PipelineInputs, split: str, checkpoint) -> dict:
+    """What decides the CAM files of ``run_make_cams`` (its ``run_spec.json``)."""
+    return _spec(inputs.cfg, split, **_cam_spec(inputs.cfg, checkpoint))
+
+
+def pseudo_labels_spec(inputs: PipelineInputs, split: str, *, cam_dir=None, checkpoint=None) -> dict:
+    """What decides the PNGs of ``run_pseudo_labels`` (not the CRF actors' resources)."""
+    cfg = inputs.cfg
+    cams_spec = _cam_spec(cfg, checkpoint) | {"cam_source": cfg.inference.cam_source} if cam_dir is None else \
+        {"cam_dir": str(location(cam_dir))}
+    pseudo = {k: v for k, v in dataclasses.asdict(cfg.pseudo).items() if k not in ("cpus_per_task", "max_crf_actors")}
+    return _spec(cfg, split, pseudo=pseudo, **cams_spec)
+
+
 def run_make_cams(cfg: Config, checkpoint, out_dir, *, split: str = "val", source: str = "cam",
                   skip_existing: bool = True, overwrite: bool = False, limit: int = 0, rows_per_block: int = 4,
                   crash_after: int = -1, inputs: PipelineInputs | None = None) -> RunSummary:
@@ -298,7 +312,7 @@ def run_make_cams(cfg: Config, checkpoint, out_dir, *, split: str = "val", sourc
     """
     t0, out_dir = time.monotonic(), location(out_dir)
     inputs = inputs or check_inputs(cfg, split, checkpoint=checkpoint, source=source, limit=limit)
-    check_run_spec(out_dir, _spec(inputs.cfg, split, **_cam_spec(inputs.cfg, checkpoint)), overwrite)
+    check_run_spec(out_dir, make_cams_spec(inputs, split, checkpoint), overwrite)
     save_config(inputs.cfg, out_dir / "config.yaml")
     cfg, ids, rejected = inputs.worker_cfg, inputs.ids, inputs.rejected
     writer = ManifestWriter(out_dir / MANIFEST_DIR, CAM_SCHEMA, labels_source=inputs.labels_source)
@@ -329,11 +343,7 @@ def run_pseudo_labels(cfg: Config, out_dir, *, cam_dir=None, checkpoint=None, sp
                                     source=cfg.inference.cam_source, limit=limit)
     cfg = inputs.cfg
     skip_existing = skip_existing and not overwrite
-    cams_spec = _cam_spec(cfg, checkpoint) | {"cam_source": cfg.inference.cam_source} if on_the_fly else \
-        {"cam_dir": str(location(cam_dir))}
-    # The settings that decide the PNGs (not the CRF actors' resources).
-    pseudo = {k: v for k, v in dataclasses.asdict(cfg.pseudo).items() if k not in ("cpus_per_task", "max_crf_actors")}
-    check_run_spec(out_dir, _spec(cfg, split, pseudo=pseudo, **cams_spec), overwrite)
+    check_run_spec(out_dir, pseudo_labels_spec(inputs, split, cam_dir=cam_dir, checkpoint=checkpoint), overwrite)
     save_config(cfg, out_dir / "config.yaml")
     cfg, ids, rejected = inputs.worker_cfg, inputs.ids, inputs.rejected
     writer = ManifestWriter(out_dir / MANIFEST_DIR, LABEL_SCHEMA, labels_source=inputs.labels_source)

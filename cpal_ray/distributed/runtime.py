@@ -5,11 +5,15 @@ Ray's own rule: a driver joins the cluster it is pointed at (``--address`` / ``$
 inside ``ray job submit`` Ray sets it), else a cluster running on this machine (``ray start``
 on a head node), else it starts a local Ray. ``--address local`` (or ``--num-cpus``) asks for a
 private local Ray even where a cluster runs, as tests do.
+
+The workers' output that Ray prints in the driver has no colour codes unless the driver's output
+is an interactive terminal (``plain_worker_output``: a log file, a job's log, CI get plain text).
 """
 from __future__ import annotations
 
 import logging
 import os
+import sys
 from pathlib import Path
 
 import ray
@@ -25,6 +29,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: 
     """Connect as described in the module docstring. Returns how it connected."""
     if ray.is_initialized():
         return "already initialised"
+    plain_worker_output()
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address is None and (num_cpus is not None or num_gpus is not None):
         address = "local"  # resources can only be given to a Ray we start
@@ -61,6 +66,22 @@ def actor_device():
                            f"{torch.__version__} sees no CUDA device: install the CUDA build of torch "
                            "(docs/install.md) or run without GPUs (--no-gpu)")
     return torch.device("cuda")
+
+
+def interactive() -> bool:
+    """Whether the driver's stderr is an interactive terminal (a person watching)."""
+    return bool(getattr(sys.stderr, "isatty", None) and sys.stderr.isatty())
+
+
+def plain_worker_output() -> None:
+    """No colour codes unless stderr is a terminal: around the workers' lines Ray prints here
+    (``RAY_COLOR_PREFIX=0``, read by Ray as it prints; a value the user set is kept) and in Ray's
+    own log lines of this process (the dashboard's address)."""
+    if not interactive():
+        from cpal_ray.engine.progress import shorten_log_lines
+
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
+        shorten_log_lines("ray", limit=None, plain=True)
 
 
 def output_location(where: str, field: str) -> Location:

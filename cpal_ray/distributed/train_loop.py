@@ -24,6 +24,7 @@ from cpal_ray.config import from_dict
 from cpal_ray.distributed.bank import NAMESPACE, BankClient
 from cpal_ray.engine import Hook, fit, load_first_valid, write_checkpoint
 from cpal_ray.engine.comm import all_gather_object, barrier
+from cpal_ray.engine.progress import WORKER_LINE, set_bar_factory, shorten_log_lines
 from cpal_ray.engine.tracking import MlflowHook
 from cpal_ray.storage import location
 
@@ -101,10 +102,25 @@ def resume_state(run_dir: str) -> dict | None:
     return state
 
 
+def report_progress(rank: int, progress_bar: bool) -> None:
+    """What a worker reports as it trains: rank 0 alone (``engine.progress``), through Ray's
+    ``tqdm_ray`` (drawn by the driver) when the driver's terminal is interactive, no bar otherwise;
+    and no log line of this worker longer than ``engine.progress.MAX_LINE`` characters (Ray Train
+    logs every report's whole metrics at INFO)."""
+    if rank == 0 and progress_bar:
+        from ray.experimental.tqdm_ray import tqdm as ray_tqdm
+
+        set_bar_factory(lambda iterable, desc, total: ray_tqdm(iterable, desc=desc, total=total))
+    else:
+        set_bar_factory(lambda iterable, desc, total: None)
+    shorten_log_lines("", "ray", limit=WORKER_LINE)
+
+
 def train_loop_per_worker(config: dict) -> None:
     cfg = from_dict(config["cfg"])
     ctx = ray.train.get_context()  # (1) who am I
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    report_progress(rank, config.get("progress_bar", False))
     actors = [ray.get_actor(n, namespace=NAMESPACE) for n in config.get("bank_actors", [])]
     bank = BankClient(actors, cfg.dist.max_pushes_in_flight, rank=rank, barrier=barrier,
                       push_every=cfg.dist.bank_push_every, num_classes=cfg.bank_classes) if actors else None

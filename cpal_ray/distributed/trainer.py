@@ -24,27 +24,27 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import sys
 import uuid
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 import ray
 import ray.train
-from ray.train.torch import TorchTrainer
 
 from cpal_ray.config import Config, ConfigError, check_run_name, load_config, save_config
 from cpal_ray.distributed.bank import bank_actor_names, create_bank_actors, remove_bank_actor
-from cpal_ray.distributed.runtime import output_location
+from cpal_ray.distributed.interrupt import SNAPSHOT_FILE, InterruptibleTorchTrainer, interrupted
+from cpal_ray.distributed.runtime import interactive, output_location
 from cpal_ray.distributed.train_loop import CHECKPOINT_PREFIX, train_loop_per_worker
 from cpal_ray.engine.checkpoint import (CONFIG_FILE, SUMS_FILE, CheckpointError, checkpoint_context,
                                         load_checkpoint, verify_checkpoint)
 from cpal_ray.engine.inputs import NOT_RETRYABLE, check_training_inputs
 from cpal_ray.engine.resume import check_resume
+from cpal_ray.numbers import strict_json
 from cpal_ray.storage import Location, relative_path, remove_temp_files
 
 log = logging.getLogger(__name__)
-# Ray Train's record of the checkpoints it registered, in the run folder.
-SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"
 # This project's record that it made a run folder: nothing in a folder without it is deleted.
 RUN_RECORD = ".cpal-ray-run.json"
 
@@ -178,14 +178,15 @@ def prepare_run_folder(cfg: Config, run_dir: Location) -> list[str]:
 
 
 def build_trainer(cfg: Config, *, bank_actors: list[str], storage: Location, name: str,
-                  callbacks=None) -> TorchTrainer:
+                  callbacks=None) -> InterruptibleTorchTrainer:
     d = cfg.dist
     resources = {"CPU": d.cpus_per_worker}
     if d.use_gpu:
         resources["GPU"] = 1
-    return TorchTrainer(
+    return InterruptibleTorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg.to_dict(), "bank_actors": bank_actors, "run_dir": str(storage / name)},
+        train_loop_config={"cfg": cfg.to_dict(), "bank_actors": bank_actors, "run_dir": str(storage / name),
+                           "progress_bar": interactive()},  # rank 0 draws a bar through Ray (tqdm_ray)
         scaling_config=ray.train.ScalingConfig(num_workers=d.num_workers, use_gpu=d.use_gpu,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(name=name, storage_path=storage.path, storage_filesystem=storage.fs,
@@ -210,28 +211,45 @@ def run_training(cfg: Config, *, callbacks=None, storage_path: str | None = None
     prepare_run_folder(cfg, run_dir)
     check_storage_from_worker(cfg, run_dir)
     actor_names = bank_actor_names(name, cfg.cpal.bank_shards) if cfg.cpal.uses_bank else []
-    actors = []
+    actors, trainer = [], None
     try:
         # Keep the handles for the whole fit: a non-detached actor dies with its last handle.
         actors = create_bank_actors(cfg, actor_names) if actor_names else []
-        result = build_trainer(cfg, bank_actors=actor_names, storage=storage, name=name, callbacks=callbacks).fit()
+        trainer = build_trainer(cfg, bank_actors=actor_names, storage=storage, name=name, callbacks=callbacks)
+        result = trainer.fit()
     except ray.train.ControllerError as e:
         if isinstance(e.controller_failure, NOT_RETRYABLE):
             raise e.controller_failure from None
+        raise
+    except (KeyboardInterrupt, SystemExit, ray.exceptions.RayActorError):
+        if isinstance(sys.exc_info()[1], KeyboardInterrupt) or (trainer is not None and trainer.interrupted):
+            raise interrupted(run_dir, cfg.train.epochs) from None  # Ctrl-C: say where it resumes
         raise
     finally:
         for actor_name in actor_names:
             remove_bank_actor(actor_name)
         del actors
+    if trainer.interrupted:  # Ray's abort can also end fit() without an error
+        raise interrupted(run_dir, cfg.train.epochs)
     if result.error is not None:
         raise result.error
     if result.checkpoint is None:
         raise RuntimeError(f"{run_dir}: training reported no checkpoint")
-    history = [dict(m) for m in (result.metrics_dataframe.to_dict("records") if result.metrics_dataframe is not None else [])]
+    history = history_records(result.metrics_dataframe)
     checkpoint = storage.join(relative_path(result.checkpoint.path, storage.path))
     final = export_final(checkpoint, run_dir / "final", history)
     return TrainingResult(run_dir=run_dir, final_dir=final, metrics=dict(result.metrics or {}), history=history,
                           checkpoint_dir=checkpoint)
+
+
+def history_records(frame) -> list[dict]:
+    """The per-epoch records of Ray Train's metrics table. A key that only some epochs report
+    (``bank_at_start``, in an attempt's first epoch) is a column that pandas fills with NaN in the
+    others: those cells are left out, so each record is what its epoch reported."""
+    if frame is None:
+        return []
+    return [{k: v for k, v in row.items() if not (isinstance(v, float) and v != v)}
+            for row in frame.to_dict("records")]
 
 
 def export_final(checkpoint: Location, out: Location, history: list | None = None) -> Location:
@@ -249,7 +267,7 @@ def export_final(checkpoint: Location, out: Location, history: list | None = Non
     summary = {"epochs_completed": state["epoch"], "global_step": state["global_step"],
                "context_version": context.version if (context := checkpoint_context(state)) else 0,
                "checkpoint": str(checkpoint), "metrics": state.get("metrics", {})}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    (out / "summary.json").write_text(strict_json(summary, indent=2))
     if history is not None:
-        (out / "history.json").write_text(json.dumps(history, indent=2, default=str))
+        (out / "history.json").write_text(strict_json(history, indent=2))
     return out

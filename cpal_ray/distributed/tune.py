@@ -49,7 +49,7 @@ from cpal_ray.config import Config, ConfigError, from_dict
 from cpal_ray.distributed.runtime import actor_device, output_location
 from cpal_ray.distributed.trainer import run_training
 from cpal_ray.engine.inputs import NOT_RETRYABLE
-from cpal_ray.numbers import finite_or_none
+from cpal_ray.numbers import finite_or_none, strict_json
 from cpal_ray.sweeps.report import SPEC_FILE, source_metrics, trial_records, write_results
 from cpal_ray.storage import Location, location
 from cpal_ray.sweeps.spaces import ROW_KEY, point_overrides, required_overrides, smoke_space, space_spec
@@ -110,7 +110,7 @@ def build_spec(base_cfg: Config, space_module, experiment_dir: Location, *, seed
     if seeds < 1 or num_samples < 1:
         raise ValueError("seeds and num_samples must be >= 1")
     if search == "optuna" and seeds > 1:
-        raise ValueError("--seeds > 1 repeats grid or random points; Optuna proposes each point once")
+        raise ValueError("--repeats > 1 repeats grid or random points; Optuna proposes each point once")
     spec = space_spec(space_module)
     cfg = _absolute_paths(base_cfg)
     raised = required_overrides(_dotted(cfg), spec["requires"])
@@ -262,7 +262,7 @@ def sweep_trial(config: dict, spec: dict) -> None:
                "cam_source": seeds["cam_source"], "eval_images": seeds["images"], "phase": "final",
                "started_at": start, "finished_at": time.time(),
                "point": point.get(ROW_KEY) or json.dumps(point), **seeds["map_metrics"]}
-    seeds_file.write_text(json.dumps({**metrics, "curve": finite_or_none(seeds["miou"])}, indent=2))
+    seeds_file.write_text(strict_json({**metrics, "curve": finite_or_none(seeds["miou"])}, indent=2))
     tune.report(metrics)
 
 
@@ -294,7 +294,7 @@ def run_sweep(base_cfg: Config, space_module, experiment_dir, *, seeds: int = 1,
                       gpus_per_trial=gpus_per_trial, eval_max_images=eval_max_images, eval_split=eval_split,
                       smoke_test=smoke_test,
                       max_concurrent=max_concurrent)
-    (experiment_dir / SPEC_FILE).write_text(json.dumps(spec, indent=2))
+    (experiment_dir / SPEC_FILE).write_text(strict_json(spec, indent=2))
     search_alg = _search_alg(spec)
     tuner = tune.Tuner(
         make_trainable(spec),

@@ -30,7 +30,7 @@ from cpal_ray.distributed.refine_pipelines import run_make_masks, run_seg_predic
 from cpal_ray.distributed.trainer import run_training
 from cpal_ray.engine.checkpoint import CheckpointError, load_checkpoint
 from cpal_ray.inference.evaluate import evaluate_cam_dir, evaluate_labels, write_json
-from cpal_ray.numbers import json_safe
+from cpal_ray.numbers import strict_json
 from cpal_ray.storage import Location, location
 
 log = logging.getLogger(__name__)
@@ -101,8 +101,8 @@ def run_pipeline(cfg: Config, out_dir, *, say=log.info) -> dict:
     write_json(scores["seg_val"], out / "seg-val" / "seg_miou.json")
     summary = {"config": cfg.train.name, "scores": headline(scores), "seconds": timings,
                "final": {k: str(v) for k, v in final.items()}}
-    (out / "pipeline.json").write_text(json.dumps(json_safe(summary), indent=2))
-    say(f"[pipeline] {json.dumps(json_safe(summary['scores']))}")
+    (out / "pipeline.json").write_text(strict_json(summary, indent=2))
+    say(f"[pipeline] {strict_json(summary['scores'])}")
     return {"final": final, "scores": scores, "timings": timings}
 
 

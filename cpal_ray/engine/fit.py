@@ -166,5 +166,7 @@ def fit(cfg: Config, *, bank=None, device: torch.device | str = "cpu", rank: int
         for hook in all_hooks:
             hook.after_epoch(state, record)
         state.history.append(record)
-        log.info("epoch %d (rank %d): %s", epoch, rank, {k: v for k, v in record.items() if isinstance(v, float)})
+        if rank == 0:  # one short line (history.json and TensorBoard have every number)
+            log.info("epoch %d done: %s", epoch, " ".join(f"{k} {v:.4g}" for k, v in record.items()
+                                                          if k in ("loss", "bce", "self", "step_seconds"))[:160])
     return FitResult(model=unwrap(state.model), bank=bank, context=state.context, history=state.history)

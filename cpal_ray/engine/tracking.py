@@ -3,10 +3,13 @@
   tensorboard/    TensorBoard event files: the loss terms and lr every ``train.log_every`` steps
                   (``step/…``) and every scalar of each epoch's record (``epoch/…``)
   history.json    the records of the epochs so far, rewritten after each epoch
-  curves.png      losses, L_self shares, seed mIoU of CAM and PACAM, contrast, bank (after each epoch)
+  curves.png      losses, lr, L_self shares, seed mIoU of CAM and PACAM, contrast, bank (after each epoch)
 
-Open with ``tensorboard --logdir <run folder>`` (for an object store: copy the folder first, or
-point TensorBoard at the URI where it supports it). ``MlflowHook`` sends the same epoch scalars
+Open with ``tensorboard --logdir <run folder>`` (``tensorboard`` is installed with cpal-ray; for an
+object store: copy the folder first, or point TensorBoard at the URI where it supports it). The
+event writer is closed at the end of every epoch (a flush alone leaves the events still queued in
+its writer thread out of the file): each epoch's events are in their own complete file
+(``….epoch<N>``), also when a run is stopped or killed in a later epoch. ``MlflowHook`` sends the same epoch scalars
 to MLflow through Ray's integration (``ray.air.integrations.mlflow.setup_mlflow``, in the Ray
 Train worker) when a run sets ``train.mlflow_uri``.
 """
@@ -18,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 from cpal_ray.engine.hooks import Hook
-from cpal_ray.numbers import is_finite, json_safe
+from cpal_ray.numbers import is_finite, json_safe, strict_json
 from cpal_ray.storage import location
 
 log = logging.getLogger(__name__)
@@ -37,6 +40,7 @@ class TrackingHook(Hook):
         self.run_dir, self.name = location(run_dir), name
         self.history: list[dict] = []
         self._writer = None
+        self._epoch = 0  # names the event file of the epoch being written
         self._local = None  # where the event files are written before an object store gets them
 
     def _tensorboard(self):
@@ -49,8 +53,17 @@ class TrackingHook(Hook):
             else:
                 self._local = tempfile.TemporaryDirectory(prefix="cpal-ray-tb-")
                 folder = Path(self._local.name)
-            self._writer = SummaryWriter(str(folder))
+            self._writer = SummaryWriter(str(folder), filename_suffix=f".epoch{self._epoch}")
         return self._writer
+
+    def close(self) -> None:
+        """Write every queued event and close the event file (the next event opens a new one)."""
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def before_epoch(self, state) -> None:
+        self._epoch = state.epoch
 
     def after_step(self, state, step: int) -> None:
         if state.rank != 0 or state.logged is None:
@@ -69,11 +82,11 @@ class TrackingHook(Hook):
         writer = self._tensorboard()
         for key, value in epoch_scalars(record).items():
             writer.add_scalar(f"epoch/{key}", value, record["epoch"])
-        writer.flush()
+        self.close()
         if self._local is not None:  # an object store: upload the event files as they are now
             location(self._local.name).copy_to(self.run_dir / TENSORBOARD_DIR)
         self.history.append(json_safe(dict(record)))
-        (self.run_dir / HISTORY_FILE).write_text(json.dumps(self.history, indent=2, default=str))
+        (self.run_dir / HISTORY_FILE).write_text(strict_json(self.history, indent=2))
         from cpal_ray.inference.visuals import diagnostic_curves
 
         diagnostic_curves({self.name: self.history}, self.run_dir / CURVES_FILE)

@@ -26,7 +26,7 @@ from cpal_ray.inference.jobs import cam_path
 from cpal_ray.inference.metrics import (ConfusionMatrix, ThresholdSweep, own_background_label,
                                         thresholds_from_config)
 from cpal_ray.inference.multiscale import multiscale_cams
-from cpal_ray.numbers import json_safe, progress
+from cpal_ray.numbers import progress, strict_json
 from cpal_ray.storage import Location, location
 from cpal_ray.inference.pseudo import IGNORE
 
@@ -132,20 +132,27 @@ def evaluate_floors(dataset, max_images: int = 0) -> dict[str, Any]:
     return out
 
 
-def evaluate_cam_dir(cam_dir, dataset, cfg, max_images: int = 0) -> dict[str, Any]:
+def evaluate_cam_dir(cam_dir, dataset, cfg, max_images: int = 0, ids: list[str] | None = None) -> dict[str, Any]:
     """Seed mIoU of the CAM files in ``cam_dir`` over ``dataset`` (eval items, masks needed).
 
     cfg: a ``Config`` or an ``InferenceConfig`` (thresholds). Every file must hold the image's
-    positive classes at the image's size. Returns ``ThresholdSweep.results()`` plus ``images``
-    (scored), ``n_errors``, ``errors`` (first 100, each naming the id), ``class_names``, ``cam_dir``.
+    positive classes at the image's size. ids: score only these (say, those the folder's
+    manifest lists: ``jobs.manifest_ids``; an id the split lacks is an error); None = the whole
+    split; max_images: then only the first ones (0 = all). Returns ``ThresholdSweep.results()``
+    plus ``images`` (scored), ``n_errors``, ``errors`` (first 100, each naming the id),
+    ``class_names``, ``cam_dir``.
     """
     inference = getattr(cfg, "inference", cfg)
     sweep = ThresholdSweep(dataset.num_classes + 1, thresholds_from_config(inference))
     errors: list[str] = []
     n_errors = scored = 0
-    n = len(dataset) if not max_images else min(max_images, len(dataset))
-    for i in progress(range(n), f"scoring {location(cam_dir).name}"):
-        sid = dataset.ids[i]
+    index = {sid: i for i, sid in enumerate(dataset.ids)}
+    wanted = list(dataset.ids) if ids is None else list(ids)
+    for sid in progress(wanted[:max_images] if max_images else wanted, f"scoring {location(cam_dir).name}"):
+        if sid not in index:
+            n_errors = _record(errors, n_errors, sid, KeyError(f"not an id of this split ({len(index)} ids)"))
+            continue
+        i = index[sid]
         try:
             dataset.check_mask(i)
             _, mask, label = dataset.read(i)
@@ -204,7 +211,7 @@ def evaluate_labels(label_dir, dataset, num_classes: int | None = None,
 
 def write_json(result: dict[str, Any], path) -> Location:
     """Save a result dict as indented strict JSON (NaN -> null), atomically."""
-    return atomic_write_bytes(path, json.dumps(json_safe(result), indent=2, default=str).encode())
+    return atomic_write_bytes(path, strict_json(result, indent=2).encode())
 
 
 def write_label_report(result: dict[str, Any], out_dir, title: str = "Label mIoU") -> dict[str, Location]:

@@ -34,6 +34,7 @@ from cpal_ray.inference.io import LabelFileError, atomic_write_bytes, encode_lab
     load_label_png, save_cams_npz
 from cpal_ray.storage import Location, location, remove_temp_files
 from cpal_ray.inference.pseudo import IGNORE, pseudo_label_from_config
+from cpal_ray.numbers import strict_json
 
 log = logging.getLogger(__name__)
 
@@ -330,6 +331,21 @@ class ManifestWriter:
         self._buf, self._n_buf = [], 0
 
 
+def manifest_ids(cam_dir) -> list[str] | None:
+    """The ids the ``manifest.parquet`` of a pipeline's output folder lists (for a ``pacam/``
+    folder, its parent's), sorted; None when there is no manifest (a folder made by hand)."""
+    folder = location(cam_dir)
+    for candidate in (folder, folder.parent) if folder.name == PACAM_DIR else (folder,):
+        path = candidate / "manifest.parquet"
+        if path.is_file():
+            try:
+                table = pq.read_table(io.BytesIO(path.read_bytes()), columns=["id"])
+            except (OSError, ValueError, pa.ArrowException) as e:
+                raise DataError(f"{path}: unreadable manifest ({e})") from None
+            return sorted(table.column("id").to_pylist())
+    return None
+
+
 def consolidate_manifest(folder, out_path, schema: pa.Schema) -> pa.Table:
     """Merge the parts of ``folder`` into ``out_path``: the latest row per id, sorted by id.
 
@@ -358,17 +374,19 @@ def consolidate_manifest(folder, out_path, schema: pa.Schema) -> pa.Table:
     return table
 
 
-def check_run_spec(out_dir, spec: dict, overwrite: bool = False) -> None:
+def check_run_spec(out_dir, spec: dict, overwrite: bool = False, *, write: bool = True) -> None:
     """Refuse to resume into ``out_dir`` when it holds outputs made with other settings.
 
-    ``spec`` (JSON-able) is what decides the output bytes. It is saved as ``<out>/run_spec.json``;
-    a different saved spec raises ValueError naming the keys that differ, unless ``overwrite``.
-    A ``checkpoint`` in it is recorded with its content (``checkpoint_sha256``: a model retrained
-    into the same folder is another input), a ``cam_dir`` with its own run spec's sha256. An
-    accepted folder is then cleared of the temporary files of writers killed mid-write.
+    ``spec`` (JSON-able) is what decides the output bytes. It is saved as ``<out>/run_spec.json``
+    (unless ``write`` is False: the workflows check before Ray starts, and write later); a
+    different saved spec raises ``DataError`` (a ValueError) naming the keys that differ, unless
+    ``overwrite``. A ``checkpoint`` in it is recorded with its content (``checkpoint_sha256``: a
+    model retrained into the same folder is another input), a ``cam_dir`` with its own run spec's
+    sha256. An accepted folder that is written is then cleared of the temporary files of writers
+    killed mid-write.
     """
     path = location(out_dir) / "run_spec.json"
-    spec = json.loads(json.dumps(spec, default=str))
+    spec = json.loads(strict_json(spec))
     if spec.get("checkpoint"):
         from cpal_ray.engine.checkpoint import checkpoint_digest
 
@@ -379,9 +397,10 @@ def check_run_spec(out_dir, spec: dict, overwrite: bool = False) -> None:
         old = json.loads(path.read_text())
         diff = sorted(k for k in set(old) | set(spec) if old.get(k) != spec.get(k))
         if diff:
-            raise ValueError(f"{out_dir}: holds outputs made with other settings ({', '.join(diff)}: "
-                             f"{[old.get(k) for k in diff]} -> {[spec.get(k) for k in diff]}); "
-                             "use another output folder or overwrite")
-    atomic_write_bytes(path, json.dumps(spec, indent=2, sort_keys=True).encode())
-    for leftover in remove_temp_files(out_dir):
-        log.info("removed %s, left by a writer killed mid-write", leftover)
+            raise DataError(f"{out_dir}: holds outputs made with other settings ({', '.join(diff)}: "
+                            f"{[old.get(k) for k in diff]} -> {[spec.get(k) for k in diff]}); "
+                            "use another output folder, or --overwrite to redo every file")
+    if write:
+        atomic_write_bytes(path, strict_json(spec, indent=2, sort_keys=True).encode())
+        for leftover in remove_temp_files(out_dir):
+            log.info("removed %s, left by a writer killed mid-write", leftover)

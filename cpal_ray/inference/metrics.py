@@ -21,7 +21,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from cpal_ray.inference.io import atomic_write_bytes
-from cpal_ray.numbers import json_safe, pct
+from cpal_ray.numbers import pct, strict_json
 from cpal_ray.storage import Location, location
 
 
@@ -278,7 +278,7 @@ def write_report(results: dict[str, Any], out_dir, class_names: list[str]) -> di
     out = location(out_dir)
     payload = dict(results, class_names=list(class_names))
     paths = {"json": out / "seeds.json", "md": out / "seeds.md", "png": out / "miou_vs_threshold.png"}
-    atomic_write_bytes(paths["json"], json.dumps(json_safe(payload), indent=2).encode())
+    atomic_write_bytes(paths["json"], strict_json(payload, indent=2).encode())
 
     lines = [
         "# Seed mIoU",
@@ -297,6 +297,14 @@ def write_report(results: dict[str, Any], out_dir, class_names: list[str]) -> di
     lines += [f"| {name} | {pct(v, 2)} |" for name, v in zip(class_names, results["iou"])]
     atomic_write_bytes(paths["md"], ("\n".join(lines) + "\n").encode())
 
+    buf = io.BytesIO()
+    threshold_figure(results).savefig(buf, format="png", dpi=100)
+    atomic_write_bytes(paths["png"], buf.getvalue())
+    return paths
+
+
+def threshold_figure(results: dict[str, Any]):
+    """``miou_vs_threshold.png``: the mIoU curve, the best threshold, how many images were scored."""
     # Figure + Agg canvas directly: no pyplot, so no global backend switch in library code.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -308,9 +316,8 @@ def write_report(results: dict[str, Any], out_dir, class_names: list[str]) -> di
     ax.axvline(results["best_threshold"], color="gray", linestyle="--", linewidth=1)
     ax.set_xlabel("background threshold")
     ax.set_ylabel("mIoU (%)")
-    ax.set_title(f"best {pct(results['best_miou'], 2)} at {results['best_threshold']:.2f}")
+    images = results.get("images")
+    ax.set_title(f"seed mIoU of {images if images is not None else '?'} images: best {pct(results['best_miou'], 2)} "
+                 f"at {results['best_threshold']:.2f}")
     ax.grid(True, alpha=0.3)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    atomic_write_bytes(paths["png"], buf.getvalue())
-    return paths
+    return fig

@@ -147,6 +147,7 @@ def miou_curves(results: dict[str, dict], path: str | Path) -> Path:
 # Per-epoch quantities of a run's history shown by ``diagnostic_curves``: (title, [(key, label)]).
 DIAGNOSTIC_PANELS = (
     ("losses", [("bce", "BCE"), ("self", "L_self")]),
+    ("learning rate (end of epoch)", [("lr", "lr")]),
     ("share in L_self", [("self_image_share", "images"), ("self_class_share", "(image, class) pairs")]),
     ("seed mIoU, training subsample", [("diag_cam_miou", "CAM"), ("diag_pacam_miou", "PACAM")]),
     ("object / background mean", [("diag_cam_ratio", "CAM"), ("diag_pacam_ratio", "PACAM")]),
@@ -173,14 +174,27 @@ def _series(history: list[dict], key: str) -> tuple[list[int], list[float]]:
     return xs, ys
 
 
+# What an empty panel says (the panels whose keys start so): why it has no line.
+EMPTY_NOTES = {"diag_": "not measured in this run:\ntrain.diag_images=0 (set it > 0 to\nscore CAM and PACAM while training)",
+               "bank_": "no prototype bank in this run\n(cpal.enabled=false)"}
+
+
 def diagnostic_curves(histories: dict[str, list[dict]], path: str | Path) -> Path:
     """What CPAL did, epoch by epoch, one line style per run (e.g. baseline vs CPAL): losses, the
-    share of images and classes in L_self, the seed mIoU of CAM and PACAM on training images,
-    their object/background contrast and agreement, and the bank (``engine.diagnostics``)."""
-    fig = Figure(figsize=(13, 6.5), dpi=100)
+    learning rate, the share of images and classes in L_self, the seed mIoU of CAM and PACAM on
+    training images, their object/background contrast and agreement, and the bank
+    (``engine.diagnostics``). The title names the runs; a panel without data says why."""
+    return _save(curves_figure(histories), path)
+
+
+def curves_figure(histories: dict[str, list[dict]]) -> Figure:
+    """The figure of ``diagnostic_curves`` (whole epochs on every x axis)."""
+    from matplotlib.ticker import MaxNLocator
+
+    fig = Figure(figsize=(17, 6.5), dpi=100)
     styles = ["-", "--", ":", "-."]
     for p, (title, keys) in enumerate(DIAGNOSTIC_PANELS):
-        ax = fig.add_subplot(2, 3, p + 1)
+        ax = fig.add_subplot(2, 4, p + 1)
         for r, (run, history) in enumerate(histories.items()):
             for k, (key, label) in enumerate(keys):
                 xs, ys = _series(history, key)
@@ -188,9 +202,15 @@ def diagnostic_curves(histories: dict[str, list[dict]], path: str | Path) -> Pat
                     ax.plot(xs, ys, styles[r % len(styles)], color=f"C{k}", marker=".", label=f"{label} ({run})")
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("epoch", fontsize=8)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
         if ax.lines:
             ax.legend(fontsize=6)
+        else:
+            note = next((n for prefix, n in EMPTY_NOTES.items() if keys[0][0].startswith(prefix)), "no data in this run")
+            ax.text(0.5, 0.5, note, ha="center", va="center", fontsize=8, color="gray", transform=ax.transAxes)
+    epochs = max((len(h) for h in histories.values()), default=0)
+    fig.suptitle(f"{' vs '.join(histories)}: training curves ({epochs} epochs)", fontsize=11)
     fig.tight_layout()
-    return _save(fig, path)
+    return fig
