@@ -140,6 +140,7 @@ def test_run_training_compares_configs_before_ray_and_keeps_the_saved_one(tmp_pa
 
     monkeypatch.setattr(trainer, "build_trainer", _no_ray)
     monkeypatch.setattr(trainer, "create_bank_actors", _no_ray)
+    monkeypatch.setattr(trainer, "remove_bank_actor", lambda name: None)
     cfg = short_cfg(**{"train.storage_path": str(tmp_path), "train.name": "run"})
     run = tmp_path / "run"
     small_checkpoint(run / "checkpoint_2026-01-01_00-00-01", cfg)
@@ -179,6 +180,7 @@ def test_foreign_checkpoints_are_never_deleted(tmp_path, monkeypatch):
 
     monkeypatch.setattr(trainer, "build_trainer", _no_ray)
     monkeypatch.setattr(trainer, "create_bank_actors", _no_ray)
+    monkeypatch.setattr(trainer, "remove_bank_actor", lambda name: None)
     cfg = short_cfg(**{"train.storage_path": str(tmp_path), "train.name": "run"})
     hand = tmp_path / "run" / "checkpoint_2026-01-01_00-00-01"  # copied by hand: no record of either kind
     hand.mkdir(parents=True)
@@ -363,6 +365,7 @@ def test_the_next_run_of_a_stage_removes_its_killed_writers_temp_files(tmp_path,
 
     monkeypatch.setattr(trainer, "build_trainer", _no_ray)
     monkeypatch.setattr(trainer, "create_bank_actors", _no_ray)
+    monkeypatch.setattr(trainer, "remove_bank_actor", lambda name: None)
     leftover = killed_writer_leftover(tmp_path / "ray-run", "config.yaml")
     with pytest.raises(AssertionError, match="Ray was started"):
         trainer.run_training(short_cfg(**{"train.storage_path": str(tmp_path), "train.name": "ray-run"}))
