@@ -415,3 +415,18 @@ def test_a_sweep_name_is_one_safe_folder_name_too(monkeypatch, capsys):
     with pytest.raises(SystemExit) as done:
         run(sweep.main, ["--space", "k_tau", "--name", "..", "--config", "configs/synthetic_tiny.yaml"])
     assert done.value.code == 2 and "--name: must be one folder name" in capsys.readouterr().err
+
+
+def test_a_run_of_an_older_cpal_ray_still_resumes_and_a_foreign_one_does_not(tmp_path):
+    from cpal_ray.distributed import trainer
+
+    run = tmp_path / "run"
+    for name in ("checkpoint_2026-01-01_00-00-01", "checkpoint_2026-01-01_00-00-02"):
+        (run / name).mkdir(parents=True)
+    (run / trainer.SNAPSHOT_FILE).write_text(json.dumps(
+        {"checkpoint_results": [{"checkpoint_dir_name": "checkpoint_2026-01-01_00-00-01"}]}))
+    (run / "config.yaml").write_text(config_yaml(short_cfg(**{"train.name": "other"})))  # not this run's
+    with pytest.raises(CheckpointError, match="no record of writing"):
+        trainer.remove_unregistered_checkpoints(location(run))
+    (run / "config.yaml").write_text(config_yaml(short_cfg(**{"train.name": "run"})))  # no RUN_RECORD yet
+    assert trainer.remove_unregistered_checkpoints(location(run)) == ["checkpoint_2026-01-01_00-00-02"]
