@@ -140,6 +140,7 @@ def test_run_training_compares_configs_before_ray_and_keeps_the_saved_one(tmp_pa
 
     monkeypatch.setattr(trainer, "build_trainer", _no_ray)
     monkeypatch.setattr(trainer, "create_bank_actors", _no_ray)
+    monkeypatch.setattr(trainer, "remove_bank_actor", lambda name: None)
     cfg = short_cfg(**{"train.storage_path": str(tmp_path), "train.name": "run"})
     run = tmp_path / "run"
     small_checkpoint(run / "checkpoint_2026-01-01_00-00-01", cfg)
@@ -179,6 +180,7 @@ def test_foreign_checkpoints_are_never_deleted(tmp_path, monkeypatch):
 
     monkeypatch.setattr(trainer, "build_trainer", _no_ray)
     monkeypatch.setattr(trainer, "create_bank_actors", _no_ray)
+    monkeypatch.setattr(trainer, "remove_bank_actor", lambda name: None)
     cfg = short_cfg(**{"train.storage_path": str(tmp_path), "train.name": "run"})
     hand = tmp_path / "run" / "checkpoint_2026-01-01_00-00-01"  # copied by hand: no record of either kind
     hand.mkdir(parents=True)
@@ -363,6 +365,7 @@ def test_the_next_run_of_a_stage_removes_its_killed_writers_temp_files(tmp_path,
 
     monkeypatch.setattr(trainer, "build_trainer", _no_ray)
     monkeypatch.setattr(trainer, "create_bank_actors", _no_ray)
+    monkeypatch.setattr(trainer, "remove_bank_actor", lambda name: None)
     leftover = killed_writer_leftover(tmp_path / "ray-run", "config.yaml")
     with pytest.raises(AssertionError, match="Ray was started"):
         trainer.run_training(short_cfg(**{"train.storage_path": str(tmp_path), "train.name": "ray-run"}))
@@ -412,3 +415,18 @@ def test_a_sweep_name_is_one_safe_folder_name_too(monkeypatch, capsys):
     with pytest.raises(SystemExit) as done:
         run(sweep.main, ["--space", "k_tau", "--name", "..", "--config", "configs/synthetic_tiny.yaml"])
     assert done.value.code == 2 and "--name: must be one folder name" in capsys.readouterr().err
+
+
+def test_a_run_of_an_older_cpal_ray_still_resumes_and_a_foreign_one_does_not(tmp_path):
+    from cpal_ray.distributed import trainer
+
+    run = tmp_path / "run"
+    for name in ("checkpoint_2026-01-01_00-00-01", "checkpoint_2026-01-01_00-00-02"):
+        (run / name).mkdir(parents=True)
+    (run / trainer.SNAPSHOT_FILE).write_text(json.dumps(
+        {"checkpoint_results": [{"checkpoint_dir_name": "checkpoint_2026-01-01_00-00-01"}]}))
+    (run / "config.yaml").write_text(config_yaml(short_cfg(**{"train.name": "other"})))  # not this run's
+    with pytest.raises(CheckpointError, match="no record of writing"):
+        trainer.remove_unregistered_checkpoints(location(run))
+    (run / "config.yaml").write_text(config_yaml(short_cfg(**{"train.name": "run"})))  # no RUN_RECORD yet
+    assert trainer.remove_unregistered_checkpoints(location(run)) == ["checkpoint_2026-01-01_00-00-02"]

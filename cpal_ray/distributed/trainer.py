@@ -87,15 +87,26 @@ def checkpoint_folders(run_dir: Location) -> list[Location]:
     return [d for d in run_dir.dirs() if d.name.startswith(CHECKPOINT_PREFIX)]
 
 
+def made_by_older_cpal_ray(run_dir: Location) -> bool:
+    """A run folder of a cpal-ray from before ``RUN_RECORD``: Ray Train's snapshot and the run's
+    ``config.yaml``, a cpal-ray config naming this run (what ``run_training`` always wrote)."""
+    try:
+        return ((run_dir / SNAPSHOT_FILE).is_file()
+                and load_config(run_dir / CONFIG_FILE).train.name == run_dir.name)
+    except (ConfigError, OSError, ValueError):
+        return False
+
+
 def check_run_folder(run_dir: Location) -> None:
     """Refuse a run folder holding checkpoints this project has no record of writing: a folder
-    without ``RUN_RECORD`` (another program's, or copied by hand), or one whose checkpoints Ray
+    without ``RUN_RECORD`` (another program's, or copied by hand; a run of an older cpal-ray is
+    recognised by ``made_by_older_cpal_ray``), or one whose checkpoints Ray
     Train never recorded (no ``checkpoint_manager_snapshot.json``). Nothing there is resumed
     from or deleted; the CheckpointError says how to proceed."""
     found = checkpoint_folders(run_dir)
     if not found:
         return
-    if not (run_dir / RUN_RECORD).is_file():
+    if not (run_dir / RUN_RECORD).is_file() and not made_by_older_cpal_ray(run_dir):
         raise CheckpointError(f"{run_dir}: holds {len(found)} checkpoint folder(s) cpal-ray has no record of writing "
                               f"(no {RUN_RECORD}); nothing is resumed or deleted: move them away or choose another "
                               f"train.name")
