@@ -147,7 +147,13 @@ def test_ctrl_c_during_start_up_is_one_line_and_exit_130():
     import time
 
     proc = _start("train", "--config", "configs/synthetic_tiny.yaml", "--address", "local")
-    time.sleep(1.0)  # importing torch and Ray
+    # Start-up for sure: torch's library is mapped (its import has begun), Ray has not started yet.
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:
+        with open(f"/proc/{proc.pid}/maps") as f:
+            if "libtorch" in f.read():
+                break
+        time.sleep(0.01)
     code, err = _ctrl_c(proc)
     assert code == 130 and err.strip().splitlines() == ["interrupted"], err
 

@@ -22,6 +22,7 @@ import ray.train.torch
 
 from cpal_ray.config import from_dict
 from cpal_ray.distributed.bank import NAMESPACE, BankClient
+from cpal_ray.distributed.interrupt import SNAPSHOT_FILE
 from cpal_ray.engine import Hook, fit, load_first_valid, write_checkpoint
 from cpal_ray.engine.comm import all_gather_object, barrier
 from cpal_ray.engine.progress import WORKER_LINE, set_bar_factory, shorten_log_lines
@@ -56,12 +57,26 @@ class FaultHook(Hook):
                         os.getpid(), self.d.crash_step)
             time.sleep(self.d.crash_wait_s)
             raise RuntimeError(f"fault injection: rank {state.rank} was not killed within {self.d.crash_wait_s}s")
+        self._wait_for_registered_checkpoint()
         if self.d.crash_rank == -2:
             log.warning("fault injection: killing the bank actor at global step %d", self.d.crash_step)
             ray.kill(self.bank_actor, no_restart=False)
             return
         log.warning("fault injection: killing rank %d at global step %d", state.rank, self.d.crash_step)
         os._exit(1)
+
+    def _wait_for_registered_checkpoint(self, timeout_s: float = 60.0) -> None:
+        """The faults the tests inject strike after the newest checkpoint is on Ray Train's record
+        (its controller registers a reported checkpoint a poll later): wait, bounded, until the
+        newest ``checkpoint_*`` folder of the run is named in Ray's snapshot."""
+        run = self.marker.parent
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            newest = max((d.name for d in run.dirs() if d.name.startswith(CHECKPOINT_PREFIX)), default=None)
+            snapshot = run / SNAPSHOT_FILE
+            if newest is None or (snapshot.is_file() and newest in snapshot.read_text()):
+                return
+            time.sleep(0.1)
 
 
 class NodeHook(Hook):
