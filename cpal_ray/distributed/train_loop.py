@@ -51,13 +51,13 @@ class FaultHook(Hook):
             return
         if self.marker.exists():
             return
+        self._wait_for_registered_checkpoint()  # before the marker: a test kills from outside on seeing it
         self.marker.write_text(f"pid {os.getpid()} epoch {state.epoch} step {step}\n")
         if self.d.crash_wait_s > 0 and self.d.crash_rank >= 0:
             log.warning("fault injection: rank %d (pid %d) waits to be killed at global step %d", state.rank,
                         os.getpid(), self.d.crash_step)
             time.sleep(self.d.crash_wait_s)
             raise RuntimeError(f"fault injection: rank {state.rank} was not killed within {self.d.crash_wait_s}s")
-        self._wait_for_registered_checkpoint()
         if self.d.crash_rank == -2:
             log.warning("fault injection: killing the bank actor at global step %d", self.d.crash_step)
             ray.kill(self.bank_actor, no_restart=False)
