@@ -132,7 +132,16 @@ def _start(*args, run_dir=None):
 
     return subprocess.Popen([sys.executable, "-m", "workflows.cli", *args], cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            env={**os.environ, "PYTHONPATH": REPO})
+                            env={**os.environ, "PYTHONPATH": REPO}, preexec_fn=_terminal_sigint)
+
+
+def _terminal_sigint():
+    """SIGINT as a terminal's foreground job has it: a suite started in the background by a
+    non-interactive shell inherits SIGINT ignored, and Python would then never raise
+    KeyboardInterrupt in the command under test."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _ctrl_c(proc, timeout=180):
