@@ -129,12 +129,22 @@ def create_bank_actors(cfg: Config, names: list[str]) -> list:
     from cpal_ray.models import embed_dim
 
     groups = shard_classes(cfg.bank_classes, len(names))
+    here = None
+    if ray.util.get_current_placement_group() is None:
+        # A training run's driver: the bank goes on its node (the head, for a job), so that losing a
+        # worker node never takes it. Ray's default policy may pick any node for a 0-CPU actor. Soft:
+        # a restart after that node is gone goes elsewhere. Inside a sweep trial the trial's
+        # placement group holds the bank's CPUs (and is left to place it).
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+        here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=True)
     actors = []
     for name, group in zip(names, groups):
         opts = dict(name=name, namespace=NAMESPACE, get_if_exists=True, num_cpus=cfg.dist.bank_cpus,
                     max_restarts=-1, max_task_retries=0)
         if cfg.dist.bank_gpus > 0:
             opts["num_gpus"] = cfg.dist.bank_gpus
+        if here is not None:
+            opts["scheduling_strategy"] = here
         class_ids = None if len(names) == 1 else group.tolist()
         actors.append(ray.remote(BankActor).options(**opts).remote(cfg.to_dict(), embed_dim(cfg.model),
                                                                    cfg.dist.bank_gpus > 0, class_ids))
