@@ -53,7 +53,7 @@ def local_run(out: Path) -> dict:
     from cpal_ray.config import load_config
     from cpal_ray.engine.local import epoch_dirs, fit_local
 
-    cfg = load_config(REPO / CONFIG)
+    cfg = load_config(CONFIG)
     fit_local(cfg, out_dir=str(out / "local"))
     digests: dict = {}
     for folder in epoch_dirs(str(out / "local")):
