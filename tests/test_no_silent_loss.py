@@ -250,7 +250,7 @@ def bomb_png(path, width: int = 100_000, height: int = 100_000) -> None:
 
 @pytest.fixture
 def pixel_limit():
-    from cpal_ray.data.base import DEFAULT_MAX_IMAGE_PIXELS, set_max_image_pixels
+    from cpal_ray.data.files import DEFAULT_MAX_IMAGE_PIXELS, set_max_image_pixels
 
     yield set_max_image_pixels
     set_max_image_pixels(DEFAULT_MAX_IMAGE_PIXELS)
@@ -260,8 +260,7 @@ def test_every_reader_refuses_a_decompression_bomb_naming_the_file(tmp_path, pix
     import numpy as np
 
     from cpal_ray.data import DataError, build_dataset
-    from cpal_ray.data.base import read_mask, read_rgb
-    from cpal_ray.data.folders import decode_label_png
+    from cpal_ray.data.files import decode_label_png, read_mask, read_rgb
     from cpal_ray.inference.io import LabelFileError, load_label_png
     from cpal_ray.inference.jobs import image_hw
     from tests.fakes import make_voc_tree
@@ -375,7 +374,7 @@ def test_the_next_run_of_a_stage_removes_its_killed_writers_temp_files(tmp_path,
 # ------------------------------------------------------------------------------ item 8: ids with a dot
 
 def test_ids_are_kept_as_written_dots_included(tmp_path):
-    from cpal_ray.data.base import read_id_list
+    from cpal_ray.data.files import read_id_list
 
     ids = tmp_path / "train.txt"
     ids.write_text("img.v2\n2007_000032\nscan.2024.01  # a comment\nphoto.v3.jpg\n"

@@ -21,12 +21,13 @@ from torch.utils.data import DataLoader, Sampler
 
 from cpal_ray.data.assets import VOC12_META_DIR, VOC_MINI_DIR, resolve_root_path
 from cpal_ray.data.attributes import AttributeShapes
-from cpal_ray.data.base import DataError, FileDataset, SampleDataset, SkipUnreadable, set_max_image_pixels
+from cpal_ray.data.base import FileDataset, SampleDataset, SkipUnreadable
 from cpal_ray.data.classes import (COCO_CLASSES, VOC_CLASSES, attribute_class_names, colorize, synthetic_class_names,
                                    voc_palette)
 from cpal_ray.data.coco import COCOSegmentation, convert_instances
+from cpal_ray.data.files import DataError, set_max_image_pixels
 from cpal_ray.data.folders import ImageFolderDataset, LabelFolderDataset
-from cpal_ray.data.labels import convert_labels
+from cpal_ray.data.labels import cls_labels_value, convert_labels
 from cpal_ray.data.synthetic import SyntheticShapes
 from cpal_ray.data.transforms import EvalTransform, TrainTransform
 from cpal_ray.data.voc import VOCSegmentation
@@ -108,11 +109,10 @@ def build_train_dataset(cfg) -> SampleDataset:
 
 def labels_source(dataset) -> str:
     """Where the image-level labels of ``dataset`` come from, as runs record them (saved configs,
-    manifests): the label file's ``bundled:`` name or absolute path; "procedural" for the
-    synthetic and attribute sets."""
-    if isinstance(dataset, LabelFolderDataset):
-        return labels_source(dataset.base)
-    return dataset.labels_source if isinstance(dataset, FileDataset) else "procedural"
+    manifests): the ``cls_labels_value`` of its label file (``bundled:`` name or absolute path);
+    "procedural" for the synthetic and attribute sets."""
+    dataset = dataset.base if isinstance(dataset, LabelFolderDataset) else dataset
+    return cls_labels_value(dataset.labels_file) if isinstance(dataset, FileDataset) else "procedural"
 
 
 def record_labels_source(data_cfg, dataset):
@@ -121,7 +121,7 @@ def record_labels_source(data_cfg, dataset):
     dataset = dataset.base if isinstance(dataset, LabelFolderDataset) else dataset
     if not isinstance(dataset, FileDataset):
         return data_cfg
-    return dataclasses.replace(data_cfg, cls_labels=dataset.labels_source)
+    return dataclasses.replace(data_cfg, cls_labels=cls_labels_value(dataset.labels_file))
 
 
 def collate(batch: list[dict[str, Any]]) -> dict[str, Any]:

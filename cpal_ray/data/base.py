@@ -1,4 +1,4 @@
-"""What every reader shares: the item format, file reading with clear errors, bad-sample policy.
+"""What every reader shares: the item format, the bad-sample policy, the file-backed dataset.
 
 Item format (docs/DESIGN.md), ``dataset[i]`` ->
     {"id": str, "image": float32 (3, H, W) ImageNet-normalised, "label": float32 (N,) multi-hot,
@@ -6,9 +6,9 @@ Item format (docs/DESIGN.md), ``dataset[i]`` ->
 
 A sample without a mask file gets an all-255 mask (training needs none); ``check_mask`` raises
 for it, and the evaluators call it, so such an image is reported, never scored as all-ignore.
-Unreadable samples (``on_bad_sample``): "error" raises DataError naming the file and id; "skip"
-drops bad ids when the dataset is built and, in training, ``SkipUnreadable`` replaces an image
-that fails to decode by the next readable one and reports it.
+Unreadable samples (``on_bad_sample``): "error" raises the DataError of ``cpal_ray.data.files``
+(naming the file and id); "skip" drops bad ids when the dataset is built and, in training,
+``SkipUnreadable`` replaces an image that fails to decode by the next readable one and reports it.
 
 Augmentation randomness of item i is drawn from ``numpy.random.default_rng([seed, epoch, i])``,
 so an item is the same whatever the worker or process that loads it; call ``set_epoch`` (or
@@ -16,127 +16,21 @@ so an item is the same whatever the worker or process that loads it; call ``set_
 """
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
-import warnings
 from pathlib import Path
 from typing import Any, Callable, Hashable
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 
+from cpal_ray.data.files import DataError, open_image, read_mask, read_rgb
 from cpal_ray.data.transforms import IGNORE_INDEX, EvalTransform, fit_long_side, resize_bilinear, resize_nearest
 
 log = logging.getLogger(__name__)
 
 # How many skipped ids are logged one by one before only the total is logged.
 _LOG_SKIPS = 10
-
-
-# File extensions an id list's entries may carry (stripped: ``x.jpg`` is the id ``x``).
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png")
-
-
-class DataError(ValueError):
-    """A sample or data file is unusable; the message names the file and the sample id."""
-
-
-# The most pixels an image or label file may claim in its header (data.max_image_pixels, set by
-# ``set_max_image_pixels`` when a dataset is built): checked before anything is decoded, so a
-# decompression bomb (a small file that decodes to gigabytes) is a bad sample naming its file.
-DEFAULT_MAX_IMAGE_PIXELS = 64_000_000
-_max_pixels = [DEFAULT_MAX_IMAGE_PIXELS]
-
-
-def set_max_image_pixels(limit: int) -> None:
-    """The limit of ``open_image`` in this process; PIL's own check (it refuses twice its limit at
-    open) is set to the same number."""
-    _max_pixels[0] = int(limit)
-    Image.MAX_IMAGE_PIXELS = int(limit)
-
-
-@contextlib.contextmanager
-def open_image(source, path, what: str = "image", sample_id: str | None = None, error=DataError):
-    """``PIL.Image.open(source)`` (a path or a file object) whose header size is checked first:
-    ``error`` naming ``path`` (and the id) when it claims more than data.max_image_pixels pixels.
-    Other errors of ``Image.open`` are the caller's to handle, as without it."""
-    of = f" (id {sample_id})" if sample_id is not None else ""
-    try:
-        with warnings.catch_warnings():  # over the limit: refused below, with the file's name
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            im = Image.open(source)
-    except Image.DecompressionBombError as e:
-        raise error(f"{path}: {what} too large to decode, a decompression bomb?{of} ({e})") from None
-    with im:
-        width, height = im.size
-        if width * height > _max_pixels[0]:
-            raise error(f"{path}: {what} of {width}x{height} pixels is over data.max_image_pixels="
-                        f"{_max_pixels[0]} (a decompression bomb?){of}")
-        yield im
-
-
-# ----------------------------------------------------------------------------------- file access
-
-def read_id_list(path: str | os.PathLike) -> list[str]:
-    """Ids in a split file, one per line; blank lines and ``#`` comments skipped.
-
-    Lines holding paths (DeepLab style ``/JPEGImages/x.jpg /SegmentationClassAug/x.png``) give
-    the file name of their first token without its image extension; any other id is kept as
-    written, dots included (``img.v2`` is ``img.v2``, ``img.v2.jpg`` is ``img.v2``).
-    """
-    ids = []
-    for line in Path(path).read_text().splitlines():
-        line = line.split("#", 1)[0].strip()
-        if line:
-            name = line.split()[0].rsplit("/", 1)[-1]
-            stem, dot, ext = name.rpartition(".")
-            ids.append(stem if dot and stem and ext.lower() in IMAGE_EXTENSIONS else name)
-    return ids
-
-
-def read_rgb(path: Path, sample_id: str) -> np.ndarray:
-    """Decode an image file to uint8 (H, W, 3); DataError naming file and id if unreadable."""
-    try:
-        with open_image(path, path, "image", sample_id) as im:
-            im.load()
-            return np.array(im.convert("RGB"))
-    except FileNotFoundError as e:
-        raise DataError(f"{path}: image file missing (id {sample_id})") from e
-    except DataError:
-        raise
-    except (OSError, SyntaxError, ValueError) as e:
-        raise DataError(f"{path}: cannot decode image (id {sample_id}): {e}") from e
-
-
-def read_mask(path: Path, sample_id: str, num_classes: int, image_hw: tuple[int, int],
-              image_path: Path | None = None) -> np.ndarray:
-    """Read a class-index PNG (mode P/L/I) -> (H, W) array with values in {0..N, 255}.
-
-    DataError naming the file and id when it cannot be read, is a colour image, has another
-    size than its image (H, W) = image_hw, or holds values outside {0..N, 255}.
-    """
-    try:
-        with open_image(path, path, "mask", sample_id) as im:
-            im.load()
-            if im.mode not in ("P", "L", "I", "I;16"):
-                raise DataError(f"{path}: mask has mode {im.mode!r}, expected class indices in a "
-                                f"palette ('P') or greyscale PNG (id {sample_id})")
-            mask = np.asarray(im)
-    except DataError:
-        raise
-    except (OSError, SyntaxError, ValueError) as e:
-        raise DataError(f"{path}: cannot decode mask (id {sample_id}): {e}") from e
-    if mask.shape != tuple(image_hw):
-        raise DataError(f"{path}: mask size {mask.shape} differs from image {tuple(image_hw)} "
-                        f"{'(' + str(image_path) + ') ' if image_path else ''}(id {sample_id})")
-    bad = (mask > num_classes) & (mask != IGNORE_INDEX)
-    if bad.any():
-        values = np.unique(mask[bad])[:8].tolist()
-        raise DataError(f"{path}: mask values {values} outside 0..{num_classes} and 255 (id {sample_id})")
-    return mask
 
 
 def check_label(vec: np.ndarray, num_classes: int, labels_file: Path | str, sample_id: str) -> str | None:
@@ -233,13 +127,6 @@ class FileDataset(SampleDataset):
 
     def mask_path(self, sample_id: str) -> Path:
         raise NotImplementedError
-
-    @property
-    def labels_source(self) -> str:
-        """The label file in use, as runs record it (``cpal_ray.data.labels.labels_source``)."""
-        from cpal_ray.data.labels import labels_source
-
-        return labels_source(self.labels_file)
 
     def check_mask(self, index: int) -> None:
         sid = self.ids[index]

@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from cpal_ray.data.assets import resolve_root_path
-from cpal_ray.data.base import DataError, FileDataset, read_id_list
+from cpal_ray.data.base import FileDataset
+from cpal_ray.data.files import DataError, read_id_list
 from cpal_ray.data.classes import COCO_CLASSES, colorize
 from cpal_ray.data.labels import (LABEL_FILE_NAMES, find_labels_file, load_label_dict, read_label_file,
                                   write_labels_json)

@@ -8,37 +8,17 @@ its transform (``TrainTransform``) crops image and mask together, padding the ma
 """
 from __future__ import annotations
 
-import io
 import logging
+from pathlib import Path
 
 import numpy as np
 
-from cpal_ray.data.base import DataError, SampleDataset, open_image
+from cpal_ray.data.base import SampleDataset
+from cpal_ray.data.files import DataError, read_label_png, read_rgb
 from cpal_ray.data.transforms import IGNORE_INDEX
+from cpal_ray.storage import location
 
 log = logging.getLogger(__name__)
-
-
-def decode_label_png(data: bytes, path, sample_id: str, num_classes: int, hw: tuple[int, int]) -> np.ndarray:
-    """A label PNG's bytes -> (H, W) uint8 in {0..N, 255}; DataError naming the file and id when it
-    does not decode, is not a class-index image, has another size than its image or other values."""
-    try:
-        with open_image(io.BytesIO(data), path, "label PNG", sample_id) as im:
-            im.load()
-            if im.mode not in ("P", "L"):
-                raise DataError(f"{path}: label has mode {im.mode!r}, expected a palette or greyscale PNG (id {sample_id})")
-            label = np.asarray(im, dtype=np.uint8)
-    except DataError:
-        raise
-    except (OSError, SyntaxError, ValueError) as e:
-        raise DataError(f"{path}: cannot decode label PNG (id {sample_id}): {e}") from e
-    if label.shape != tuple(hw):
-        raise DataError(f"{path}: label size {label.shape} differs from its image {tuple(hw)} (id {sample_id})")
-    bad = (label > num_classes) & (label != IGNORE_INDEX)
-    if bad.any():
-        raise DataError(f"{path}: label values {np.unique(label[bad])[:8].tolist()} outside 0..{num_classes} "
-                        f"and 255 (id {sample_id})")
-    return label
 
 
 class LabelFolderDataset(SampleDataset):
@@ -53,8 +33,6 @@ class LabelFolderDataset(SampleDataset):
     """
 
     def __init__(self, base: SampleDataset, label_dir, transform=None, seed: int = 0, on_bad_sample: str = "error"):
-        from cpal_ray.storage import location
-
         super().__init__(transform, return_rgb=False, seed=seed)
         self.base, self.label_dir = base, location(label_dir)
         self.num_classes, self.class_names = base.num_classes, base.class_names
@@ -81,12 +59,7 @@ class LabelFolderDataset(SampleDataset):
     def read(self, index: int):
         sid = self.ids[index]
         rgb, _, label = self.base.read(self._index[sid])
-        path = self.label_dir / f"{sid}.png"
-        try:
-            data = path.read_bytes()
-        except OSError as e:
-            raise DataError(f"{path}: cannot read label (id {sid}): {e}") from e
-        return rgb, decode_label_png(data, path, sid, self.num_classes, rgb.shape[:2]), label
+        return rgb, read_label_png(self.label_dir / f"{sid}.png", sid, self.num_classes, rgb.shape[:2]), label
 
     def label_of(self, index: int) -> np.ndarray:
         return self.base.label_of(self._index[self.ids[index]])
@@ -102,8 +75,6 @@ class ImageFolderDataset(SampleDataset):
     holds no image, or two files share a stem."""
 
     def __init__(self, folder, num_classes: int, class_names, transform=None):
-        from pathlib import Path
-
         super().__init__(transform, return_rgb=False)
         self.folder = Path(folder)
         if not self.folder.is_dir():
@@ -123,8 +94,6 @@ class ImageFolderDataset(SampleDataset):
         return self._paths[sample_id]
 
     def read(self, index: int):
-        from cpal_ray.data.base import read_rgb
-
         sid = self.ids[index]
         rgb = read_rgb(self._paths[sid], sid)
         return rgb, np.full(rgb.shape[:2], IGNORE_INDEX, np.uint8), np.zeros(self.num_classes, np.float32)

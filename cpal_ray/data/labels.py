@@ -15,8 +15,8 @@ by name before anything is called; the result must be a dict of int/str keys and
 Which file a reader uses (``find_labels_file``): ``data.cls_labels`` when given (a path, or a
 ``bundled:`` name of the labels shipped in the package, see ``cpal_ray.data.assets``), else
 ``<root>/cls_labels.json``, else ``<root>/cls_labels.npy``, else the reader's fallback (VOC: the
-packaged VOC 2012 labels, announced at WARNING level). ``labels_source`` is how a run records
-the file it used (saved configs, manifests).
+packaged VOC 2012 labels, announced at WARNING level). ``cls_labels_value`` is how a run records
+the file it used (saved configs, manifests): the ``data.cls_labels`` that names it again.
 """
 from __future__ import annotations
 
@@ -32,8 +32,9 @@ from typing import Any, Callable, Hashable
 import numpy as np
 
 from cpal_ray.data.assets import BUNDLED_LABELS, bundled_name
-from cpal_ray.data.base import DataError
+from cpal_ray.data.files import DataError
 from cpal_ray.numbers import strict_json
+from cpal_ray.storage import location
 
 log = logging.getLogger(__name__)
 
@@ -173,19 +174,18 @@ def find_labels_file(root: Path, cls_labels: str = "", fallback: Path | None = N
         raise DataError(f"{root}: no image-level labels file ({' or '.join(LABEL_FILE_NAMES)}); set data.cls_labels")
     log.warning("%s%s has no %s: using the labels %s (%s). Right for an unchanged dataset; for relabelled "
                 "images put their labels in the folder or set data.cls_labels", reader and f"{reader}: ", root,
-                " or ".join(LABEL_FILE_NAMES), labels_source(fallback), fallback)
+                " or ".join(LABEL_FILE_NAMES), cls_labels_value(fallback), fallback)
     return fallback
 
 
-def labels_source(path: Path) -> str:
-    """How a run records a label file: its ``bundled:`` name, else its absolute path."""
+def cls_labels_value(path: Path) -> str:
+    """The ``data.cls_labels`` that names a label file, as a run records it: its ``bundled:`` name,
+    else its absolute path."""
     return bundled_name(path) or str(Path(path).expanduser().resolve())
 
 
 def write_labels_json(path: str | os.PathLike, labels: dict) -> Path:
     """Write {id: multi-hot} as ``cls_labels.json`` (ids as text, sorted; 0/1 as ints), atomically."""
-    from cpal_ray.storage import location
-
     out = {}
     for k in sorted(labels, key=str):
         v = np.asarray(labels[k], dtype=np.float64)

@@ -18,7 +18,8 @@ import re
 from pathlib import Path
 
 from cpal_ray.data.assets import VOC12_META_DIR, resolve_root_path
-from cpal_ray.data.base import DataError, FileDataset, read_id_list
+from cpal_ray.data.base import FileDataset
+from cpal_ray.data.files import DataError, read_id_list
 from cpal_ray.data.classes import VOC_CLASSES
 from cpal_ray.data.labels import find_labels_file, load_label_dict
 from cpal_ray.data.transforms import EvalTransform, TrainTransform

@@ -17,8 +17,8 @@ import zipfile
 import numpy as np
 from PIL import Image
 
-from cpal_ray.data.base import open_image
 from cpal_ray.data.classes import voc_palette
+from cpal_ray.data.files import DataError as LabelFileError, read_label_png  # the name inference's callers catch
 from cpal_ray.storage import Location, location
 
 CAM_KEYS = ("classes", "cams", "size")
@@ -26,10 +26,6 @@ CAM_KEYS = ("classes", "cams", "size")
 
 class CamFileError(ValueError):
     """A CAM ``.npz`` file is unreadable, truncated or inconsistent; the message names the path."""
-
-
-class LabelFileError(ValueError):
-    """A label PNG is unreadable or not a single-channel label map; the message names the path."""
 
 
 # Flat [r0, g0, b0, r1, ...] (768,) for PIL.putpalette; index 255 is (224, 224, 192).
@@ -78,21 +74,11 @@ def save_label_png(path, label: np.ndarray, palette: list[int] | None = None) ->
 def load_label_png(path, expected_shape: tuple[int, int] | None = None) -> np.ndarray:
     """Read a label PNG written by ``save_label_png`` (or a VOC ``SegmentationClass`` file).
 
-    Returns (H, W) uint8 palette indices. Raises ``LabelFileError`` naming the path when the file
-    is missing, unreadable, not a 'P' or 'L' image, or not of ``expected_shape`` (H, W).
+    Returns (H, W) uint8 palette indices. Raises ``LabelFileError`` (the data layer's DataError)
+    naming the path when the file is missing, unreadable, not a 'P' or 'L' image, or not of
+    ``expected_shape`` (H, W): ``cpal_ray.data.files.read_label_png``.
     """
-    try:
-        with open_image(io.BytesIO(location(path).read_bytes()), path, "label PNG", error=LabelFileError) as im:
-            if im.mode not in ("P", "L"):
-                raise LabelFileError(f"{path}: label PNG must be mode 'P' or 'L', got {im.mode!r}")
-            arr = np.array(im, dtype=np.uint8)
-    except LabelFileError:
-        raise
-    except (OSError, ValueError, SyntaxError) as e:
-        raise LabelFileError(f"{path}: cannot read label PNG: {e}") from e
-    if expected_shape is not None and arr.shape != tuple(expected_shape):
-        raise LabelFileError(f"{path}: label shape {arr.shape} != expected {tuple(expected_shape)}")
-    return arr
+    return read_label_png(path, hw=expected_shape)
 
 
 # ---------------------------------------------------------------------------- CAM npz
