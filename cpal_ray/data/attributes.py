@@ -38,8 +38,7 @@ import numpy as np
 
 from cpal_ray.data.base import SampleDataset
 from cpal_ray.data.classes import attribute_class_names
-from cpal_ray.data.synthetic import (MAX_TRIES, MIN_VISIBLE, SPLIT_CODES, class_style, clutter, shape_region,
-                                     texture, two_tone)
+from cpal_ray.data.synthetic import SPLIT_CODES, class_style, draw_scene, shape_region, texture, two_tone
 from cpal_ray.data.transforms import EvalTransform, TrainTransform
 
 # Fraction of a class's instances that show its signature appearance (slot 0), and its shared one (slot A-1).
@@ -144,9 +143,8 @@ def render_attributes(num_classes: int, attributes_per_class: int, size: int, rn
     if k >= 2 and mate not in classes and rng.random() < PARTNER_PROB:
         classes[1] = mate
     background = background_appearances(n, a)
-    for _ in range(MAX_TRIES):
-        rgb = clutter(rng, size)
-        mask = np.zeros((size, size), dtype=np.uint8)
+
+    def paint(rgb, mask):
         parts = np.full((size, size), -1, dtype=np.int16)
         for _ in range(int(rng.integers(DISTRACTORS[0], DISTRACTORS[1], endpoint=True))):
             region, centre = shape_region(rng, yy, xx, size, radius=DISTRACTOR_RADIUS)
@@ -160,12 +158,9 @@ def render_attributes(num_classes: int, attributes_per_class: int, size: int, rn
             for pos, j in enumerate(order):
                 _paint(rgb, parts, band == pos, ids[slots[j]], rng, yy, xx, centre)
             mask[region] = c + 1
-        visible = np.bincount(mask.ravel(), minlength=n + 1)[1:]
-        if (visible[classes] >= MIN_VISIBLE * size * size).all():
-            break
-    label = (np.bincount(mask.ravel(), minlength=n + 1)[1:] > 0).astype(np.float32)
-    rgb += rng.normal(0, 4, size=rgb.shape).astype(np.float32)
-    return np.clip(rgb, 0, 255).astype(np.uint8), mask, label, parts
+        return parts
+
+    return draw_scene(paint, classes, n, size, rng)
 
 
 class AttributeShapes(SampleDataset):

@@ -99,15 +99,34 @@ def texture(style: dict, rng: np.random.Generator, yy, xx, centre) -> np.ndarray
     return (dist + phase) % period < period / 2
 
 
+def draw_scene(paint, classes, num_classes: int, size: int, rng: np.random.Generator):
+    """Paint a scene until every class of ``classes`` covers MIN_VISIBLE of it (at most MAX_TRIES
+    tries), then add the sensor noise: (rgb uint8 (S, S, 3), mask uint8 (S, S) in 0..N, label
+    float32 (N,) of the classes in the mask, what the last ``paint`` returned).
+
+    ``paint(rgb, mask)`` draws the objects of one try over fresh clutter (float32 rgb, zero mask),
+    in place; the random draws follow the same order at every call, so a scene is reproducible.
+    """
+    for _ in range(MAX_TRIES):
+        rgb = clutter(rng, size)
+        mask = np.zeros((size, size), dtype=np.uint8)
+        painted = paint(rgb, mask)
+        visible = np.bincount(mask.ravel(), minlength=num_classes + 1)[1:]
+        if (visible[classes] >= MIN_VISIBLE * size * size).all():
+            break
+    label = (np.bincount(mask.ravel(), minlength=num_classes + 1)[1:] > 0).astype(np.float32)
+    rgb += rng.normal(0, 4, size=rgb.shape).astype(np.float32)
+    return np.clip(rgb, 0, 255).astype(np.uint8), mask, label, painted
+
+
 def render(num_classes: int, size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One image: rgb uint8 (S, S, 3), mask uint8 (S, S) in 0..N, label float32 (N,) with 1 to
     min(3, N) positives, equal to the classes present in the mask."""
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
     k = int(rng.integers(1, min(3, num_classes), endpoint=True))
     classes = rng.choice(num_classes, size=k, replace=False)
-    for _ in range(MAX_TRIES):
-        rgb = clutter(rng, size)
-        mask = np.zeros((size, size), dtype=np.uint8)
+
+    def paint(rgb, mask):
         for c in classes:
             style = class_style(int(c))
             hue = style["hue"] + rng.uniform(-0.02, 0.02)
@@ -118,12 +137,8 @@ def render(num_classes: int, size: int, rng: np.random.Generator) -> tuple[np.nd
                 tex = texture(style, rng, yy, xx, centre)
                 rgb[region] = np.where(tex[region][:, None], on, off)
                 mask[region] = c + 1
-        visible = np.bincount(mask.ravel(), minlength=num_classes + 1)[1:]
-        if (visible[classes] >= MIN_VISIBLE * size * size).all():
-            break
-    label = (np.bincount(mask.ravel(), minlength=num_classes + 1)[1:] > 0).astype(np.float32)
-    rgb += rng.normal(0, 4, size=rgb.shape).astype(np.float32)
-    return np.clip(rgb, 0, 255).astype(np.uint8), mask, label
+
+    return draw_scene(paint, classes, num_classes, size, rng)[:3]
 
 
 class SyntheticShapes(SampleDataset):
