@@ -18,6 +18,7 @@ import functools
 import logging
 import subprocess
 import sys
+from importlib import metadata
 
 import numpy as np
 
@@ -45,8 +46,6 @@ class FaissNotInstalledError(ImportError):
 
 def installed_faiss_builds() -> list[str]:
     """Names of the installed distributions that provide ``faiss`` (faiss-cpu, faiss-gpu-cu12, ...)."""
-    from importlib import metadata
-
     names = {(d.metadata["Name"] or "").lower() for d in metadata.distributions()}
     return sorted(n for n in names if n == "faiss" or n.startswith("faiss-"))
 

