@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from cpal_ray.data.files import DataError, open_image, read_mask, read_rgb
+from cpal_ray.data.files import DataError, read_image_hw, read_mask, read_rgb
 from cpal_ray.data.transforms import IGNORE_INDEX, EvalTransform, fit_long_side, resize_bilinear, resize_nearest
 
 log = logging.getLogger(__name__)
@@ -70,6 +70,14 @@ class SampleDataset(Dataset):
     def label_of(self, index: int) -> np.ndarray:
         """Multi-hot float32 (N,) of item ``index``."""
         return self.read(index)[2]
+
+    def read_image(self, index: int) -> np.ndarray:
+        """uint8 (H, W, 3) photo of item ``index``, not normalised: what CRF and figures draw on."""
+        return self.read(index)[0]
+
+    def image_size(self, index: int) -> tuple[int, int]:
+        """(H, W) of item ``index`` as ``read`` returns it (readers of files read only the header)."""
+        return tuple(self.read(index)[0].shape[:2])
 
     def check_mask(self, index: int) -> None:
         """Raise DataError when item ``index`` has no ground-truth mask to score against (procedural
@@ -193,14 +201,7 @@ class FileDataset(SampleDataset):
     def image_size(self, index: int) -> tuple[int, int]:
         """(H, W) of item ``index`` as ``read`` returns it, from the file header (not decoded)."""
         sid = self.ids[index]
-        path = self.image_path(sid)
-        try:
-            with open_image(path, path, "image", sid) as im:
-                return fit_long_side((im.size[1], im.size[0]), self.max_side)
-        except DataError:
-            raise
-        except (OSError, SyntaxError, ValueError) as e:
-            raise DataError(f"{path}: cannot read image header (id {sid}): {e}") from e
+        return fit_long_side(read_image_hw(self.image_path(sid), sid), self.max_side)
 
     def label_of(self, index: int) -> np.ndarray:
         return self.labels[self.ids[index]]

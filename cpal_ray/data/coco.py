@@ -121,7 +121,7 @@ class COCOSegmentation(FileDataset):
 def annotation_mask(seg, height: int, width: int, ann_id=None) -> np.ndarray:
     """One COCO segmentation -> bool mask (H, W), decoded by pycocotools (the COCO API's own
     rasteriser): a list of polygons, an uncompressed RLE (``counts`` a list) or a compressed one."""
-    from pycocotools import mask as mask_utils
+    from pycocotools import mask as mask_utils  # an optional package, needed for COCO only
 
     if isinstance(seg, list):
         polygons = [p for p in seg if len(p) >= 6]

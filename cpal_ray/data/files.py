@@ -97,6 +97,17 @@ def read_rgb(path: Path, sample_id: str) -> np.ndarray:
         raise DataError(f"{path}: cannot decode image (id {sample_id}): {e}") from e
 
 
+def read_image_hw(path: Path, sample_id: str) -> tuple[int, int]:
+    """(H, W) of an image file from its header, without decoding it; DataError naming file and id."""
+    try:
+        with open_image(path, path, "image", sample_id) as im:
+            return im.size[1], im.size[0]
+    except DataError:
+        raise
+    except (OSError, SyntaxError, ValueError) as e:
+        raise DataError(f"{path}: cannot read image header (id {sample_id}): {e}") from e
+
+
 def decode_class_map(source, path, what: str, modes: tuple[str, ...], sample_id: str | None = None,
                      dtype=None) -> np.ndarray:
     """The (H, W) array of a single-channel image (a path or a file object) of one of ``modes``;

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from cpal_ray.data.base import SampleDataset
-from cpal_ray.data.files import DataError, read_label_png, read_rgb
+from cpal_ray.data.files import DataError, read_image_hw, read_label_png, read_rgb
 from cpal_ray.data.transforms import IGNORE_INDEX
 from cpal_ray.storage import location
 
@@ -92,6 +92,10 @@ class ImageFolderDataset(SampleDataset):
 
     def image_path(self, sample_id: str):
         return self._paths[sample_id]
+
+    def image_size(self, index: int) -> tuple[int, int]:
+        sid = self.ids[index]
+        return read_image_hw(self._paths[sid], sid)
 
     def read(self, index: int):
         sid = self.ids[index]
