@@ -53,7 +53,7 @@ def build_parser():
 
 def read_ids(path) -> list[str]:
     """The ids of an id file (one a line; blank lines and ``#`` comments left out)."""
-    from cpal_ray.data.base import DataError
+    from cpal_ray.data.files import DataError
     from cpal_ray.storage import location
 
     try:

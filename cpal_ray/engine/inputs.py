@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 
 from cpal_ray.config import Config, ConfigError
-from cpal_ray.data.base import DataError
+from cpal_ray.data.files import DataError
 from cpal_ray.engine.checkpoint import CheckpointError
 from cpal_ray.storage import StorageError
 

@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from cpal_ray.data.base import DataError, open_image, read_rgb as read_image_file
+from cpal_ray.data.files import DataError, open_image, read_rgb as read_image_file
 from cpal_ray.data.classes import positive_classes
 from cpal_ray.inference.io import LabelFileError, atomic_write_bytes, encode_label_png, load_cams_npz, \
     load_label_png, save_cams_npz
