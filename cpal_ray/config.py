@@ -158,9 +158,10 @@ class ModelConfig:
     pretrained: bool = True
     # Local weights file (torch.load(weights_only=True)); required for pretrained resnet50.
     weights: str = ""
-    # Projection head v(.) output dim D (Eq. 4); 0 = identity, PACAM in feature space (NOTES 2).
+    # Projection head v(.) output dim D (Eq. 4); 0 = identity, PACAM in feature space
+    # (DESIGN.md, 'Reading the paper: PACAM space').
     proj_dim: int = 128
-    # The space of Eqs. 4 and 13 (docs/DESIGN.md, reading 2): "head" = v(.) on the last stage's
+    # The space of Eqs. 4 and 13 (DESIGN.md, 'Reading the paper: PACAM space'): "head" = v(.) on the last stage's
     # features (proj_dim); "hierarchical" = SIPE's: bias-free 1x1 side convs on the *detached*
     # output of each of the last 4 backbone stages, each L2-normalised per pixel, resized to the
     # stride-16 grid and concatenated (128+128+256+256 = 768 d; proj_dim is then unused).
@@ -194,7 +195,8 @@ class CPALConfig:
     top_k: int = 20
     # Positiveness similarity of Eq. 7 (Table 3): dot, l1, l2, cosine.
     metric: str = "dot"
-    # gamma of Eq. 7, used as a softmax temperature (NOTES 4); 1 = literal paper.
+    # gamma of Eq. 7, a softmax temperature (DESIGN.md, 'Reading the paper: similarity and gamma');
+    # 1 = literal paper.
     gamma: float = 1.0
     # lambda_BCE and lambda_Self of Eq. 1.
     lambda_bce: float = 1.0
@@ -204,26 +206,28 @@ class CPALConfig:
     positiveness: bool = True          # weights of Eq. 7; False = uniform 1/K (literal Eq. 13)
     alignment: bool = True             # shift delta_n of Eq. 12
     self_loss: bool = True             # L_self of Eq. 14; False = BCE only, PACAM at inference
-    # L2-normalise instance prototypes (anchors and bank entries) and run spherical k-means
-    # (NOTES 9): the whole prototype pipeline then lives on the unit sphere, like the cosines.
+    # L2-normalise instance prototypes (anchors and bank entries) and run spherical k-means: the
+    # whole prototype pipeline then lives on the unit sphere, like the cosines (DESIGN.md, 'Reading
+    # the paper: normalised bank').
     normalize_bank: bool = True
     # Divide each PACAM map by its max (as Eq. 3 does for the CAM); False = literal Eq. 13.
     pacam_normalize: bool = False
     # Centring of the pixel embedding before Eq. 4 and Eq. 13: "image" subtracts each image's
     # mean embedding (cpal_ray.cpal.cams.centered_embedding); "none" is the literal paper, whose
-    # PACAM was measured flat (object/background ratio 1.0) and collapses L_self (NOTES 2).
+    # PACAM was measured flat (object/background ratio 1.0) and collapses L_self (DESIGN.md,
+    # 'Reading the paper: PACAM space').
     center: str = "image"
     # k-means (faiss, k-means++ init): iterations, restarts kept best-of, seed.
     kmeans_iters: int = 20
     kmeans_redo: int = 5
     kmeans_seed: int = 1234
-    # Cold start (NOTES 8): steps of epoch 0 after which a first clustering runs; 0 = paper
-    # reading (cluster only at the start of each epoch, so epoch 0 is BCE only).
+    # Cold start (DESIGN.md, 'Reading the paper: cold start'): steps of epoch 0 after which a first
+    # clustering runs; 0 = paper reading (cluster only at the start of each epoch, so epoch 0 is BCE only).
     warmup_cluster_steps: int = 0
     # S class shards of the support bank (cpal_ray.cpal.shards): class c in shard c % S, each a
     # Ray actor of its own clustering in parallel; 1 = one bank actor. At most one shard per class.
     bank_shards: int = 1
-    # The PACAM's background channel (docs/DESIGN.md, reading 6): "one_minus_max" = 1 - max_n of
+    # The PACAM's background channel (DESIGN.md, 'Reading the paper: background'): "one_minus_max" = 1 - max_n of
     # the foreground PACAM; "prototype" = the background is class N of the bank (own FIFO, k-means
     # and context prototypes), its instance prototype the mean of z where M_b > tau, and its PACAM
     # channel its own cosine map, as SIPE's IS-CAM makes all N + 1 channels.

@@ -6,7 +6,7 @@
 Each field's meaning is the comment written above it in config.py (and its inline comment).
 A comment block describes every field that follows it up to the next comment or blank line,
 so ``lambda_bce`` and ``lambda_self`` share "lambda_BCE and lambda_Self of Eq. 1.". Defaults
-come from ``dataclasses.fields``; paper references (Eq., Sec., Table, NOTES) are picked out of
+come from ``dataclasses.fields``; paper references (Eq., Sec., Table, 'Reading the paper: …') are picked out of
 the comment text.
 """
 from __future__ import annotations
@@ -39,7 +39,8 @@ CHOICES = {
     ("pseudo", "preset"): (*C.PSEUDO_PRESETS, "custom"),
 }
 _FIELD = re.compile(r"^(\w+)\s*:\s*[^=]+?(?:=\s*(.*))?$")
-_REF = re.compile(r"\b(Eqs?\.\s*\d+|Sec\.\s*\d+(?:\.\d+)*|Tables?\s+\d+(?:\s*(?:,|and)\s*\d+)*|NOTES\s+\d+)")
+_REF = re.compile(r"\b(Eqs?\.\s*\d+|Sec\.\s*\d+(?:\.\d+)*|Tables?\s+\d+(?:\s*(?:,|and)\s*\d+)*"
+                  r"|Reading\s+the\s+paper:\s*[^')]+)")
 
 
 def split_inline_comment(code: str) -> tuple[str, str]:
@@ -136,7 +137,7 @@ def render() -> str:
         "load time with the field's name and the override (or flag) that set it; an unknown field gets",
         "the nearest name (`cpal.tauu`: did you mean `cpal.tau`?). `--print-config` prints the resolved",
         "config and exits; it is saved as `config.yaml` next to every checkpoint.",
-        "\"NOTES n\" refers to the n-th reading decision in the paper notes (see `docs/reproduce.md`).",
+        "\"Reading the paper: …\" names a reading decision by its heading in `docs/DESIGN.md`, \"Reading the paper\".",
         "",
     ]
     body: list[str] = []

@@ -89,8 +89,9 @@ def test_eq6_topk_by_cosine_ignores_padding_and_scale():
 
 
 def test_positiveness_cancels_inside_a_cosine():
-    """NOTES 3: scaling each p_i by w_i > 0 changes neither the top-K of Eq. 6 nor the literal
-    Eq. 13 (cosines), which is why the weights must act on the similarity maps instead."""
+    """Scaling each p_i by w_i > 0 changes neither the top-K of Eq. 6 nor the literal Eq. 13
+    (cosines), which is why the weights must act on the similarity maps instead (DESIGN.md,
+    'Reading the paper: positiveness')."""
     g = torch.Generator().manual_seed(5)
     anchors, context = torch.randn(2, 3, 4, generator=g), torch.randn(3, 5, 4, generator=g)
     counts, labels = torch.tensor([5, 5, 5]), t([[1, 1, 0], [0, 1, 1]])

@@ -86,7 +86,8 @@ def test_centered_embedding_removes_each_images_mean():
 
 def test_common_component_makes_the_pacam_flat_and_centring_restores_it():
     """Eq. 13 with cosines of embeddings that share a large component: every pixel is close to
-    the prototype (flat PACAM); centred, the background points away from it (NOTES 2 reading)."""
+    the prototype (flat PACAM); centred, the background points away from it (DESIGN.md, 'Reading
+    the paper: PACAM space')."""
     z, cams, labels = _offset_image()
     counts = torch.tensor([1])
     plain = CPALConfig(num_clusters=1, top_k=1, alignment=False, center="none")

@@ -74,7 +74,8 @@ def test_comment_parser_reads_inline_and_shared_comments():
     assert "spherical k-means" in cpal["normalize_bank"]
     assert "shipped photos" in gen.field_comments(DataConfig)["root"]
     assert gen.split_inline_comment('x: str = "a#b"  # c') == ('x: str = "a#b"', "c")
-    assert gen.paper_refs("Eq. 7 (Table 3), Sec. 4.1 and NOTES 4") == "Eq. 7, Table 3, Sec. 4.1, NOTES 4"
+    assert gen.paper_refs("Eq. 7 (Table 3), Sec. 4.1 and (DESIGN.md, 'Reading\n  the paper: similarity and gamma')") \
+        == "Eq. 7, Table 3, Sec. 4.1, Reading the paper: similarity and gamma"
 
 
 def test_every_documented_workflow_command_has_a_valid_config():

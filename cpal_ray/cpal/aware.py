@@ -2,8 +2,8 @@
 
 Context prototypes come padded: ``context`` (N, P, D) with ``counts`` (N,) valid rows per class
 (rows >= counts[n] are padding; counts[n] == 0 = class never seen). The readings of the literal
-equations follow docs/DESIGN.md ("Reading the paper", cited as NOTES n) and are stated in each
-docstring.
+equations follow docs/DESIGN.md's "Reading the paper" (cited by heading, e.g. (DESIGN.md, 'Reading
+the paper: positiveness')) and are stated in each docstring.
 
 Letters: B batch, N classes, P context prototypes per class, K top-K, D dim, h x w features.
 """
@@ -25,7 +25,7 @@ def feature_alignment(anchors: torch.Tensor, valid: torch.Tensor, context: torch
     """Eq. (12): delta_n = 1/(N_p Q_n) sum_i sum_q (p_i - P^I_{n,q}) = mean_i p_i - mean_q P^I_{n,q}.
 
     The mean runs over the class's valid context prototypes and the Q_n instance prototypes of
-    class n in this mini-batch (the worker's local batch under DDP; NOTES 5).
+    class n in this mini-batch (the worker's local batch under DDP; DESIGN.md, 'Reading the paper: alignment shift').
     anchors: (B, N, D); valid: (B, N) bool; context: (N, P, D); counts: (N,).
     Returns delta (N, D); zero for a class with no instance or no context prototype.
     """
@@ -44,7 +44,8 @@ def positiveness_logits(anchors: torch.Tensor, context: torch.Tensor, metric: st
 
     metric: "dot" (the paper's l1(P^I) x l2(p)^T with identity l1, l2), "cosine", "l1" / "l2"
     (negated Manhattan / Euclidean distance; Table 3). gamma acts as a softmax temperature
-    (NOTES 4: a constant divisor after the softmax would cancel in the normalised weights).
+    (a constant divisor after the softmax would cancel in the normalised weights: DESIGN.md,
+    'Reading the paper: similarity and gamma').
     anchors: (B, N, D); context: (N, P, D) -> (B, N, P).
     """
     if metric == "dot":
@@ -63,7 +64,7 @@ def select_neighbours(anchors: torch.Tensor, context: torch.Tensor, counts: torc
                       enabled: bool = True) -> torch.Tensor:
     """Eq. (6): the top-K context prototypes by cosine similarity to the anchor.
 
-    Positiveness w_i > 0 does not change a cosine ranking (NOTES 3), so ranking by
+    Positiveness w_i > 0 does not change a cosine ranking (DESIGN.md, 'Reading the paper: positiveness'), so ranking by
     cos(w_i p_i, P^I) = cos(p_i, P^I). A class with fewer than K prototypes keeps all of them.
     ``enabled=False`` (Table 2, "no neighbour selection") keeps every valid prototype.
     anchors: (B, N, D); context: (N, P, D); counts: (N,) -> selection mask (B, N, P) bool.
@@ -82,7 +83,7 @@ def select_neighbours(anchors: torch.Tensor, context: torch.Tensor, counts: torc
 
 
 def neighbour_weights(logits: torch.Tensor, selected: torch.Tensor, positiveness: bool = True) -> torch.Tensor:
-    """Normalised positiveness ŵ_i = w_i / sum_{k in topK} w_k (Claim 1; NOTES 3).
+    """Normalised positiveness ŵ_i = w_i / sum_{k in topK} w_k (Claim 1; DESIGN.md, 'Reading the paper: positiveness').
 
     The global softmax denominator of Eq. (7) cancels, so ŵ is a softmax over the selected
     logits, masked (a dot-product softmax over all N_p underflows in
@@ -100,7 +101,8 @@ def neighbour_weights(logits: torch.Tensor, selected: torch.Tensor, positiveness
 
 def prototype_aware_cam(z: torch.Tensor, weights: torch.Tensor, context: torch.Tensor,
                         labels: torch.Tensor, normalize: bool = False, eps: float = 1e-5) -> torch.Tensor:
-    """Eq. (13): M~_n(j) = ReLU( sum_{i in topK} ŵ_i cos(z(j), p_i) ) (NOTES 2, 3).
+    """Eq. (13): M~_n(j) = ReLU( sum_{i in topK} ŵ_i cos(z(j), p_i) ) (DESIGN.md, 'Reading the paper:
+    PACAM space' and 'positiveness').
 
     The pixel embedding is the projection z (the space of the prototypes). Because
     sum_i ŵ_i cos(z, p_i) = ẑ · sum_i ŵ_i p̂_i, the weighted unit prototypes are summed first:

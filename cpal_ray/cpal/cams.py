@@ -8,12 +8,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-# SIPE's epsilon in the max normalisation (NOTES 10): an all-zero map stays zero.
+# SIPE's epsilon in the max normalisation: an all-zero map stays zero (DESIGN.md, 'Reading the paper:
+# usual definitions').
 CAM_EPS = 1e-5
 
 
 def classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Eq. (2): multi-label BCE on the GAP logits (the paper drops the minus sign; NOTES 10).
+    """Eq. (2): multi-label BCE on the GAP logits (the paper drops the minus sign; DESIGN.md,
+    'Reading the paper: usual definitions').
 
     logits: (B, N); labels: (B, N) in {0, 1} -> scalar, mean over B and N.
     """
@@ -25,7 +27,7 @@ def normalized_cams(cams_raw: torch.Tensor, labels: torch.Tensor | None = None, 
 
     cams_raw: (B, N, h, w) raw classifier maps; labels: (B, N) multi-hot or None.
     Returns (B, N, h, w) in [0, 1]; classes absent from the image are zeroed when labels are
-    given (NOTES 6: absent classes are zero in both M and PACAM).
+    given (absent classes are zero in both M and PACAM: DESIGN.md, 'Reading the paper: background').
     """
     m = F.relu(cams_raw)
     peak = m.flatten(2).amax(dim=2)[..., None, None]  # (B, N, 1, 1)
@@ -53,7 +55,7 @@ def with_background(fg: torch.Tensor, bg: torch.Tensor | None = None) -> torch.T
 
 def prototype_maps(cams: torch.Tensor, labels: torch.Tensor, background: str = "one_minus_max"
                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The maps and labels prototypes are taken over (the bank's classes; docs/DESIGN.md, reading 6).
+    """The maps and labels prototypes are taken over (the bank's classes; DESIGN.md, 'Reading the paper: background').
 
     "one_minus_max": the N foreground classes as they are. "prototype": the background is one
     more class, appended as class N: its map M_b = 1 - max_n M_n, its label always 1 (every image
@@ -80,9 +82,10 @@ def pacam_with_background(pacam: torch.Tensor, num_fg: int, background: str = "o
 def centered_embedding(z: torch.Tensor, center: str = "none") -> torch.Tensor:
     """The pixel embedding of Eqs. (4) and (13): z as the network gives it, or centred.
 
-    "none": z unchanged (the paper; NOTES 2). "image": z(j) - mean_j z(j), each image's mean over
-    its h x w feature grid (padding included) removed before anything else — prototypes (Eq. 4),
-    the bank, alignment (Eq. 12) and the cosines of Eq. (13) all live in the centred space.
+    "none": z unchanged (the paper; DESIGN.md, 'Reading the paper: PACAM space'). "image":
+    z(j) - mean_j z(j), each image's mean over its h x w feature grid (padding included) removed
+    before anything else — prototypes (Eq. 4), the bank, alignment (Eq. 12) and the cosines of
+    Eq. (13) all live in the centred space.
     Why: embeddings of ReLU features share a large common component, so cos(z(j), p) is high at
     every pixel and the PACAM is flat; centred pixels of one image cannot all point the same way.
     It is a function of the image alone, so training and inference compute it the same way.
@@ -99,12 +102,13 @@ def instance_prototypes(z: torch.Tensor, cams: torch.Tensor, labels: torch.Tenso
                         normalize: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Eq. (4): P^I_n = sum_j 1[M_n(j) > tau] z(j) / sum_j 1[M_n(j) > tau] (masked average pooling).
 
-    The denominator is the mask area of class n (NOTES 1: the paper's Σ P must be Σ P_n).
+    The denominator is the mask area of class n (the paper's Σ P must be Σ P_n: DESIGN.md,
+    'Reading the paper: mask area').
     z: (B, D, h, w) projected features; cams: (B, N, h, w) normalised CAMs M_n;
     labels: (B, N) multi-hot.
     Returns prototypes (B, N, D) and valid (B, N) bool: a class that is absent from the image or
     whose mask is empty gives no prototype (its row is zero and invalid, never pushed).
-    With ``normalize`` the valid prototypes are L2-normalised (NOTES 9).
+    With ``normalize`` the valid prototypes are L2-normalised (DESIGN.md, 'Reading the paper: normalised bank').
     """
     mask = (cams > tau).to(z.dtype) * labels.to(z.dtype)[..., None, None]  # (B, N, h, w)
     return region_prototypes(z, mask, normalize)

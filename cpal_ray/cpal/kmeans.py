@@ -108,10 +108,10 @@ def kmeans(x: np.ndarray, k: int, niter: int = 20, seed: int = 1234, spherical: 
            prefer_gpu: bool = True, nredo: int = 5) -> tuple[np.ndarray, str]:
     """Cluster rows of x into k groups and return the centroids (Eq. 5) and the device used.
 
-    x: (M, D) float32. When M <= k the entries are returned as they are (NOTES 8: a class with
-    fewer bank entries than N_p uses its entries). ``spherical`` re-normalises centroids to the
-    unit sphere after each iteration (for L2-normalised bank entries). Initialisation is
-    k-means++ and the best of ``nredo`` runs is kept: a single random start left the inertia
+    x: (M, D) float32. When M <= k the entries are returned as they are (a class with fewer bank
+    entries than N_p uses its entries: DESIGN.md, 'Reading the paper: cold start'). ``spherical``
+    re-normalises centroids to the unit sphere after each iteration (for L2-normalised bank
+    entries). Initialisation is k-means++ and the best of ``nredo`` runs is kept: a single random start left the inertia
     9 % (up to 30 % for one class) above a 10-restart reference (bench/bench_kmeans.py).
     Returns (centroids (min(M, k), D) float32, "gpu" | "cpu" | "none").
     """

@@ -3,17 +3,17 @@
 ``cpal_step`` is what a training step calls: from the network outputs and the current context
 prototypes it returns the named loss terms and the instance prototypes for the bank.
 
-Cold start (NOTES 8): clustering runs at the start of each epoch, so before the first one the
-bank has no context prototypes: ``context is None`` (or every count is 0) and the step is BCE
-only, while instance prototypes are still produced and pushed. With
+Cold start (DESIGN.md, 'Reading the paper: cold start'): clustering runs at the start of each
+epoch, so before the first one the bank has no context prototypes: ``context is None`` (or every
+count is 0) and the step is BCE only, while instance prototypes are still produced and pushed. With
 ``cpal.warmup_cluster_steps = s > 0`` a first clustering runs after step s of epoch 0.
 A positive class without context prototypes (never seen) excludes its image from L_self.
 
-The skeleton switches (docs/DESIGN.md, readings 2 and 6): ``cpal.background = prototype`` makes
-the background class N of the bank (``prototype_maps``), so the PACAM has N + 1 channels made the
-same way; ``cpal.context = instance`` replaces the context prototypes by the image's own (SIPE's
-IS-CAM, ``instance_cam``: no bank, L_self from the first step); ``cpal.self_grad`` chooses which
-of the two maps L_self moves.
+The skeleton switches (DESIGN.md, 'Reading the paper: PACAM space' and 'background'):
+``cpal.background = prototype`` makes the background class N of the bank (``prototype_maps``), so
+the PACAM has N + 1 channels made the same way; ``cpal.context = instance`` replaces the context
+prototypes by the image's own (SIPE's IS-CAM, ``instance_cam``: no bank, L_self from the first
+step); ``cpal.self_grad`` chooses which of the two maps L_self moves.
 """
 from __future__ import annotations
 
