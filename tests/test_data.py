@@ -554,3 +554,18 @@ def test_max_side_downscales_every_view_of_an_image_alike():
     assert image_hw(small, 0) == rgb.shape[:2] and read_rgb(small, 0).shape == rgb.shape
     assert set(np.unique(mask)) <= set(np.unique(mask0))  # nearest: no new label values
     assert small[0]["image"].shape[1:] == rgb.shape[:2]
+
+
+def test_every_dataset_answers_read_image_and_image_size_as_read_does(tmp_path):
+    """read_image and image_size (what CRF, figures and the pipelines use) agree with read, for
+    procedural sets, a folder of photos and a file reader alike."""
+    from cpal_ray.data import ImageFolderDataset
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.fromarray(np.full((30, 44, 3), 90, np.uint8)).save(photos / "a.png")
+    make_voc_tree(tmp_path / "voc")
+    for ds in (SyntheticShapes(num_classes=3, num_images=2, size=32), ImageFolderDataset(photos, 3, "xyz"),
+               VOCSegmentation(tmp_path / "voc", "train")):
+        rgb = ds.read(0)[0]
+        assert np.array_equal(ds.read_image(0), rgb) and tuple(ds.image_size(0)) == rgb.shape[:2]
