@@ -90,7 +90,7 @@ def main(argv=None) -> int:
 
         def step_with(name):
             def run():
-                stepper.state.bank = banks[name]
+                stepper.hook.bank = banks[name]
                 wall = stepper.step()
                 step_wall[name].append(wall)
                 step_cpu[name].append(stepper.cpu_seconds[-1])
