@@ -4,8 +4,8 @@ Every rank runs the same ``fit`` as a local run, with the task's hooks (``engine
 given the bank actor behind a ``BankClient``, DDP from ``prepare_model`` and checkpoints handed to
 ``ray.train.report`` (rank 0 writes the folder, the other ranks report metrics only: ``report`` is
 a barrier). On a (re)start CPAL's hook restores the bank actor from the checkpoint's bank state
-(rank 0), or empties it, so a restarted run continues from exactly the saved bank. The checkpoint is the one Ray Train hands
-out (the last it registered) when it verifies, else the newest older one of the run folder that
+(rank 0), or empties it, so a restarted run continues from exactly the saved bank. The checkpoint
+is the one Ray Train hands out (the last it registered) when it verifies, else the newest older one of the run folder that
 does (``resume_state``; each one skipped is logged with the reason).
 """
 from __future__ import annotations

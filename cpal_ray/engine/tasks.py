@@ -121,7 +121,8 @@ def load_trained(folder, map_location="cpu", cfg: Config | None = None):
     task = state["config"].train.task
     if cfg.train.task != task:
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, task=task))
-    model = build_task_model(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, pretrained=False, weights="")))
+    no_weights = dataclasses.replace(cfg.model, pretrained=False, weights="")
+    model = build_task_model(dataclasses.replace(cfg, model=no_weights))
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as e:
