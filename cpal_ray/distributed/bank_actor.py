@@ -181,7 +181,8 @@ class BankClient:
     ``push`` buffers and answers True (sent; an actor ignores a key it holds); every ``push_every``
     pushes the buffer goes out fire-and-forget, one ``push_batch`` per shard (every shard records
     every step's key). Errors of a call (``BankLostError``, a dead actor) surface at a later push or
-    at ``flush`` and fail the worker, which is what triggers recovery from the checkpoint (pushes still buffered then are redone by the resumed steps).
+    at ``flush`` and fail the worker, which is what triggers recovery from the checkpoint (pushes
+    still buffered then are redone by the resumed steps).
     ``cluster`` and ``load_state_dict`` are collective: every rank calls them at the same point;
     pushes are flushed and the ranks meet at ``barrier`` first, so the clustering sees every
     rank's pushes, and only rank 0 restores the state. ``state_dict`` flushes this rank's buffer
