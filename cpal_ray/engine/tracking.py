@@ -67,7 +67,7 @@ class TrackingHook(Hook):
     def before_epoch(self, state) -> None:
         self._epoch = state.epoch
 
-    def after_step(self, state, step: int, outputs: dict) -> None:
+    def after_step(self, state, step: int, outputs: dict | None = None) -> None:
         if state.rank != 0 or state.logged is None:
             return
         global_step = state.epoch * state.steps_per_epoch + step
