@@ -155,7 +155,7 @@ def percentile(xs, q) -> float:
 
 
 def run_load(ray, gens, cfg, names, workers: int, step_s: float, push_every: int, dim: int, seconds: float) -> dict:
-    from cpal_ray.distributed.bank import create_bank_actors, remove_bank_actor
+    from cpal_ray.distributed.bank_actor import create_bank_actors, remove_bank_actor
 
     actors = create_bank_actors(cfg, names)
     try:
@@ -295,7 +295,7 @@ def main(argv=None) -> int:
         designs[f"S={s_}, n={n_}"] = (s_, n_)
     args.shards = max(s_ for s_, _ in designs.values())
     ray = start_ray(args.cpus or os.cpu_count() or 2)
-    from cpal_ray.distributed.bank import bank_actor_names
+    from cpal_ray.distributed.bank_actor import bank_actor_names
 
     try:
         gens = [ray.remote(LoadGen).options(num_cpus=0, max_concurrency=10_000).remote() for _ in range(args.generators)]
@@ -329,7 +329,7 @@ def main(argv=None) -> int:
             print(C.ratio_line(f"push_p99_ms_at_{max(workers)}_workers_chosen_design", worst, "<=", 50.0))
             return 0
         print("\n3. context fetch at the end of an epoch (VOC 20 x 50 x 128 and COCO 80 x 50 x 256 float32)")
-        from cpal_ray.distributed.bank import create_bank_actors, remove_bank_actor
+        from cpal_ray.distributed.bank_actor import create_bank_actors, remove_bank_actor
 
         fetch_rows, fetch_at = [], {}
         for dataset, dim in (("voc", 128), ("coco", 256)):

@@ -69,7 +69,7 @@ def main(argv=None) -> int:
 
     import bench_cpal_step as S
     from cpal_ray.cpal import PrototypeBank
-    from cpal_ray.distributed.bank import BankClient, create_bank_actor
+    from cpal_ray.distributed.bank_actor import BankClient, create_bank_actor
 
     ray = start_ray()
     try:
@@ -90,7 +90,7 @@ def main(argv=None) -> int:
 
         def step_with(name):
             def run():
-                stepper.state.bank = banks[name]
+                stepper.hook.bank = banks[name]
                 wall = stepper.step()
                 step_wall[name].append(wall)
                 step_cpu[name].append(stepper.cpu_seconds[-1])

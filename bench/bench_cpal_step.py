@@ -23,7 +23,7 @@ import torch
 import _common as C
 from cpal_ray.config import Config
 from cpal_ray.cpal import Context, PrototypeBank
-from cpal_ray.engine import TrainState, build_optimizer, build_scheduler, train_one_epoch
+from cpal_ray.engine import CPALHook, TrainState, build_optimizer, build_scheduler, train_one_epoch
 from cpal_ray.models import build_model
 
 NUM_CLASSES = 20
@@ -59,8 +59,9 @@ class Stepper:
     def __init__(self, model, cfg: Config, batch: dict, device: str, bank=None, context=None):
         self.cfg, self.batch, self.device, self.context = cfg, batch, device, context
         opt = build_optimizer(model, cfg.optim)
-        self.state = TrainState(cfg, model, opt, build_scheduler(opt, 10**6, cfg.optim.poly_power), bank, context,
-                                device, rank=0, world_size=1, steps_per_epoch=1)
+        self.state = TrainState(cfg, model, opt, build_scheduler(opt, 10**6, cfg.optim.poly_power), device, rank=0,
+                                world_size=1, steps_per_epoch=1, extras={"context": context})
+        self.hook = CPALHook(bank)  # pushes and counts L_self each step, as in training (no clustering here)
         self.calls = 0
         self.last: dict = {}
         self.cpu_seconds: list[float] = []
@@ -71,7 +72,9 @@ class Stepper:
         t0, c0 = time.perf_counter(), time.process_time()
         # epoch = call number: every bank key (epoch, step, rank) is new, so every push stores.
         self.state.epoch = self.calls
-        self.last = train_one_epoch(self.state, [self.batch])
+        self.hook.before_epoch(self.state)
+        self.last = train_one_epoch(self.state, [self.batch], [self.hook])
+        self.last.update(self_images=int(self.hook.counts[0]), pushed=self.hook.pushed)
         C.sync(self.device)
         self.calls += 1
         self.cpu_seconds.append(time.process_time() - c0)

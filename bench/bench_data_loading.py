@@ -59,7 +59,7 @@ def main(argv=None) -> int:
     import bench_cpal_step as S
     from cpal_ray.config import load_config
     from cpal_ray.data import build_dataset
-    from cpal_ray.engine import TrainState, build_optimizer, build_scheduler, train_one_epoch
+    from cpal_ray.engine import CPALHook, TrainState, build_optimizer, build_scheduler, train_one_epoch
     from cpal_ray.engine.sampler import GlobalBatchSampler
     from cpal_ray.models import build_model
 
@@ -81,8 +81,9 @@ def main(argv=None) -> int:
     model = build_model(cfg.model, cfg.data.num_classes)
     bank, context = S.make_context(cfg, model.embed_dim)
     optimizer = build_optimizer(model, cfg.optim)
-    state = TrainState(cfg, model, optimizer, build_scheduler(optimizer, 10**6, cfg.optim.poly_power), bank, context,
-                       "cpu", rank=0, world_size=1, steps_per_epoch=args.steps)
+    state = TrainState(cfg, model, optimizer, build_scheduler(optimizer, 10**6, cfg.optim.poly_power), "cpu", rank=0,
+                       world_size=1, steps_per_epoch=args.steps, extras={"context": context})
+    hook = CPALHook(bank)  # the step's pushes, as in training
     local_batch = cfg.train.batch_size // world
     print(f"setting: {cfg.model.backbone} (pretrained={cfg.model.pretrained}), {len(dataset)} voc-mini train photos, "
           f"resize long {tuple(cfg.data.resize_long)}, crop {cfg.data.crop_size}, per-worker batch {local_batch} "
@@ -98,7 +99,8 @@ def main(argv=None) -> int:
             loader = TimedLoader(DataLoader(dataset, batch_sampler=sampler, num_workers=nw))
             t0 = time.perf_counter()
             state.epoch = epoch[0]
-            stats = train_one_epoch(state, loader)
+            hook.before_epoch(state)
+            stats = train_one_epoch(state, loader, [hook])
             total = time.perf_counter() - t0
             epoch[0] += 1
             r = results.setdefault(f"workers={nw}", {"first": [], "wait": [], "step": [], "share": []})

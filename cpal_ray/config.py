@@ -312,7 +312,7 @@ class TrainConfig:
     # Log a line every this many steps.
     log_every: int = 10
     # Training images scored at each epoch's end for the run's diagnostics (seed mIoU of CAM and
-    # PACAM, their contrast and agreement; cpal_ray.engine.diagnostics); 0 = off.
+    # PACAM, their contrast and agreement; cpal_ray.engine.diagnostics_hook); 0 = off.
     diag_images: int = 0
     # MLflow tracking server (or file:// store) for Ray runs, through Ray's integration; "" = off.
     # TensorBoard files, history.json and curves.png are always written into the run folder.

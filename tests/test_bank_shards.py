@@ -106,7 +106,7 @@ def test_checkpoints_restore_across_shard_counts():
 @pytest.mark.parametrize("shards,push_every", [(1, 4), (3, 4)])
 def test_ray_client_batches_pushes_and_matches_the_in_process_bank(ray_start_2_cpus, shards, push_every):
     ray = ray_start_2_cpus
-    from cpal_ray.distributed.bank import BankClient, bank_actor_names, create_bank_actors, remove_bank_actor
+    from cpal_ray.distributed.bank_actor import BankClient, bank_actor_names, create_bank_actors, remove_bank_actor
 
     cfg = cfg_with(shards).replace(**{"model.proj_dim": DIM})
     names = bank_actor_names(f"shards-test-{shards}", shards)
@@ -138,3 +138,27 @@ def test_ray_client_batches_pushes_and_matches_the_in_process_bank(ray_start_2_c
     finally:
         for name in names:
             remove_bank_actor(name)
+
+
+def test_every_bank_implements_the_one_bank_interface():
+    """The in-process bank, its shards and the Ray client are one ``Bank``: the same methods with
+    the same parameters, defaults and return types (isinstance alone checks only the names)."""
+    import inspect
+
+    from cpal_ray.cpal.bank import Bank
+    from cpal_ray.distributed.bank_actor import BankClient
+
+    one, many = make_bank(cfg_with(1), DIM, prefer_gpu=False), make_bank(cfg_with(4), DIM, prefer_gpu=False)
+    client = BankClient([object()])  # not connected: only its interface is looked at
+    assert all(isinstance(bank, Bank) for bank in (one, many, client))
+    methods = [m for m in ("push", "cluster", "state_dict", "load_state_dict", "stats") if hasattr(Bank, m)]
+    assert len(methods) == 5
+    for name in methods:
+        want = inspect.signature(getattr(Bank, name))
+        for cls in (PrototypeBank, ShardedBank, BankClient):
+            got = inspect.signature(getattr(cls, name))
+            assert [(p.name, p.kind, p.default, p.annotation) for p in got.parameters.values()] == \
+                [(p.name, p.kind, p.default, p.annotation) for p in want.parameters.values()], (cls.__name__, name)
+            assert got.return_annotation == want.return_annotation, (cls.__name__, name)
+    assert one.push("k", [0], np.ones((1, DIM))) is True and one.push("k", [0], np.ones((1, DIM))) is False
+    assert many.push("k", [0], np.ones((1, DIM))) is True and many.push("k", [0], np.ones((1, DIM))) is False

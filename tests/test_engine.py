@@ -4,7 +4,7 @@ import torch
 
 from cpal_ray.config import load_config
 from cpal_ray.engine import (Hook, build_optimizer, build_scheduler, checkpoint_context, fit, fit_local,
-                             load_checkpoint)
+                             load_checkpoint, task_hooks)
 from cpal_ray.engine.sampler import GlobalBatchSampler
 from cpal_ray.inference.evaluate import evaluate_seeds
 from cpal_ray.models import build_model
@@ -131,12 +131,12 @@ def test_hooks_run_in_order_and_see_the_new_context():
         def before_epoch(self, state):
             calls.append(("before", state.epoch))
 
-        def after_step(self, state, step):
+        def after_step(self, state, step, outputs):
             calls.append(("step", state.epoch, step))
 
         def after_epoch(self, state, record):
-            # The ClusterHook ran first: the record carries the clustering for the next epoch.
-            calls.append(("after", state.epoch, record["context_versions"][0], state.context.version))
+            # CPAL's hook ran first: the record carries the clustering for the next epoch.
+            calls.append(("after", state.epoch, record["context_versions"][0], state.extras["context"].version))
 
     cfg = tiny_cfg(**{"train.epochs": 2, "train.max_steps_per_epoch": 2, "cpal.warmup_cluster_steps": 0})
     saved = []
@@ -147,7 +147,8 @@ def test_hooks_run_in_order_and_see_the_new_context():
     from cpal_ray.cpal import PrototypeBank
     from cpal_ray.models import embed_dim
 
-    fit(cfg, bank=PrototypeBank.from_config(cfg, embed_dim(cfg.model)), save_fn=lambda ck, rec: saved.append(ck))
+    fit(cfg, hooks=task_hooks(cfg, lambda: PrototypeBank.from_config(cfg, embed_dim(cfg.model))),
+        save_fn=lambda ck, rec: saved.append(ck))
     assert [c["epoch"] for c in saved] == [1, 2] and all(c["bank"]["context"]["version"] == c["epoch"] for c in saved)
 
 

@@ -80,7 +80,7 @@ def test_step_meter_times_averages_calls_hooks_and_reports_from_rank_0_alone(ran
 
     bars, logged = [], []
     monkeypatch.setattr(progress, "bar_factory", lambda it, desc, total: bars.append((desc, total)) or it)
-    hook = SimpleNamespace(after_step=lambda state, step: logged.append((step, state.logged)))
+    hook = SimpleNamespace(after_step=lambda state, step, outputs: logged.append((step, state.logged)))
     state = _Steps(rank)
     meter = progress.StepMeter(state, ("loss", "bce"), [hook])
     with caplog.at_level(logging.INFO, logger="cpal_ray.engine.progress"):

@@ -1,11 +1,12 @@
 """The categorical support bank (Sec. 3.2): a per-class FIFO of instance prototypes, and the
 context prototypes (Eq. 5) clustered from it.
 
-The bank interface the training loop uses (``cpal_ray.engine.fit``), implemented here by
-``PrototypeBank`` (in process) and by ``cpal_ray.distributed.bank.BankClient`` (a Ray actor
-holding a ``PrototypeBank``)::
+The bank interface, ``Bank`` below, is what CPAL's training hook uses
+(``cpal_ray.engine.cpal_hooks.CPALHook``). Three classes implement it with one signature per
+method: ``PrototypeBank`` (in process), ``cpal_ray.cpal.shards.ShardedBank`` (S in-process class
+shards) and ``cpal_ray.distributed.bank_actor.BankClient`` (Ray actors holding ``PrototypeBank``s)::
 
-    push(key, class_ids, protos)      store (M, D) prototypes of classes (M,) under a key, once
+    push(key, class_ids, protos) -> bool   store (M, D) prototypes of classes (M,) under a key, once
     cluster(tag) -> Context | None    k-means once per tag; None while the bank is empty
     state_dict() / load_state_dict(state | None)
     stats() -> dict                   fill per class, keys, last clustering's time and device
@@ -21,7 +22,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Hashable, Iterable
+from typing import Hashable, Iterable, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -80,6 +81,23 @@ class Context:
         if not state or int(state["counts"].sum()) == 0:
             return None
         return cls(state["prototypes"].float(), state["counts"].long(), int(state["version"]))
+
+
+@runtime_checkable
+class Bank(Protocol):
+    """The support bank as the training hook sees it (module docstring). ``push`` answers False
+    when the bank already holds the key (a retried step stores nothing) and True otherwise; a
+    client that sends pushes asynchronously answers True (the bank itself ignores a known key)."""
+
+    def push(self, key: Hashable, class_ids: Iterable[int], protos) -> bool: ...
+
+    def cluster(self, tag: str | None = None) -> Context | None: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict | None) -> None: ...
+
+    def stats(self) -> dict: ...
 
 
 def _key_str(key: Hashable) -> str:

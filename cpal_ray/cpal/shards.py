@@ -3,7 +3,7 @@
 A shard is a ``PrototypeBank`` over a subset of the classes (``class_ids``: the global ids of its
 rows, so its k-means seeds are those of an unsharded bank and the context comes out the same).
 Class c lives in shard ``c % S``. The functions here are the whole of the sharding logic; the
-in-process ``ShardedBank`` below and the Ray client (``cpal_ray.distributed.bank.BankClient``)
+in-process ``ShardedBank`` below and the Ray client (``cpal_ray.distributed.bank_actor.BankClient``)
 call them, so a sharded bank behaves identically with or without Ray.
 
 Keys. A push is split by shard and every shard stores its key (with the prototypes of its
@@ -17,7 +17,7 @@ the logical version (and cluster tag) is that of the most advanced shard.
 """
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -143,7 +143,7 @@ def split_state(state: dict | None, groups: Sequence[np.ndarray]) -> list[dict |
 
 
 class ShardedBank:
-    """The bank interface of ``cpal_ray.cpal.bank`` over S in-process ``PrototypeBank`` shards.
+    """The ``Bank`` of ``cpal_ray.cpal.bank`` over S in-process ``PrototypeBank`` shards.
 
     What the Ray client does with S actors, in one process (tests, and ``fit_local`` with
     ``cpal.bank_shards > 1``): it must give the same contexts, stats and states as one bank.
@@ -158,7 +158,7 @@ class ShardedBank:
         return cls([PrototypeBank.from_config(cfg, dim, prefer_gpu=prefer_gpu, class_ids=g) for g in groups],
                    groups, cfg.bank_classes)
 
-    def push(self, key: Hashable, class_ids, protos) -> bool:
+    def push(self, key: Hashable, class_ids: Iterable[int], protos) -> bool:
         return self.push_many([(key, class_ids, protos)])[0]
 
     def push_many(self, items: Sequence[PushItem]) -> list[bool]:

@@ -45,7 +45,7 @@ from ray.data import ActorPoolStrategy
 from cpal_ray.config import Config, save_config
 from cpal_ray.storage import Location, location
 from cpal_ray.data import DataError, build_dataset, labels_source, record_labels_source
-from cpal_ray.engine.checkpoint import CheckpointError, checkpoint_context, load_checkpoint
+from cpal_ray.engine import CheckpointError, checkpoint_context, load_checkpoint
 from cpal_ray.distributed.runtime import actor_device
 from cpal_ray.inference.jobs import (CAM_SCHEMA, LABEL_SCHEMA, ManifestWriter, cam_job, check_run_spec,
                                      consolidate_manifest, failed_row, pseudo_label_job, rows_to_table, source_dir)
@@ -118,7 +118,7 @@ class CamPredictor(_Stage):
 
     def __init__(self, checkpoint_dir: str, cfg: Config, out_dir: str, split: str = "val", source: str = "cam",
                  skip_existing: bool = True, label_dir: str | None = None, crash_after: int = -1):
-        from cpal_ray.engine.checkpoint import load_trained
+        from cpal_ray.engine.tasks import load_trained
 
         super().__init__(cfg, split, crash_after)
         self.model, self.cfg, context = load_trained(checkpoint_dir, cfg=cfg)

@@ -32,7 +32,7 @@ from cpal_ray.storage import location
 
 
 def _load(checkpoint: str, task: str, device):
-    from cpal_ray.engine.checkpoint import load_trained
+    from cpal_ray.engine.tasks import load_trained
 
     model, cfg, _ = load_trained(checkpoint)
     if cfg.train.task != task:

@@ -1,11 +1,11 @@
 """The Ray Train worker: ``engine.fit`` with the few Ray calls around it, numbered.
 
-Every rank runs the same ``fit`` as a local run, with the bank actor behind a ``BankClient``,
-DDP from ``prepare_model`` and checkpoints handed to ``ray.train.report`` (rank 0 writes the
-folder, the other ranks report metrics only: ``report`` is a barrier). On a (re)start ``fit``
-restores the bank actor from the checkpoint's bank state (rank 0), or empties it, so a
-restarted run continues from exactly the saved bank. The checkpoint is the one Ray Train hands
-out (the last it registered) when it verifies, else the newest older one of the run folder that
+Every rank runs the same ``fit`` as a local run, with the task's hooks (``engine.tasks.task_hooks``)
+given the bank actor behind a ``BankClient``, DDP from ``prepare_model`` and checkpoints handed to
+``ray.train.report`` (rank 0 writes the folder, the other ranks report metrics only: ``report`` is
+a barrier). On a (re)start CPAL's hook restores the bank actor from the checkpoint's bank state
+(rank 0), or empties it, so a restarted run continues from exactly the saved bank. The checkpoint
+is the one Ray Train hands out (the last it registered) when it verifies, else the newest older one of the run folder that
 does (``resume_state``; each one skipped is logged with the reason).
 """
 from __future__ import annotations
@@ -21,9 +21,9 @@ import ray.train
 import ray.train.torch
 
 from cpal_ray.config import from_dict
-from cpal_ray.distributed.bank import NAMESPACE, BankClient
+from cpal_ray.distributed.bank_actor import NAMESPACE, BankClient
 from cpal_ray.distributed.interrupt import SNAPSHOT_FILE
-from cpal_ray.engine import Hook, fit, load_first_valid, write_checkpoint
+from cpal_ray.engine import Hook, fit, load_first_valid, task_hooks, write_checkpoint
 from cpal_ray.engine.comm import all_gather_object, barrier
 from cpal_ray.engine.progress import WORKER_LINE, set_bar_factory, shorten_log_lines
 from cpal_ray.engine.tracking import MlflowHook
@@ -45,7 +45,7 @@ class FaultHook(Hook):
         kind = "bank" if self.d.crash_rank == -2 else "worker"
         self.marker = location(run_dir) / f".fault_{kind}_done"
 
-    def after_step(self, state, step: int) -> None:
+    def after_step(self, state, step: int, outputs: dict | None = None) -> None:
         target_rank = 0 if self.d.crash_rank == -2 else self.d.crash_rank
         if state.epoch * state.steps_per_epoch + step != self.d.crash_step or state.rank != target_rank:
             return
@@ -137,8 +137,11 @@ def train_loop_per_worker(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     report_progress(rank, config.get("progress_bar", False))
     actors = [ray.get_actor(n, namespace=NAMESPACE) for n in config.get("bank_actors", [])]
-    bank = BankClient(actors, cfg.dist.max_pushes_in_flight, rank=rank, barrier=barrier,
-                      push_every=cfg.dist.bank_push_every, num_classes=cfg.bank_classes) if actors else None
+
+    def bank_client() -> BankClient | None:  # CPAL's bank, for the CAM network's hook (None: no actors)
+        return BankClient(actors, cfg.dist.max_pushes_in_flight, rank=rank, barrier=barrier,
+                          push_every=cfg.dist.bank_push_every, num_classes=cfg.bank_classes) if actors else None
+
     resume = resume_state(config["run_dir"])
     hooks = [NodeHook(), *([FaultHook(cfg, actors[0] if actors else None, config["run_dir"])]
                            if cfg.dist.crash_step >= 0 else [])]
@@ -148,6 +151,6 @@ def train_loop_per_worker(config: dict) -> None:
         client = setup_mlflow(config=cfg.to_dict(), tracking_uri=cfg.train.mlflow_uri,
                               experiment_name=cfg.train.name, create_experiment_if_not_exists=True)
         hooks.append(MlflowHook(client))
-    fit(cfg, bank=bank, device=ray.train.torch.get_device(), rank=rank, world_size=world,
+    fit(cfg, device=ray.train.torch.get_device(), rank=rank, world_size=world,
         prepare_model=ray.train.torch.prepare_model,  # (3) DDP (gloo on CPU, nccl on GPU), on the device
-        save_fn=report, resume=resume, hooks=hooks, run_dir=config["run_dir"])
+        save_fn=report, resume=resume, hooks=[*task_hooks(cfg, bank_client), *hooks], run_dir=config["run_dir"])

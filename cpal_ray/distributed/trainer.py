@@ -33,12 +33,12 @@ import ray
 import ray.train
 
 from cpal_ray.config import Config, ConfigError, check_run_name, load_config, save_config
-from cpal_ray.distributed.bank import bank_actor_names, create_bank_actors, remove_bank_actor
+from cpal_ray.distributed.bank_actor import bank_actor_names, create_bank_actors, remove_bank_actor
 from cpal_ray.distributed.interrupt import SNAPSHOT_FILE, InterruptibleTorchTrainer, interrupted
 from cpal_ray.distributed.runtime import interactive, output_location
 from cpal_ray.distributed.train_loop import CHECKPOINT_PREFIX, train_loop_per_worker
-from cpal_ray.engine.checkpoint import (CONFIG_FILE, SUMS_FILE, CheckpointError, checkpoint_context,
-                                        load_checkpoint, verify_checkpoint)
+from cpal_ray.engine.checkpoint import CONFIG_FILE, SUMS_FILE, CheckpointError, load_checkpoint, verify_checkpoint
+from cpal_ray.engine.cpal_hooks import checkpoint_context
 from cpal_ray.engine.inputs import NOT_RETRYABLE, check_training_inputs
 from cpal_ray.engine.resume import check_resume
 from cpal_ray.numbers import strict_json

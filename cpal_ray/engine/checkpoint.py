@@ -4,8 +4,9 @@ A checkpoint (``checkpoint_state``) is a dict of tensors and plain types:
   model      the unwrapped model's weights          optimizer, scheduler   their state dicts
   epoch      epochs completed                       global_step            steps completed
   config     the resolved config (dict)             metrics                the epoch's scalar metrics
-  bank       the bank's ``state_dict()`` — its entries, keys and the context prototypes of the
-             clustering made at the end of this epoch (None for the BCE baseline)
+  and one key per section a task's hooks fill (``engine.tasks.CHECKPOINT_SECTIONS``, through
+  ``Hook.before_save_checkpoint``; None where no hook does, as in a baseline run; CPAL's is in
+  ``engine.cpal_hooks``)
 
 A checkpoint folder (``write_checkpoint``; Ray Train's checkpoint folders, ``epoch_NNN/`` of a
 local run and every ``final/`` hold the same files):
@@ -25,7 +26,6 @@ newest first and falls back past those that fail, saying which and why: local an
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import io
 import logging
@@ -52,9 +52,9 @@ class CheckpointError(ValueError):
 
 
 def checkpoint_state(*, model: torch.nn.Module, cfg: Config, epoch: int, global_step: int = 0, optimizer=None,
-                     scheduler=None, bank=None, metrics: dict | None = None) -> dict:
+                     scheduler=None, metrics: dict | None = None, sections: tuple[str, ...] = ()) -> dict:
     """The checkpoint dict (see the module docstring). ``epoch`` = epochs completed; ``model`` may be
-    DDP-wrapped; ``bank``: anything with ``state_dict()`` (None for the baseline)."""
+    DDP-wrapped; ``sections``: the keys the hooks fill afterwards, None until they do."""
     from cpal_ray.models import unwrap
 
     return {
@@ -64,7 +64,7 @@ def checkpoint_state(*, model: torch.nn.Module, cfg: Config, epoch: int, global_
         "epoch": int(epoch),
         "global_step": int(global_step),
         "config": cfg.to_dict(),
-        "bank": bank.state_dict() if bank is not None else None,
+        **dict.fromkeys(sections),
         "metrics": {k: v for k, v in (metrics or {}).items() if isinstance(v, (int, float, str))},
     }
 
@@ -195,35 +195,3 @@ def load_first_valid(folders, map_location="cpu") -> tuple[dict, Location] | Non
     if problems:
         raise CheckpointError(f"no usable checkpoint among {len(problems)}: " + "; ".join(problems))
     return None
-
-
-def checkpoint_context(state: dict):
-    """The context prototypes a checkpoint holds (inside its bank state), or None."""
-    from cpal_ray.cpal.bank import Context
-
-    bank = state.get("bank")
-    return Context.from_state(bank["context"]) if bank else None
-
-
-def load_trained(folder, map_location="cpu", cfg: Config | None = None):
-    """Rebuild a trained model from a checkpoint or ``final/`` folder: the network of the saved
-    config's ``train.task`` (CAMNet, EdgeNet, SegNet).
-
-    Returns (model in eval mode, Config (the saved one unless ``cfg`` is given), Context or None).
-    No ImageNet weights are loaded (the checkpoint has all of them).
-    """
-    from cpal_ray.models import build_task_model
-
-    state = load_checkpoint(folder, map_location=map_location)
-    cfg = cfg or state["config"]
-    task = state["config"].train.task
-    if cfg.train.task != task:
-        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, task=task))
-    model = build_task_model(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, pretrained=False, weights="")))
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as e:
-        raise CheckpointError(f"{folder}: its weights do not fit the {cfg.model.backbone} network "
-                              f"({str(e).splitlines()[0]})") from None
-    model.eval()
-    return model, cfg, checkpoint_context(state)

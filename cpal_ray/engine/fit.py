@@ -1,30 +1,28 @@
 """``fit``: the one training loop of cpal-ray, for one process and for every Ray Train worker, and
 for each network ``train.task`` names (the CAM network, IRN's affinity network, the segmenter).
 
-    fit_local(cfg)      = fit(cfg, bank=PrototypeBank, save_fn=<write epoch_NNN/>)
-    Ray Train worker    = fit(cfg, bank=BankClient, prepare_model=ray.train.torch.prepare_model,
-                              save_fn=<ray.train.report>)
+    fit_local(cfg)      = fit(cfg, hooks=task_hooks(cfg), save_fn=<write epoch_NNN/>)
+    Ray Train worker    = fit(cfg, hooks=task_hooks(cfg, <its Ray client>) + NodeHook…,
+                              prepare_model=ray.train.torch.prepare_model, save_fn=<ray.train.report>)
 
-The bank is anything with the interface of ``cpal_ray.cpal.bank`` (``push``, ``cluster(tag)``,
-``state_dict``, ``load_state_dict``, ``stats``). Work around the epochs is done by hooks, called
-in this order (detectron2's pattern, without the framework)::
+``fit`` knows the model, the optimiser, the schedule and the data; what a task needs beyond its
+step (CPAL's, for the CAM network: ``engine.cpal_hooks``) comes in as hooks (``engine.tasks.task_hooks``),
+which share what they provide through ``state.extras``. Hooks run sorted by ``priority``
+(``engine.hooks``; detectron2's and mmengine's pattern, without the framework)::
 
-    resume (model, optimizer, scheduler, epoch, bank with its context) or empty the bank
+    resume (model, optimizer, scheduler, epoch)
+    hook.before_train(state, resume)          every hook restores (or resets) what it keeps
     for epoch in range(start, cfg.train.epochs):
-        hook.before_epoch(state)              for every hook
-        for step, batch in loader:            train_one_epoch
-            …one SGD step, push prototypes…
-            hook.after_step(state, step)      ClusterHook (warm-up), FaultHook (tests)
-        hook.after_epoch(state, record)       ClusterHook (k-means for the next epoch), DiagnosticsHook
-                                              (what CPAL did), the caller's hooks, TrackingHook (records
-                                              in the run folder), CheckpointHook last
+        hook.before_epoch(state)
+        for step, batch in loader:            train_one_epoch: one SGD step
+            hook.after_step(state, step, outputs)
+        hook.after_epoch(state, record)       PROVIDE (CPAL's clustering for the next epoch), MEASURE
+                                              (diagnostics), NORMAL (the caller's), RECORD (run
+                                              records), LAST (the checkpoint, after every hook's
+                                              before_save_checkpoint)
         state.history.append(record)
 
-Clustering: the context prototypes of epoch e+1 are clustered from the bank at the end of epoch
-e (tag ``epoch<e+1>``) — the paper's "once at the beginning of each epoch", run before the
-checkpoint so that the checkpoint of epoch e holds the context its next epoch (and inference)
-uses, whichever path wrote it. Epoch 0 starts without context (BCE only) unless
-``cpal.warmup_cluster_steps`` clusters early.
+So the checkpoint of epoch e holds what its next epoch (and inference) uses, whichever path wrote it.
 """
 from __future__ import annotations
 
@@ -37,15 +35,14 @@ import torch
 from torch.utils.data import DataLoader
 
 from cpal_ray.config import Config
-from cpal_ray.cpal.bank import Context
 from cpal_ray.engine.checkpoint import CheckpointError
 from cpal_ray.engine.comm import all_gather_object
-from cpal_ray.engine.diagnostics import DiagnosticsHook
-from cpal_ray.engine.hooks import CheckpointHook, ClusterHook, Hook
+from cpal_ray.engine.hooks import CheckpointHook, Hook, by_priority
 from cpal_ray.engine.loop import train_one_epoch
 from cpal_ray.engine.optim import build_optimizer, build_scheduler
 from cpal_ray.engine.resume import check_resume, resume_schedule
 from cpal_ray.engine.sampler import GlobalBatchSampler
+from cpal_ray.engine.tasks import CHECKPOINT_SECTIONS
 from cpal_ray.engine.tracking import TrackingHook
 
 log = logging.getLogger(__name__)
@@ -59,8 +56,6 @@ class TrainState:
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
-    bank: object | None
-    context: Context | None
     device: torch.device | str
     rank: int
     world_size: int
@@ -68,6 +63,7 @@ class TrainState:
     epoch: int = 0
     history: list = field(default_factory=list)
     logged: dict | None = None  # the loss terms and lr of a train.log_every step (train_one_epoch)
+    extras: dict = field(default_factory=dict)  # what the task's hooks provide (its step reads them)
 
     @property
     def global_step(self) -> int:
@@ -77,27 +73,34 @@ class TrainState:
 
 @dataclass
 class FitResult:
+    """What ``fit`` hands back. ``extras`` (the task's hooks' ``state.extras``) read as attributes
+    too: a CAM run's ``result.context`` (what inference's PACAM uses) and its store of them."""
     model: torch.nn.Module      # unwrapped, on its training device
-    bank: object | None
-    context: Context | None     # the last clustering: what inference (PACAM) uses
     history: list               # one record per epoch trained by this call
+    extras: dict = field(default_factory=dict)
+
+    def __getattr__(self, name: str):
+        extras = self.__dict__.get("extras", {})
+        if name in extras:
+            return extras[name]
+        raise AttributeError(f"{type(self).__name__} has no {name!r} (extras: {sorted(extras)})")
 
 
-def fit(cfg: Config, *, bank=None, device: torch.device | str = "cpu", rank: int = 0, world_size: int = 1,
+def fit(cfg: Config, *, device: torch.device | str = "cpu", rank: int = 0, world_size: int = 1,
         prepare_model: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
         save_fn: Callable[[dict | None, dict], None] | None = None, resume: dict | None = None,
         hooks: list[Hook] = (), model: torch.nn.Module | None = None, dataset=None, run_dir=None) -> FitResult:
     """Train ``cfg.train.epochs`` epochs (from ``resume["epoch"]`` when resuming).
 
-    bank: the bank interface (None for the BCE baseline); device: where the model trains;
-    rank / world_size: this worker's shard of every global batch (``GlobalBatchSampler``);
-    prepare_model: wraps the model for data parallelism (default: ``model.to(device)``);
-    save_fn: receives each epoch's checkpoint (see ``CheckpointHook``); resume: a loaded
-    checkpoint (``load_checkpoint``), whose config is compared with ``cfg`` first
+    device: where the model trains; rank / world_size: this worker's shard of every global batch
+    (``GlobalBatchSampler``); prepare_model: wraps the model for data parallelism (default:
+    ``model.to(device)``); save_fn: receives each epoch's checkpoint (see ``CheckpointHook``);
+    resume: a loaded checkpoint (``load_checkpoint``), whose config is compared with ``cfg`` first
     (``engine.resume``: a frozen field that differs is a ConfigError) and whose lr schedule is
-    spread over ``cfg.train.epochs``; hooks: run after the clustering, before the checkpoint;
-    model / dataset: built from ``cfg`` (seeded with ``train.seed``) when not given; run_dir: where
-    the run's records go as it trains (``TrackingHook``: TensorBoard, history.json, curves.png).
+    spread over ``cfg.train.epochs``; hooks: the task's (``engine.tasks.task_hooks``) and the
+    caller's, run by priority; model / dataset: built from ``cfg`` (seeded with ``train.seed``)
+    when not given; run_dir: where the run's records go as it trains (``TrackingHook``:
+    TensorBoard, history.json, curves.png).
     """
     from cpal_ray.data import SkipUnreadable, build_train_dataset, record_labels_source
     from cpal_ray.models import build_task_model, unwrap
@@ -114,7 +117,7 @@ def fit(cfg: Config, *, bank=None, device: torch.device | str = "cpu", rank: int
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.data.loader_workers)
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, len(sampler) * cfg.train.epochs, cfg.optim.poly_power)
-    start_epoch, context = 0, None
+    start_epoch = 0
     if resume is not None:
         changes = check_resume(resume["config"], cfg, f"resuming {cfg.train.name}")
         try:
@@ -129,22 +132,14 @@ def fit(cfg: Config, *, bank=None, device: torch.device | str = "cpu", rank: int
         if rank == 0:
             log.info("resuming %s from epoch %d of %d; changed: %s", cfg.train.name, start_epoch, cfg.train.epochs,
                      ", ".join(changes) or "nothing")
-    if bank is not None:  # the bank always equals the state saved with the model
-        bank_state = resume["bank"] if resume is not None else None
-        bank.load_state_dict(bank_state)
-        context = Context.from_state(bank_state["context"]) if bank_state else None
-        # What this attempt starts from, in its first epoch's record: a test (and a person reading a
-        # resumed run's history) sees that the bank came back, not only that its keys are unique.
-        restored = bank.stats()
-        bank_at_start = {"bank_keys": restored["bank_keys"], "bank_entries": int(sum(restored["bank_pushed"])),
-                         "context_version": restored["context_version"]}
     model = prepare_model(model) if prepare_model is not None else model.to(device)
-    state = TrainState(cfg, model, optimizer, scheduler, bank, context, device, rank, world_size, len(sampler),
-                       epoch=start_epoch)
-    all_hooks = [*([ClusterHook(cfg.cpal.warmup_cluster_steps)] if bank is not None else []),
-                 *([DiagnosticsHook(cfg, cfg.train.diag_images)] if cfg.train.task == "cam" else []), *hooks,
-                 *([TrackingHook(run_dir, cfg.train.name)] if run_dir is not None else []),
-                 *([CheckpointHook(save_fn)] if save_fn is not None else [])]
+    state = TrainState(cfg, model, optimizer, scheduler, device, rank, world_size, len(sampler), epoch=start_epoch)
+    all_hooks = [*hooks, *([TrackingHook(run_dir, cfg.train.name)] if run_dir is not None else [])]
+    if save_fn is not None:
+        all_hooks.append(CheckpointHook(save_fn, all_hooks, CHECKPOINT_SECTIONS))
+    all_hooks[:] = by_priority(all_hooks)  # in place: the CheckpointHook asks them all, in this order
+    for hook in all_hooks:
+        hook.before_train(state, resume)
     for epoch in range(start_epoch, cfg.train.epochs):
         state.epoch = epoch
         sampler.set_epoch(epoch)
@@ -155,9 +150,6 @@ def fit(cfg: Config, *, bank=None, device: torch.device | str = "cpu", rank: int
         record = train_one_epoch(state, loader, all_hooks)
         record["epoch"] = epoch
         record["start_epoch"] = start_epoch  # > 0: this attempt resumed from a checkpoint
-        if bank is not None and epoch == start_epoch:
-            record["bank_at_start"] = bank_at_start
-        record["pushed_per_rank"] = [{str(k): v for k, v in p.items()} for p in all_gather_object(record.pop("pushed"))]
         skipped = sorted(set().union(*all_gather_object(record.pop("skipped_ids"))))
         record["skipped_samples"], record["skipped_ids"] = len(skipped), skipped[:MAX_LISTED_SKIPS]
         if skipped and rank == 0:
@@ -169,4 +161,4 @@ def fit(cfg: Config, *, bank=None, device: torch.device | str = "cpu", rank: int
         if rank == 0:  # one short line (history.json and TensorBoard have every number)
             log.info("epoch %d done: %s", epoch, " ".join(f"{k} {v:.4g}" for k, v in record.items()
                                                           if k in ("loss", "bce", "self", "step_seconds"))[:160])
-    return FitResult(model=unwrap(state.model), bank=bank, context=state.context, history=state.history)
+    return FitResult(model=unwrap(state.model), history=state.history, extras=state.extras)

@@ -1,4 +1,5 @@
-"""Training in one process (no Ray): ``fit`` with an in-process ``PrototypeBank`` (or its shards).
+"""Training in one process (no Ray): ``fit`` with the task's hooks (``engine.tasks.task_hooks``,
+with their in-process defaults).
 
 Checkpoints go to ``<out_dir>/epoch_NNN/`` (the files of ``cpal_ray.engine.checkpoint``); run
 again into the same ``out_dir`` and training resumes after the newest one that verifies (a
@@ -10,9 +11,9 @@ import logging
 import re
 
 from cpal_ray.config import Config
-from cpal_ray.cpal.shards import make_bank
 from cpal_ray.engine.checkpoint import load_first_valid, write_checkpoint
 from cpal_ray.engine.fit import FitResult, fit
+from cpal_ray.engine.tasks import task_hooks
 from cpal_ray.storage import Location, location, remove_temp_files
 
 log = logging.getLogger(__name__)
@@ -28,9 +29,6 @@ def epoch_dirs(out_dir) -> list[Location]:
 def fit_local(cfg: Config, out_dir=None, device: str = "cpu", model=None, dataset=None, hooks=()) -> FitResult:
     """Train ``cfg.train.epochs`` epochs in this process, checkpointing into ``out_dir`` (a local
     path or URI) when given, with the run's records (TensorBoard, history.json, curves.png) there."""
-    from cpal_ray.models import embed_dim
-
-    bank = make_bank(cfg, embed_dim(cfg.model)) if cfg.cpal.uses_bank else None
     save_fn = resume = None
     if out_dir is not None:
         out = location(out_dir)
@@ -44,5 +42,5 @@ def fit_local(cfg: Config, out_dir=None, device: str = "cpu", model=None, datase
         def save_fn(checkpoint, record):
             write_checkpoint(out / f"epoch_{record['epoch']:03d}", checkpoint)
 
-    return fit(cfg, bank=bank, device=device, save_fn=save_fn, resume=resume, hooks=list(hooks), model=model,
+    return fit(cfg, device=device, save_fn=save_fn, resume=resume, hooks=[*task_hooks(cfg), *hooks], model=model,
                dataset=dataset, run_dir=out_dir)

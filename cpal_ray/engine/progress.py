@@ -5,7 +5,8 @@ finite, calls the hooks' ``after_step`` and reports progress.
     meter = StepMeter(state, names, hooks)
     for step, batch in meter.log_every(loader):
         ...forward, backward, optimizer step...
-        meter.update(values)        # the step's loss terms, on the device (stacked in ``names`` order)
+        meter.update(values, outputs)   # the step's loss terms, on the device (stacked in ``names``
+                                        # order), and what the step returned, for the hooks
 
 No host synchronisation per step: the terms are summed on the device, and read every
 ``train.log_every`` steps and at the end of the epoch. A non-finite loss raises
@@ -112,11 +113,14 @@ class StepMeter:
         self.steps = 0
         self.data_seconds = self.step_seconds = 0.0
         self._values: torch.Tensor | None = None
+        self._outputs: dict = {}
         self._window = (torch.zeros_like(self.sums), 0, 0.0, 0.0)  # sums, steps, data s, step s at the last line
 
-    def update(self, values: torch.Tensor) -> None:
-        """The loss terms of the step just done (a 1-D tensor in ``names`` order, detached)."""
+    def update(self, values: torch.Tensor, outputs: dict | None = None) -> None:
+        """The loss terms of the step just done (a 1-D tensor in ``names`` order, detached) and the
+        step's outputs (its terms dict), which the hooks' ``after_step`` receive."""
         self._values = values
+        self._outputs = outputs if outputs is not None else {}
 
     def means(self) -> list[float]:
         return (self.sums / max(self.steps, 1)).tolist()
@@ -160,7 +164,7 @@ class StepMeter:
             if state.rank == 0:
                 self._report(step, lr, bar)
         for hook in self.hooks:
-            hook.after_step(state, step)
+            hook.after_step(state, step, self._outputs)
 
     def _report(self, step: int, lr: float, bar) -> None:
         """Rank 0's line: the terms averaged since the last line, lr, seconds per step."""

@@ -8,15 +8,29 @@ The loop (``engine.loop.train_one_epoch``) is the same for every network; only t
     seg       DeepLabV3: per-pixel cross-entropy on the pseudo masks, 255 ignored
 
 A step returns (loss to backpropagate, terms): ``terms`` holds a 0-d tensor for each name of
-``TERMS[task]`` (``terms["loss"]`` is what is logged) and, for the CAM network, what the loop
-needs for the bank and the L_self shares (``protos``, ``proto_valid``, ``self_images``, ...).
+``TERMS[task]`` (``terms["loss"]`` is what is logged) and, for the CAM network, what CPAL's hook
+needs for the bank and the L_self shares (``protos``, ``proto_valid``, ``self_images``, ...): the
+loop hands the terms to every hook's ``after_step``.
+
+What else a task brings, beyond its step: ``task_hooks`` (the hooks its training needs: CPAL's
+for the CAM network, ``engine.cpal_hooks``), ``CHECKPOINT_SECTIONS`` (the checkpoint keys those
+hooks fill) and ``load_trained`` (the trained network of a checkpoint, with what inference needs).
 """
 from __future__ import annotations
+
+import dataclasses
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
+from cpal_ray.config import Config
+from cpal_ray.cpal.bank import Bank
 from cpal_ray.data.transforms import IGNORE_INDEX
+from cpal_ray.engine.checkpoint import CheckpointError, load_checkpoint
+from cpal_ray.engine.cpal_hooks import CPALHook, checkpoint_context
+from cpal_ray.engine.diagnostics_hook import DiagnosticsHook
+from cpal_ray.engine.hooks import Hook
 
 TERMS = {"cam": ("loss", "bce", "self"), "affinity": ("loss", "bg_pos", "fg_pos", "neg"), "seg": ("loss", "ce")}
 
@@ -27,7 +41,7 @@ def cam_step(state, batch: dict, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
 
     labels = batch["label"].to(state.device, non_blocking=True)
     out = state.model(x)
-    ctx = state.context
+    ctx = state.extras.get("context")  # CPAL's context prototypes (CPALHook), None before the first clustering
     terms = cpal_step(out, labels, state.cfg.cpal, ctx.prototypes if ctx else None, ctx.counts if ctx else None)
     # Keep every parameter in the graph (the projection head is idle in the baseline and
     # before the first clustering) so DDP needs no unused-parameter search.
@@ -64,3 +78,55 @@ def seg_step(state, batch: dict, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
 
 
 STEPS = {"cam": cam_step, "affinity": affinity_step, "seg": seg_step}
+
+# Keys of every checkpoint that the tasks' hooks fill (``Hook.before_save_checkpoint``), None where
+# no hook does (a baseline's, the affinity network's): the layout readers and old checkpoints know.
+CHECKPOINT_SECTIONS = ("bank",)
+
+
+def in_process_bank(cfg: Config) -> Bank:
+    """The bank of a run in one process: one ``PrototypeBank``, or ``cpal.bank_shards`` of them."""
+    from cpal_ray.cpal.shards import make_bank
+    from cpal_ray.models import embed_dim  # the models package is heavy: only when a bank is made
+
+    return make_bank(cfg, embed_dim(cfg.model))
+
+
+def task_hooks(cfg: Config, bank_factory: Callable[[], Bank | None] | None = None) -> list[Hook]:
+    """The hooks the training of ``cfg.train.task`` needs (``fit`` orders them by priority).
+
+    The CAM network: ``CPALHook`` with the bank ``bank_factory()`` gives when ``cfg.cpal.uses_bank``
+    (default ``in_process_bank``; a Ray Train worker passes its ``BankClient``; None = no bank), then
+    ``DiagnosticsHook``. The affinity network and the segmenter need none.
+    """
+    if cfg.train.task != "cam":
+        return []
+    bank = None
+    if cfg.cpal.uses_bank:
+        bank = bank_factory() if bank_factory is not None else in_process_bank(cfg)
+    return [CPALHook(bank, cfg.cpal.warmup_cluster_steps), DiagnosticsHook(cfg, cfg.train.diag_images)]
+
+
+def load_trained(folder, map_location="cpu", cfg: Config | None = None):
+    """Rebuild a trained model from a checkpoint or ``final/`` folder: the network of the saved
+    config's ``train.task`` (CAMNet, EdgeNet, SegNet).
+
+    Returns (model in eval mode, Config (the saved one unless ``cfg`` is given), Context or None).
+    No ImageNet weights are loaded (the checkpoint has all of them).
+    """
+    from cpal_ray.models import build_task_model
+
+    state = load_checkpoint(folder, map_location=map_location)
+    cfg = cfg or state["config"]
+    task = state["config"].train.task
+    if cfg.train.task != task:
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, task=task))
+    no_weights = dataclasses.replace(cfg.model, pretrained=False, weights="")
+    model = build_task_model(dataclasses.replace(cfg, model=no_weights))
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as e:
+        raise CheckpointError(f"{folder}: its weights do not fit the {cfg.model.backbone} network "
+                              f"({str(e).splitlines()[0]})") from None
+    model.eval()
+    return model, cfg, checkpoint_context(state)

@@ -20,7 +20,7 @@ import logging
 import tempfile
 from pathlib import Path
 
-from cpal_ray.engine.hooks import Hook
+from cpal_ray.engine.hooks import RECORD, Hook
 from cpal_ray.numbers import is_finite, json_safe, strict_json
 from cpal_ray.storage import location
 
@@ -35,6 +35,8 @@ def epoch_scalars(record: dict) -> dict[str, float]:
 
 class TrackingHook(Hook):
     """TensorBoard events, ``history.json`` and ``curves.png`` in ``run_dir`` (module docstring)."""
+
+    priority = RECORD
 
     def __init__(self, run_dir, name: str = "run"):
         self.run_dir, self.name = location(run_dir), name
@@ -65,7 +67,7 @@ class TrackingHook(Hook):
     def before_epoch(self, state) -> None:
         self._epoch = state.epoch
 
-    def after_step(self, state, step: int) -> None:
+    def after_step(self, state, step: int, outputs: dict | None = None) -> None:
         if state.rank != 0 or state.logged is None:
             return
         global_step = state.epoch * state.steps_per_epoch + step

@@ -183,7 +183,7 @@ def diagnostic_curves(histories: dict[str, list[dict]], path: str | Path) -> Pat
     """What CPAL did, epoch by epoch, one line style per run (e.g. baseline vs CPAL): losses, the
     learning rate, the share of images and classes in L_self, the seed mIoU of CAM and PACAM on
     training images, their object/background contrast and agreement, and the bank
-    (``engine.diagnostics``). The title names the runs; a panel without data says why."""
+    (``engine.diagnostics_hook``). The title names the runs; a panel without data says why."""
     return _save(curves_figure(histories), path)
 
 

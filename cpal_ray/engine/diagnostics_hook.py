@@ -1,7 +1,8 @@
 """What CPAL did in each epoch, in the run's history: was it active, and what did it do to the maps.
 
-``DiagnosticsHook`` runs at the end of every epoch, after the clustering (so the PACAM is the one
-the next epoch trains against) and before the checkpoint. Every rank adds the bank's view; rank 0
+``DiagnosticsHook`` (one of the CAM network's hooks, ``engine.tasks.task_hooks``) runs at the end
+of every epoch, after the clustering (so the PACAM is the one the next epoch trains against) and
+before the checkpoint. Every rank adds the bank's view; rank 0
 also scores the first ``train.diag_images`` training images (the WSSS protocol scores seeds on the
 training images; a fixed subsample, evaluation transform, single scale, no flip):
 
@@ -15,17 +16,19 @@ training images; a fixed subsample, evaluation transform, single scale, no flip)
   diag_agreement_l1 / _iou        mean |CAM - PACAM| and IoU of their > 0.5 regions
   diag_embedding_cosine           mean cosine between two pixels of an image (near 1: a flat PACAM)
 
-With the loop's own ``self_image_share`` / ``self_class_share``, ``bce``, ``self``, and the
+With CPAL's hook's ``self_image_share`` / ``self_class_share``, ``bce``, ``self``, and the
 clustering's ``bank_fill`` / ``context_counts``, a user can see whether CPAL was active and what
 it did. ``train.diag_images = 0`` turns the scoring off (the bank's view stays).
 """
 from __future__ import annotations
 
-from cpal_ray.engine.hooks import Hook
+from cpal_ray.engine.hooks import MEASURE, Hook
 
 
 class DiagnosticsHook(Hook):
     """See the module docstring. ``images``: training images scored by rank 0 each epoch."""
+
+    priority = MEASURE
 
     def __init__(self, cfg, images: int):
         self.cfg, self.images = cfg, images
@@ -48,14 +51,15 @@ class DiagnosticsHook(Hook):
         from cpal_ray.models import unwrap
 
         model, ds, cfg = unwrap(state.model), self.dataset(), self.cfg
-        seeds = evaluate_seeds(model, ds, cfg, device=state.device, context=state.context, max_images=self.images,
+        context = state.extras.get("context")  # CPALHook's, None before the first clustering
+        seeds = evaluate_seeds(model, ds, cfg, device=state.device, context=context, max_images=self.images,
                                scales=(1.0,), flip=False, cam_source="cam")
         for source, res in seeds["sources"].items():  # cam; pacam and pacam_argmax when the model has them
             record[f"diag_{source}_miou"] = res["best_miou"]
             record[f"diag_{source}_threshold"] = res["best_threshold"]
             record[f"diag_{source}_fg"] = res["fg_fraction"]
         record["diag_gt_fg"] = seeds["sources"]["cam"]["gt_fg_fraction"]
-        contrast = contrast_report(model, ds, cfg.cpal, state.context, max_images=self.images, batch_size=1,
+        contrast = contrast_report(model, ds, cfg.cpal, context, max_images=self.images, batch_size=1,
                                    device=state.device)
         if "cam" in contrast:
             record["diag_cam_ratio"] = contrast["cam"]["ratio"]

@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
+from collections.abc import Hashable, Iterable
 
 import numpy as np
 import ray
@@ -168,7 +169,7 @@ def remove_bank_actor(name: str) -> bool:
 
 
 class BankClient:
-    """The bank interface of ``cpal_ray.cpal.bank`` for a worker of a Ray Train group, over the actor(s).
+    """The ``Bank`` of ``cpal_ray.cpal.bank`` for a worker of a Ray Train group, over the actor(s).
 
     Args:
         actors: the bank actor, or the S shard actors in shard order (``create_bank_actors``).
@@ -177,10 +178,11 @@ class BankClient:
         push_every: steps buffered per call (``dist.bank_push_every``); 1 = a call per step.
         num_classes: N, needed to route pushes to shards when there are several.
 
-    ``push`` buffers; every ``push_every`` pushes the buffer goes out fire-and-forget, one
-    ``push_batch`` per shard (every shard records every step's key). Errors of a call (``BankLostError``, a dead
-    actor) surface at a later push or at ``flush`` and fail the worker, which is what triggers
-    recovery from the checkpoint (pushes still buffered then are redone by the resumed steps).
+    ``push`` buffers and answers True (sent; an actor ignores a key it holds); every ``push_every``
+    pushes the buffer goes out fire-and-forget, one ``push_batch`` per shard (every shard records
+    every step's key). Errors of a call (``BankLostError``, a dead actor) surface at a later push or
+    at ``flush`` and fail the worker, which is what triggers recovery from the checkpoint (pushes
+    still buffered then are redone by the resumed steps).
     ``cluster`` and ``load_state_dict`` are collective: every rank calls them at the same point;
     pushes are flushed and the ranks meet at ``barrier`` first, so the clustering sees every
     rank's pushes, and only rank 0 restores the state. ``state_dict`` flushes this rank's buffer
@@ -210,7 +212,7 @@ class BankClient:
         """The first (or only) bank actor."""
         return self.actors[0]
 
-    def push(self, key, class_ids, protos) -> None:
+    def push(self, key: Hashable, class_ids: Iterable[int], protos) -> bool:
         class_ids = np.array(class_ids, dtype=np.int64)  # copies: the caller may reuse its arrays
         protos = np.array(protos, dtype=np.float32)
         self._buffer.append((key, class_ids, protos))
@@ -218,6 +220,7 @@ class BankClient:
         self.pushes += 1
         if len(self._buffer) >= self.push_every:
             self._send()
+        return True
 
     def _send(self) -> None:
         if not self._buffer:
@@ -235,7 +238,7 @@ class BankClient:
         while self._pending:
             ray.get(self._pending.popleft())
 
-    def cluster(self, tag: str) -> Context | None:
+    def cluster(self, tag: str | None = None) -> Context | None:
         self.flush()
         self.barrier()
         refs = [r[0] for r in ray.get([a.context_ref.remote(tag) for a in self.actors])]
