@@ -180,8 +180,10 @@ def setup_logging() -> None:
 
 def stage_training_main(doc: str, task: str, label_flag: str, label_field: str, argv=None) -> int:
     """The body of ``workflows.train_affinity`` / ``train_seg``: the CAM run's config (``--config``,
-    else the ``config.yaml`` of ``--from``), the label folder (``--<label_flag>``), the stage's
-    config (``stage_config``), checked before Ray starts, then Ray Train."""
+    else the ``config.yaml`` of ``--from``) as the run of ``task`` (``train.task``, set before the
+    config is built: an override of a CAM setting the stage does not read is an error naming the
+    stage's field), the label folder (``--<label_flag>``), the run named ``<train.name>-<task>``
+    (``Config.for_task``), checked before Ray starts, then Ray Train."""
     from cpal_ray.numbers import strict_json
 
     p = base_parser(doc)
@@ -193,13 +195,13 @@ def stage_training_main(doc: str, task: str, label_flag: str, label_field: str, 
     add_tracking_flags(p)
     args = p.parse_args(argv)
     setup_logging()
-    args.overrides = [*args.overrides, *tracking_overrides(args), *flag_overrides(args, (f"--{label_flag}", label_field))]
-    from cpal_ray.config import stage_config
+    args.overrides = [*args.overrides, *tracking_overrides(args), *flag_overrides(args, (f"--{label_flag}", label_field)),
+                      f"train.task={task}"]
     from cpal_ray.distributed.runtime import init_ray
     from cpal_ray.distributed.trainer import run_training
     from cpal_ray.engine.inputs import check_training_inputs
 
-    cfg = print_config(args, stage_config(config_from_folders(args, args.source, show=False), task, args.name))
+    cfg = print_config(args, config_from_folders(args, args.source, show=False).for_task(task, args.name))
     cfg = check_training_inputs(cfg)
     init_ray(args.address, args.num_cpus)
     result = run_training(cfg)

@@ -102,7 +102,7 @@ def build_train_dataset(cfg) -> SampleDataset:
     if cfg.train.task == "cam":
         return build_dataset(cfg.data, "train", train=True)
     base = build_dataset(cfg.data, "train", train=False)
-    return LabelFolderDataset(base, stage_label_dir(cfg), TrainTransform.from_config(cfg.data), seed=cfg.data.seed,
+    return LabelFolderDataset(base, stage_label_dir(cfg), TrainTransform(cfg.training.resize_long, cfg.training.crop_size, cfg.data.hflip), seed=cfg.data.seed,
                               on_bad_sample=cfg.data.on_bad_sample)
 
 

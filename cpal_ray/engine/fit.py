@@ -10,7 +10,7 @@ The bank is anything with the interface of ``cpal_ray.cpal.bank`` (``push``, ``c
 in this order (detectron2's pattern, without the framework)::
 
     resume (model, optimizer, scheduler, epoch, bank with its context) or empty the bank
-    for epoch in range(start, cfg.train.epochs):
+    for epoch in range(start, cfg.training.epochs):
         hook.before_epoch(state)              for every hook
         for step, batch in loader:            train_one_epoch
             …one SGD step, push prototypes…
@@ -87,7 +87,7 @@ def fit(cfg: Config, *, bank=None, device: torch.device | str = "cpu", rank: int
         prepare_model: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
         save_fn: Callable[[dict | None, dict], None] | None = None, resume: dict | None = None,
         hooks: list[Hook] = (), model: torch.nn.Module | None = None, dataset=None, run_dir=None) -> FitResult:
-    """Train ``cfg.train.epochs`` epochs (from ``resume["epoch"]`` when resuming).
+    """Train ``cfg.training.epochs`` epochs (from ``resume["epoch"]`` when resuming).
 
     bank: the bank interface (None for the BCE baseline); device: where the model trains;
     rank / world_size: this worker's shard of every global batch (``GlobalBatchSampler``);
@@ -95,7 +95,7 @@ def fit(cfg: Config, *, bank=None, device: torch.device | str = "cpu", rank: int
     save_fn: receives each epoch's checkpoint (see ``CheckpointHook``); resume: a loaded
     checkpoint (``load_checkpoint``), whose config is compared with ``cfg`` first
     (``engine.resume``: a frozen field that differs is a ConfigError) and whose lr schedule is
-    spread over ``cfg.train.epochs``; hooks: run after the clustering, before the checkpoint;
+    spread over ``cfg.training.epochs``; hooks: run after the clustering, before the checkpoint;
     model / dataset: built from ``cfg`` (seeded with ``train.seed``) when not given; run_dir: where
     the run's records go as it trains (``TrackingHook``: TensorBoard, history.json, curves.png).
     """
@@ -108,12 +108,12 @@ def fit(cfg: Config, *, bank=None, device: torch.device | str = "cpu", rank: int
     if cfg.data.on_bad_sample == "skip":
         dataset = SkipUnreadable(dataset)
     model = model if model is not None else build_task_model(cfg)
-    sampler = GlobalBatchSampler(len(dataset), cfg.train.batch_size, world_size, rank, seed=cfg.train.seed,
+    sampler = GlobalBatchSampler(len(dataset), cfg.training.batch_size, world_size, rank, seed=cfg.train.seed,
                                  max_steps=cfg.train.max_steps_per_epoch)
     # Not persistent: loader workers must see dataset.set_epoch() (the augmentation stream).
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.data.loader_workers)
-    optimizer = build_optimizer(model, cfg.optim)
-    scheduler = build_scheduler(optimizer, len(sampler) * cfg.train.epochs, cfg.optim.poly_power)
+    optimizer = build_optimizer(model, cfg.optim, cfg.training.lr, cfg.training.new_layer_lr_mult)
+    scheduler = build_scheduler(optimizer, len(sampler) * cfg.training.epochs, cfg.optim.poly_power)
     start_epoch, context = 0, None
     if resume is not None:
         changes = check_resume(resume["config"], cfg, f"resuming {cfg.train.name}")
@@ -124,10 +124,10 @@ def fit(cfg: Config, *, bank=None, device: torch.device | str = "cpu", rank: int
                                   f"{cfg.model.backbone} network ({str(e).splitlines()[0]})") from None
         optimizer.load_state_dict(resume["optimizer"])
         scheduler.load_state_dict(resume["scheduler"])
-        resume_schedule(scheduler, len(sampler) * cfg.train.epochs, cfg.optim.poly_power)
+        resume_schedule(scheduler, len(sampler) * cfg.training.epochs, cfg.optim.poly_power)
         start_epoch = int(resume["epoch"])
         if rank == 0:
-            log.info("resuming %s from epoch %d of %d; changed: %s", cfg.train.name, start_epoch, cfg.train.epochs,
+            log.info("resuming %s from epoch %d of %d; changed: %s", cfg.train.name, start_epoch, cfg.training.epochs,
                      ", ".join(changes) or "nothing")
     if bank is not None:  # the bank always equals the state saved with the model
         bank_state = resume["bank"] if resume is not None else None
@@ -142,10 +142,10 @@ def fit(cfg: Config, *, bank=None, device: torch.device | str = "cpu", rank: int
     state = TrainState(cfg, model, optimizer, scheduler, bank, context, device, rank, world_size, len(sampler),
                        epoch=start_epoch)
     all_hooks = [*([ClusterHook(cfg.cpal.warmup_cluster_steps)] if bank is not None else []),
-                 *([DiagnosticsHook(cfg, cfg.train.diag_images)] if cfg.train.task == "cam" else []), *hooks,
+                 *([DiagnosticsHook(cfg, cfg.training.diag_images)] if cfg.train.task == "cam" else []), *hooks,
                  *([TrackingHook(run_dir, cfg.train.name)] if run_dir is not None else []),
                  *([CheckpointHook(save_fn)] if save_fn is not None else [])]
-    for epoch in range(start_epoch, cfg.train.epochs):
+    for epoch in range(start_epoch, cfg.training.epochs):
         state.epoch = epoch
         sampler.set_epoch(epoch)
         if hasattr(dataset, "set_epoch"):

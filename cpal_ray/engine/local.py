@@ -26,11 +26,11 @@ def epoch_dirs(out_dir) -> list[Location]:
 
 
 def fit_local(cfg: Config, out_dir=None, device: str = "cpu", model=None, dataset=None, hooks=()) -> FitResult:
-    """Train ``cfg.train.epochs`` epochs in this process, checkpointing into ``out_dir`` (a local
+    """Train ``cfg.training.epochs`` epochs in this process, checkpointing into ``out_dir`` (a local
     path or URI) when given, with the run's records (TensorBoard, history.json, curves.png) there."""
     from cpal_ray.models import embed_dim
 
-    bank = make_bank(cfg, embed_dim(cfg.model)) if cfg.cpal.uses_bank else None
+    bank = make_bank(cfg, embed_dim(cfg.model)) if cfg.training.uses_bank else None
     save_fn = resume = None
     if out_dir is not None:
         out = location(out_dir)
