@@ -60,6 +60,40 @@ def _check(cond: bool, name: str, msg: str) -> None:
         raise ConfigError(f"{name}: {msg}", field=name)
 
 
+# A rule of a section's validation: (field, test of its value, what the error says; "{v}" = the value).
+Rule = tuple[str, typing.Callable[[Any], bool], str]
+
+
+def _validate(section: str, obj: Any, *rules: Rule) -> None:
+    """Check ``rules`` on the fields of ``obj`` in order; the first that fails raises ConfigError
+    naming ``section.field``."""
+    for name, test, message in rules:
+        value = getattr(obj, name)
+        _check(test(value), f"{section}.{name}", message.format(v=value))
+
+
+def _at_least(name: str, low: float, note: str = "") -> Rule:
+    return name, lambda v: v >= low, f"must be >= {low}{note}"
+
+
+def _positive(name: str, note: str = "") -> Rule:
+    return name, lambda v: v > 0, f"must be > 0{note}"
+
+
+def _one_of(name: str, choices: tuple, note: str = "") -> Rule:
+    return name, lambda v: v in choices, f"must be one of {choices}{note}"
+
+
+def _long_side_range(name: str = "resize_long") -> Rule:
+    return (name, lambda v: len(v) == 2 and 0 < v[0] <= v[1],
+            "must be (min, max) with 0 < min <= max, got {v}")
+
+
+def _scales(name: str = "scales") -> Rule:
+    return (name, lambda v: len(v) >= 1 and all(s > 0 for s in v),
+            "must be a non-empty list of positive numbers, got {v}")
+
+
 # A run name is one safe path component: it cannot leave its storage folder ("..", "/") or hide.
 _RUN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+=-]{0,199}")
 
@@ -130,19 +164,13 @@ class DataConfig:
     max_image_pixels: int = 64_000_000
 
     def __post_init__(self):
-        _check(self.dataset in DATASETS, "data.dataset", f"must be one of {DATASETS}, got {self.dataset!r}")
-        _check(len(self.resize_long) == 2 and 0 < self.resize_long[0] <= self.resize_long[1],
-               "data.resize_long", f"must be (min, max) with 0 < min <= max, got {self.resize_long}")
-        _check(self.crop_size > 0, "data.crop_size", f"must be > 0, got {self.crop_size}")
-        _check(self.synthetic_classes >= 1, "data.synthetic_classes", "must be >= 1")
-        _check(self.synthetic_images >= 1, "data.synthetic_images", "must be >= 1")
-        _check(self.synthetic_size >= 32, "data.synthetic_size", "must be >= 32")
-        _check(2 <= self.attributes_per_class <= 16, "data.attributes_per_class",
-               f"must be in [2, 16], got {self.attributes_per_class}")
-        _check(self.loader_workers >= 0, "data.loader_workers", "must be >= 0")
-        _check(self.max_side >= 0, "data.max_side", f"must be >= 0 (0 = as stored), got {self.max_side}")
-        _check(self.on_bad_sample in ("error", "skip"), "data.on_bad_sample", "must be 'error' or 'skip'")
-        _check(self.max_image_pixels >= 1, "data.max_image_pixels", f"must be >= 1, got {self.max_image_pixels}")
+        _validate("data", self, _one_of("dataset", DATASETS, ", got {v!r}"), _long_side_range(),
+                  _positive("crop_size", ", got {v}"), _at_least("synthetic_classes", 1),
+                  _at_least("synthetic_images", 1), _at_least("synthetic_size", 32),
+                  ("attributes_per_class", lambda v: 2 <= v <= 16, "must be in [2, 16], got {v}"),
+                  _at_least("loader_workers", 0), _at_least("max_side", 0, " (0 = as stored), got {v}"),
+                  ("on_bad_sample", lambda v: v in ("error", "skip"), "must be 'error' or 'skip'"),
+                  _at_least("max_image_pixels", 1, ", got {v}"))
 
     @property
     def num_classes(self) -> int:
@@ -175,10 +203,9 @@ class ModelConfig:
         from cpal_ray.models import list_backbones  # the registry owns the names
 
         known = list_backbones()
-        _check(self.backbone in known, "model.backbone", f"unknown backbone {self.backbone!r}; choose from {known}")
-        _check(self.proj_dim >= 0, "model.proj_dim", f"must be >= 0, got {self.proj_dim}")
-        _check(self.embedding in EMBEDDINGS, "model.embedding", f"must be one of {EMBEDDINGS}, got {self.embedding!r}")
-        _check(self.tiny_width >= 4, "model.tiny_width", "must be >= 4")
+        _validate("model", self, ("backbone", lambda v: v in known, f"unknown backbone {{v!r}}; choose from {known}"),
+                  _at_least("proj_dim", 0, ", got {v}"), _one_of("embedding", EMBEDDINGS, ", got {v!r}"),
+                  _at_least("tiny_width", 4))
 
 
 @dataclass(frozen=True)
@@ -255,25 +282,16 @@ class CPALConfig:
         return self.enabled and self.context == "instance"
 
     def __post_init__(self):
-        _check(0.0 < self.tau < 1.0, "cpal.tau", f"must be in (0, 1), got {self.tau}")
-        _check(self.bank_size >= 1, "cpal.bank_size", f"must be >= 1, got {self.bank_size}")
-        _check(1 <= self.num_clusters <= self.bank_size, "cpal.num_clusters",
-               f"must be in [1, bank_size={self.bank_size}], got {self.num_clusters}")
-        _check(1 <= self.top_k <= self.num_clusters, "cpal.top_k",
-               f"must be in [1, num_clusters={self.num_clusters}], got {self.top_k}")
-        _check(self.metric in METRICS, "cpal.metric", f"unknown metric {self.metric!r}; choose from {METRICS}")
-        _check(self.center in CENTERS, "cpal.center", f"must be one of {CENTERS}, got {self.center!r}")
-        _check(self.gamma > 0, "cpal.gamma", f"must be > 0, got {self.gamma}")
-        _check(self.lambda_bce >= 0, "cpal.lambda_bce", "must be >= 0")
-        _check(self.lambda_self >= 0, "cpal.lambda_self", "must be >= 0")
-        _check(self.kmeans_iters >= 1, "cpal.kmeans_iters", "must be >= 1")
-        _check(self.kmeans_redo >= 1, "cpal.kmeans_redo", "must be >= 1")
-        _check(self.warmup_cluster_steps >= 0, "cpal.warmup_cluster_steps", "must be >= 0")
-        _check(self.bank_shards >= 1, "cpal.bank_shards", f"must be >= 1, got {self.bank_shards}")
-        _check(self.background in BACKGROUNDS, "cpal.background", f"must be one of {BACKGROUNDS}, got {self.background!r}")
-        _check(self.context in CONTEXTS, "cpal.context", f"must be one of {CONTEXTS}, got {self.context!r}")
-        _check(self.region in REGIONS, "cpal.region", f"must be one of {REGIONS}, got {self.region!r}")
-        _check(self.self_grad in SELF_GRADS, "cpal.self_grad", f"must be one of {SELF_GRADS}, got {self.self_grad!r}")
+        _validate("cpal", self, ("tau", lambda v: 0.0 < v < 1.0, "must be in (0, 1), got {v}"),
+                  _at_least("bank_size", 1, ", got {v}"),
+                  ("num_clusters", lambda v: 1 <= v <= self.bank_size, f"must be in [1, bank_size={self.bank_size}], got {{v}}"),
+                  ("top_k", lambda v: 1 <= v <= self.num_clusters, f"must be in [1, num_clusters={self.num_clusters}], got {{v}}"),
+                  ("metric", lambda v: v in METRICS, f"unknown metric {{v!r}}; choose from {METRICS}"),
+                  _one_of("center", CENTERS, ", got {v!r}"), _positive("gamma", ", got {v}"),
+                  _at_least("lambda_bce", 0), _at_least("lambda_self", 0), _at_least("kmeans_iters", 1),
+                  _at_least("kmeans_redo", 1), _at_least("warmup_cluster_steps", 0), _at_least("bank_shards", 1, ", got {v}"),
+                  *(_one_of(name, choices, ", got {v!r}") for name, choices in (
+                      ("background", BACKGROUNDS), ("context", CONTEXTS), ("region", REGIONS), ("self_grad", SELF_GRADS))))
 
 
 @dataclass(frozen=True)
@@ -291,12 +309,9 @@ class OptimConfig:
     grad_clip: float = 0.0
 
     def __post_init__(self):
-        _check(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
-        _check(self.new_layer_lr_mult > 0, "optim.new_layer_lr_mult", "must be > 0")
-        _check(0.0 <= self.momentum < 1.0, "optim.momentum", f"must be in [0, 1), got {self.momentum}")
-        _check(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
-        _check(self.poly_power >= 0, "optim.poly_power", "must be >= 0")
-        _check(self.grad_clip >= 0, "optim.grad_clip", "must be >= 0")
+        _validate("optim", self, _positive("lr", ", got {v}"), _positive("new_layer_lr_mult"),
+                  ("momentum", lambda v: 0.0 <= v < 1.0, "must be in [0, 1), got {v}"),
+                  _at_least("weight_decay", 0), _at_least("poly_power", 0), _at_least("grad_clip", 0))
 
 
 @dataclass(frozen=True)
@@ -324,19 +339,17 @@ class TrainConfig:
     storage_path: str = "results"
     name: str = "cpal"
     # What this run trains: "cam" (CPAL / baseline), "affinity" (IRN boundary network on CRF seeds)
-    # or "seg" (segmentation network on pseudo masks). The stage commands set it with
-    # ``stage_config``; it also tells a checkpoint's loader which network to rebuild.
+    # or "seg" (segmentation network on pseudo masks). The stage commands set it (``Config.for_task``);
+    # it picks the settings the run trains with (``Config.training``: a refine stage reads epochs,
+    # batch, lr, crop and resize from its own section) and tells a checkpoint's loader which network
+    # to rebuild.
     task: str = "cam"
 
     def __post_init__(self):
-        _check(self.task in TASKS, "train.task", f"must be one of {TASKS}, got {self.task!r}")
-        _check(self.epochs >= 1, "train.epochs", f"must be >= 1, got {self.epochs}")
-        _check(self.batch_size >= 1, "train.batch_size", f"must be >= 1, got {self.batch_size}")
-        _check(self.max_steps_per_epoch >= 0, "train.max_steps_per_epoch", "must be >= 0")
-        _check(self.log_every >= 1, "train.log_every", "must be >= 1")
-        _check(self.diag_images >= 0, "train.diag_images", "must be >= 0 (0 = off)")
-        _check(self.keep_checkpoints == 0 or self.keep_checkpoints >= 2, "train.keep_checkpoints",
-               f"must be 0 (all) or >= 2 (a verified fallback), got {self.keep_checkpoints}")
+        _validate("train", self, _one_of("task", TASKS, ", got {v!r}"), _at_least("epochs", 1, ", got {v}"),
+                  _at_least("batch_size", 1, ", got {v}"), _at_least("max_steps_per_epoch", 0),
+                  _at_least("log_every", 1), _at_least("diag_images", 0, " (0 = off)"),
+                  ("keep_checkpoints", lambda v: v == 0 or v >= 2, "must be 0 (all) or >= 2 (a verified fallback), got {v}"))
         check_run_name(self.name, "train.name")
 
 
@@ -361,22 +374,40 @@ class DistConfig:
     # Tune trials run at once by a sweep; 0 = what the cluster holds when the sweep starts (an
     # autoscaling cluster that starts from zero must set it: e.g. its max worker nodes).
     max_concurrent_trials: int = 0
-    # Fault injection for tests: crash rank `crash_rank` once at global step `crash_step` (-1 = off).
-    crash_rank: int = -1
-    crash_step: int = -1
-    # Fault injection: > 0 = that rank waits this many seconds to be killed from outside (its PID is
-    # in <run>/.fault_worker_done) instead of exiting by itself.
-    crash_wait_s: float = 0.0
 
     def __post_init__(self):
-        _check(self.num_workers >= 1, "dist.num_workers", f"must be >= 1, got {self.num_workers}")
-        _check(self.cpus_per_worker > 0, "dist.cpus_per_worker", "must be > 0")
         _check(self.bank_cpus >= 0 and self.bank_gpus >= 0, "dist.bank_cpus/bank_gpus", "must be >= 0")
-        _check(self.max_pushes_in_flight >= 1, "dist.max_pushes_in_flight", "must be >= 1")
-        _check(self.bank_push_every >= 1, "dist.bank_push_every", "must be >= 1")
-        _check(self.max_failures >= -1, "dist.max_failures", "must be >= -1")
-        _check(self.crash_wait_s >= 0, "dist.crash_wait_s", "must be >= 0")
-        _check(self.max_concurrent_trials >= 0, "dist.max_concurrent_trials", "must be >= 0 (0 = what the cluster holds)")
+        _validate("dist", self, _at_least("num_workers", 1, ", got {v}"), _positive("cpus_per_worker"),
+                  _at_least("max_pushes_in_flight", 1), _at_least("bank_push_every", 1), _at_least("max_failures", -1),
+                  _at_least("max_concurrent_trials", 0, " (0 = what the cluster holds)"))
+
+
+def _stage_training_rules() -> tuple[Rule, ...]:
+    """The rules of the training fields a refine stage's section holds (affinity.*, seg.*)."""
+    return (_at_least("epochs", 1), _at_least("batch_size", 1), _positive("lr"), _at_least("crop_size", 16),
+            _long_side_range())
+
+
+@dataclass(frozen=True)
+class FaultsConfig:
+    # TEST-ONLY fault injection (the fault-tolerance tests set it; a production run leaves it off).
+    # At global step at_step (-1 = off), training process kill_rank dies once (target "worker"), or
+    # rank 0 kills the bank actor (target "bank"; shard 0 of a sharded bank).
+    target: str = "worker"
+    kill_rank: int = 0
+    at_step: int = -1
+    # target "worker" only: > 0 = the rank waits this many seconds to be killed from outside (its
+    # PID is in <run>/.fault_worker_done) instead of exiting by itself.
+    wait_s: float = 0.0
+
+    def __post_init__(self):
+        _validate("faults", self, _one_of("target", ("worker", "bank"), ", got {v!r}"), _at_least("kill_rank", 0),
+                  _at_least("at_step", -1, " (-1 = off)"), _at_least("wait_s", 0))
+
+    @property
+    def enabled(self) -> bool:
+        """A fault is injected in this run (``at_step >= 0``)."""
+        return self.at_step >= 0
 
 
 @dataclass(frozen=True)
@@ -403,14 +434,12 @@ class InferenceConfig:
     max_cam_actors: int = 0
 
     def __post_init__(self):
-        _check(len(self.scales) >= 1 and all(s > 0 for s in self.scales), "inference.scales",
-               f"must be a non-empty list of positive numbers, got {self.scales}")
-        _check(self.cam_source in CAM_SOURCES, "inference.cam_source", f"must be one of {CAM_SOURCES}")
+        _validate("inference", self, _scales(), _one_of("cam_source", CAM_SOURCES))
         _check(0 <= self.threshold_start <= self.threshold_stop <= 1, "inference.threshold_start/stop",
                "must satisfy 0 <= start <= stop <= 1")
-        _check(self.threshold_step > 0, "inference.threshold_step", "must be > 0")
-        _check(self.fixed_threshold < 0 or self.fixed_threshold <= 1, "inference.fixed_threshold", "must be <= 1 (or < 0 = sweep)")
-        _check(self.save_dtype in ("float16", "float32"), "inference.save_dtype", "must be float16 or float32")
+        _validate("inference", self, _positive("threshold_step"),
+                  ("fixed_threshold", lambda v: v < 0 or v <= 1, "must be <= 1 (or < 0 = sweep)"),
+                  ("save_dtype", lambda v: v in ("float16", "float32"), "must be float16 or float32"))
         _check(self.cam_actors_per_gpu >= 1, "inference.cam_actors_per_gpu", "must be >= 1")
         _check(self.cam_cpus > 0, "inference.cam_cpus", "must be > 0")
         _check(self.max_cam_actors >= 0, "inference.max_cam_actors", "must be >= 0 (0 = grow with the cluster)")
@@ -439,11 +468,9 @@ class PseudoLabelConfig:
     max_crf_actors: int = 0
 
     def __post_init__(self):
-        _check(self.mode in PSEUDO_MODES, "pseudo.mode", f"must be one of {PSEUDO_MODES}")
-        _check(self.preset in (*PSEUDO_PRESETS, "custom"), "pseudo.preset", f"must be one of {(*PSEUDO_PRESETS, 'custom')}")
+        _validate("pseudo", self, _one_of("mode", PSEUDO_MODES), _one_of("preset", (*PSEUDO_PRESETS, "custom")))
         _check(0 <= self.conf_bg < self.conf_fg <= 1, "pseudo.conf_fg/conf_bg", "must satisfy 0 <= conf_bg < conf_fg <= 1")
-        _check(0 < self.gt_prob < 1, "pseudo.gt_prob", "must be in (0, 1)")
-        _check(self.crf_iters >= 1, "pseudo.crf_iters", "must be >= 1")
+        _validate("pseudo", self, ("gt_prob", lambda v: 0 < v < 1, "must be in (0, 1)"), _at_least("crf_iters", 1))
         _check(self.cpus_per_task > 0, "pseudo.cpus_per_task", "must be > 0")
         _check(self.max_crf_actors >= 0, "pseudo.max_crf_actors", "must be >= 0 (0 = grow with the cluster)")
 
@@ -489,17 +516,11 @@ class AffinityConfig:
     score_split: str = ""
 
     def __post_init__(self):
-        _check(self.epochs >= 1, "affinity.epochs", "must be >= 1")
-        _check(self.batch_size >= 1, "affinity.batch_size", "must be >= 1")
-        _check(self.lr > 0, "affinity.lr", "must be > 0")
-        _check(self.crop_size >= 16, "affinity.crop_size", "must be >= 16")
-        _check(len(self.resize_long) == 2 and 0 < self.resize_long[0] <= self.resize_long[1],
-               "affinity.resize_long", f"must be (min, max) with 0 < min <= max, got {self.resize_long}")
+        _validate("affinity", self, *_stage_training_rules())
         _check(self.radius >= 2 and self.walk_radius >= 2, "affinity.radius/walk_radius", "must be >= 2")
-        _check(self.beta > 0, "affinity.beta", "must be > 0")
-        _check(0 <= self.exp_times <= 12, "affinity.exp_times", f"must be in [0, 12], got {self.exp_times}")
-        _check(0 <= self.bg_threshold <= 1, "affinity.bg_threshold", "must be in [0, 1]")
-        _check(self.walk_mode in WALK_MODES, "affinity.walk_mode", f"must be one of {WALK_MODES}")
+        _validate("affinity", self, _positive("beta"),
+                  ("exp_times", lambda v: 0 <= v <= 12, "must be in [0, 12], got {v}"),
+                  ("bg_threshold", lambda v: 0 <= v <= 1, "must be in [0, 1]"), _one_of("walk_mode", WALK_MODES))
         _check(self.cpus_per_task > 0, "affinity.cpus_per_task", "must be > 0")
         _check(self.max_actors >= 0, "affinity.max_actors", "must be >= 0 (0 = grow with the cluster)")
 
@@ -543,14 +564,7 @@ class SegConfig:
 
             _check(self.backbone in list_backbones(), "seg.backbone",
                    f"unknown backbone {self.backbone!r}; choose from {list_backbones()}")
-        _check(self.epochs >= 1, "seg.epochs", "must be >= 1")
-        _check(self.batch_size >= 1, "seg.batch_size", "must be >= 1")
-        _check(self.lr > 0, "seg.lr", "must be > 0")
-        _check(self.crop_size >= 16, "seg.crop_size", "must be >= 16")
-        _check(len(self.resize_long) == 2 and 0 < self.resize_long[0] <= self.resize_long[1],
-               "seg.resize_long", f"must be (min, max) with 0 < min <= max, got {self.resize_long}")
-        _check(len(self.scales) >= 1 and all(s > 0 for s in self.scales), "seg.scales",
-               f"must be a non-empty list of positive numbers, got {self.scales}")
+        _validate("seg", self, *_stage_training_rules(), _scales())
         _check(self.cpus_per_task > 0, "seg.cpus_per_task", "must be > 0")
         _check(self.max_actors >= 0, "seg.max_actors", "must be >= 0 (0 = grow with the cluster)")
 
@@ -567,10 +581,12 @@ class Config:
     pseudo: PseudoLabelConfig = field(default_factory=PseudoLabelConfig)
     affinity: AffinityConfig = field(default_factory=AffinityConfig)
     seg: SegConfig = field(default_factory=SegConfig)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
 
     def __post_init__(self):
-        _check(self.train.batch_size % self.dist.num_workers == 0, "train.batch_size",
-               f"global batch {self.train.batch_size} must be divisible by dist.num_workers={self.dist.num_workers}")
+        t = self.training
+        _check(t.batch_size % self.dist.num_workers == 0, t.field("batch_size"),
+               f"global batch {t.batch_size} must be divisible by dist.num_workers={self.dist.num_workers}")
         _check(self.cpal.bank_shards <= self.bank_classes, "cpal.bank_shards",
                f"must be <= the bank's {self.bank_classes} classes (one class per shard at most), "
                f"got {self.cpal.bank_shards}")
@@ -581,6 +597,33 @@ class Config:
         ``cpal.background = prototype``."""
         return self.data.num_classes + (self.cpal.background == "prototype")
 
+    @property
+    def training(self) -> "StageTraining":
+        """What a training run of ``train.task`` trains with, each setting read from its one field:
+        the CAM network's from ``train``/``optim``/``data``/``cpal``; a refine stage's from its own
+        section (``affinity.epochs``, ``seg.lr``...), with the stage's fixed choices: no diagnostics,
+        no bank, new layers at x1 (IRN trains only its new branch, the backbone frozen) or x10 (the
+        segmenter's head, DeepLab's, whatever multiplier the CAM run used)."""
+        task = self.train.task
+        if task == "cam":
+            return StageTraining(task, self.train.epochs, self.train.batch_size, self.optim.lr,
+                                 self.optim.new_layer_lr_mult, self.data.crop_size, tuple(self.data.resize_long),
+                                 self.train.diag_images, self.cpal.uses_bank)
+        stage = self.affinity if task == "affinity" else self.seg
+        return StageTraining(task, stage.epochs, stage.batch_size, stage.lr, 1.0 if task == "affinity" else 10.0,
+                             stage.crop_size, tuple(stage.resize_long), 0, False)
+
+    def for_task(self, task: str, name: str | None = None) -> "Config":
+        """This config as the training run of ``task`` (``train.task`` set; the settings it trains
+        with are then ``training``'s), named ``name``, else ``<train.name>-<task>`` (a name that
+        already ends so is kept). ``task="cam"`` returns the config unchanged."""
+        _check(task in TASKS, "train.task", f"must be one of {TASKS}, got {task!r}")
+        if task == "cam":
+            return self
+        base = self.train.name
+        return self.replace(**{"train.task": task,
+                               "train.name": name or (base if base.endswith(f"-{task}") else f"{base}-{task}")})
+
     def to_dict(self) -> dict[str, Any]:
         return _to_plain(dataclasses.asdict(self))
 
@@ -589,23 +632,42 @@ class Config:
         return from_dict(_apply_overrides(self.to_dict(), dotted))
 
 
-def stage_config(cfg: Config, task: str, name: str | None = None) -> Config:
-    """The config of a refine stage's training run, derived from a CAM run's config: ``train.task``
-    set, the stage's epochs, batch, lr, crop and resize copied into ``train``/``optim``/``data``, the
-    bank off, and the run named ``<train.name>-<task>`` (or ``name``). ``task="cam"`` returns ``cfg``."""
-    if task not in TASKS:
-        raise ConfigError(f"train.task: must be one of {TASKS}, got {task!r}", "train.task")
+@dataclass(frozen=True)
+class StageTraining:
+    """The settings one training run trains with (``Config.training``)."""
+    task: str
+    epochs: int
+    batch_size: int
+    lr: float
+    new_layer_lr_mult: float
+    crop_size: int
+    resize_long: tuple[int, int]
+    diag_images: int
+    uses_bank: bool
+
+    def field(self, setting: str) -> str:
+        """The dotted field a setting is read from: ``field("epochs")`` is ``train.epochs`` for the
+        CAM run, ``affinity.epochs`` for the affinity stage."""
+        return CAM_TRAINING_FIELDS[setting] if self.task == "cam" else f"{self.task}.{setting}"
+
+
+# Where the CAM run reads each setting of ``StageTraining`` a refine stage reads from its own section.
+CAM_TRAINING_FIELDS = {"epochs": "train.epochs", "batch_size": "train.batch_size", "lr": "optim.lr",
+                       "crop_size": "data.crop_size", "resize_long": "data.resize_long"}
+# The CAM run's settings a refine stage fixes itself.
+CAM_ONLY_FIELDS = ("optim.new_layer_lr_mult", "train.diag_images", "cpal.enabled")
+
+
+def check_stage_overrides(task: str, overrides: dict[str, Any]) -> None:
+    """ConfigError for an override of a field the training run of ``task`` does not read (a refine
+    stage trains from its own section): ``train.epochs`` for the affinity stage names ``affinity.epochs``."""
     if task == "cam":
-        return cfg
-    stage = cfg.affinity if task == "affinity" else cfg.seg
-    base = cfg.train.name.removesuffix(f"-{task}") if cfg.train.task == task else cfg.train.name
-    return cfg.replace(**{
-        "train.task": task, "train.name": name or f"{base}-{task}", "train.epochs": stage.epochs,
-        "train.batch_size": stage.batch_size, "train.diag_images": 0, "optim.lr": stage.lr,
-        "data.crop_size": stage.crop_size, "data.resize_long": list(stage.resize_long), "cpal.enabled": False,
-        # IRN trains only its new branch (the backbone is frozen): its lr is the stage's lr. The
-        # segmenter's head learns at 10x (DeepLab), whatever multiplier the CAM run used.
-        "optim.new_layer_lr_mult": 1.0 if task == "affinity" else 10.0})
+        return
+    for key in overrides:
+        setting = next((s for s, f in CAM_TRAINING_FIELDS.items() if f == key), None)
+        if setting is not None:
+            _check(False, key, f"the {task} stage trains {task}.{setting}; set that")
+        _check(key not in CAM_ONLY_FIELDS, key, f"the {task} stage does not read it (the CAM run's setting)")
 
 
 def _to_plain(obj: Any) -> Any:
@@ -754,7 +816,9 @@ def load_config(path=None, overrides: list[str] | dict[str, Any] | None = None) 
         overrides = parse_overrides(overrides)
     overrides = overrides or {}
     try:
-        return from_dict(_apply_overrides(values, overrides))
+        cfg = from_dict(_apply_overrides(values, overrides))
+        check_stage_overrides(cfg.train.task, overrides)
+        return cfg
     except ConfigError as e:
         if (key := _override_of(e.field, overrides)) is not None:
             raise ConfigError(f"override {key}={overrides[key]}: {e}", e.field) from None

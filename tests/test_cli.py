@@ -21,6 +21,8 @@ def run_cli(*args, cwd=REPO):
      "error: override optim.lr=abc: optim.lr: must be a number, got 'abc'"),
     (["workflows.train", "--config", "configs/synthetic_tiny.yaml", "cpal.metric=euclid"],
      "error: override cpal.metric=euclid: cpal.metric: unknown metric 'euclid'; choose from ('dot', 'l1', 'l2', 'cosine')"),
+    (["workflows.train_affinity", "--config", "configs/synthetic_tiny.yaml", "train.epochs=1", "--print-config"],
+     "error: override train.epochs=1: train.epochs: the affinity stage trains affinity.epochs; set that"),
     (["workflows.make_cams", "--checkpoint", "x", "--config", "configs/nope.yaml"],
      "error: configs/nope.yaml: config file not found (shipped configs: attributes_tiny, coco_resnet50_8gpu, "
      "synthetic_tiny, voc_mini_cpu, voc_resnet50_8gpu)"),

@@ -118,7 +118,7 @@ def test_killed_bank_actor_is_restored_from_checkpoint(ray_start_2_cpus, tmp_pat
     from cpal_ray.distributed.trainer import run_training
 
     steps = 4
-    cfg = cfg_for(tmp_path, "bankcrash", **{"dist.crash_rank": -2, "dist.crash_step": steps + 1, "dist.max_failures": 2})
+    cfg = cfg_for(tmp_path, "bankcrash", **{"faults.target": "bank", "faults.at_step": steps + 1, "dist.max_failures": 2})
     res = run_training(cfg)
     assert (res.run_dir / ".fault_bank_done").exists()
     bank = load_checkpoint(res.final_dir)["bank"]
@@ -135,8 +135,8 @@ def test_sharded_bank_with_batched_pushes_survives_a_killed_shard(ray_start_2_cp
 
     steps = 4
     cfg = cfg_for(tmp_path, "shardcrash", **{"cpal.bank_shards": 2, "dist.bank_push_every": 3, "train.epochs": 3,
-                                             "train.keep_checkpoints": 2, "dist.crash_rank": -2,
-                                             "dist.crash_step": steps + 1, "dist.max_failures": 2})
+                                             "train.keep_checkpoints": 2, "faults.target": "bank",
+                                             "faults.at_step": steps + 1, "dist.max_failures": 2})
     res = run_training(cfg)
     assert (res.run_dir / ".fault_bank_done").exists()
     bank = load_checkpoint(res.final_dir)["bank"]
@@ -163,7 +163,7 @@ def test_stopped_run_restarts_at_next_epoch_with_bank_restored(ray_start_2_cpus,
     from cpal_ray.distributed.trainer import run_training
 
     steps = 4
-    stopping = cfg_for(tmp_path, "resume", **{"dist.crash_rank": 0, "dist.crash_step": steps + 2, "dist.max_failures": 0})
+    stopping = cfg_for(tmp_path, "resume", **{"faults.kill_rank": 0, "faults.at_step": steps + 2, "dist.max_failures": 0})
     with pytest.raises(ray.train.TrainingFailedError):
         run_training(stopping)
     ckpts = sorted(p for p in (tmp_path / "resume").glob("checkpoint_*") if p.is_dir())
@@ -196,8 +196,8 @@ def test_worker_sigkilled_by_pid_resumes_at_its_epoch_with_its_bank(ray_start_2_
     from cpal_ray.distributed.trainer import SNAPSHOT_FILE, run_training
 
     steps = 4
-    cfg = cfg_for(tmp_path, "sigkill", **{"train.epochs": 3, "dist.crash_rank": 1, "dist.crash_step": 2 * steps + 1,
-                                          "dist.crash_wait_s": 240.0, "dist.max_failures": 1})
+    cfg = cfg_for(tmp_path, "sigkill", **{"train.epochs": 3, "faults.kill_rank": 1, "faults.at_step": 2 * steps + 1,
+                                          "faults.wait_s": 240.0, "dist.max_failures": 1})
     run_dir, box = tmp_path / "sigkill", {}
     thread = threading.Thread(target=lambda: box.update(res=run_training(cfg)), daemon=True)
     thread.start()

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cpal_ray.config import ConfigError, load_config, stage_config
+from cpal_ray.config import ConfigError, load_config
 from cpal_ray.data import DataError, ImageFolderDataset, LabelFolderDataset, build_dataset, build_train_dataset
 from cpal_ray.engine import fit
 from cpal_ray.inference.evaluate import evaluate_labels
@@ -54,22 +54,36 @@ def test_seg_net_predicts_every_class_at_the_input_size(head):
     assert bn and all(not p.requires_grad for m in bn for p in m.parameters())
 
 
-def test_stage_config_derives_each_refine_run_from_the_cam_run():
+def test_each_refine_run_reads_its_own_section():
     cfg = tiny_cfg("affinity.epochs=4", "affinity.batch_size=6", "seg.lr=0.02", "affinity.crop_size=64")
-    a = stage_config(cfg, "affinity")
-    assert (a.train.task, a.train.name, a.train.epochs, a.train.batch_size, a.data.crop_size) == \
+    a = cfg.for_task("affinity")
+    t = a.training
+    assert (a.train.task, a.train.name, t.epochs, t.batch_size, t.crop_size) == \
         ("affinity", "synthetic-tiny-affinity", 4, 6, 64)
-    assert not a.cpal.enabled and a.optim.new_layer_lr_mult == 1.0 and a.optim.lr == cfg.affinity.lr
-    s = stage_config(cfg, "seg")
-    assert (s.train.name, s.optim.lr, s.optim.new_layer_lr_mult) == ("synthetic-tiny-seg", 0.02, 10.0)
+    assert not t.uses_bank and t.diag_images == 0 and t.new_layer_lr_mult == 1.0 and t.lr == cfg.affinity.lr
+    s = cfg.for_task("seg")
+    assert (s.train.name, s.training.lr, s.training.new_layer_lr_mult) == ("synthetic-tiny-seg", 0.02, 10.0)
     # not the CAM run's multiplier (the photo config's 100 would put the head at lr 1.0)
-    assert stage_config(load_config("configs/voc_mini_cpu.yaml"), "seg").optim.new_layer_lr_mult == 10.0
-    assert stage_config(a, "affinity").train.name == "synthetic-tiny-affinity"  # idempotent
-    assert stage_config(cfg, "cam") is cfg
+    assert load_config("configs/voc_mini_cpu.yaml").for_task("seg").training.new_layer_lr_mult == 10.0
+    assert a.for_task("affinity").train.name == "synthetic-tiny-affinity"  # idempotent
+    assert cfg.for_task("cam") is cfg
     with pytest.raises(ConfigError, match="train.task"):
-        stage_config(cfg, "depth")
+        cfg.for_task("depth")
     with pytest.raises(ConfigError, match="affinity.walk_mode"):
         tiny_cfg("affinity.walk_mode=sum")
+
+
+def test_an_override_the_stage_does_not_read_is_an_error_naming_the_one_it_reads():
+    with pytest.raises(ConfigError, match="train.epochs: the affinity stage trains affinity.epochs; set that"):
+        load_config("configs/synthetic_tiny.yaml", ["train.task=affinity", "train.epochs=1"])
+    with pytest.raises(ConfigError, match="optim.lr: the seg stage trains seg.lr"):
+        load_config("configs/synthetic_tiny.yaml", ["train.task=seg", "optim.lr=0.5"])
+    with pytest.raises(ConfigError, match="optim.new_layer_lr_mult: the seg stage does not read it"):
+        load_config("configs/synthetic_tiny.yaml", ["train.task=seg", "optim.new_layer_lr_mult=1"])
+    assert load_config("configs/synthetic_tiny.yaml", ["train.epochs=1"]).training.epochs == 1  # the CAM run's
+    with pytest.raises(ConfigError, match="affinity.batch_size"):  # the stage's batch over the workers
+        load_config("configs/synthetic_tiny.yaml", ["train.task=affinity", "affinity.batch_size=3",
+                                                    "dist.num_workers=2"])
 
 
 def test_label_folder_dataset_reads_the_pngs_and_names_what_is_missing(tmp_path):
@@ -88,7 +102,7 @@ def test_label_folder_dataset_reads_the_pngs_and_names_what_is_missing(tmp_path)
     with pytest.raises(DataError, match="label size"):
         skipped.read(0)
     with pytest.raises(DataError, match="seg.masks_dir: not set"):
-        build_train_dataset(stage_config(cfg, "seg"))
+        build_train_dataset(cfg.for_task("seg"))
 
 
 def test_image_folder_dataset(tmp_path):
@@ -109,9 +123,9 @@ def test_image_folder_dataset(tmp_path):
 def test_the_one_loop_trains_the_affinity_network(tmp_path):
     """IRN's loss on perfect seeds falls, and the learnt boundary is higher on the objects' edges
     than inside them: what the random walk needs."""
-    cfg = stage_config(tiny_cfg("affinity.epochs=6", "affinity.batch_size=8", "affinity.lr=0.5",
-                                "affinity.crop_size=96", "affinity.resize_long=[96,96]",
-                                f"affinity.seeds_dir={gt_folder(tiny_cfg(), tmp_path / 'seeds')}"), "affinity")
+    cfg = tiny_cfg("affinity.epochs=6", "affinity.batch_size=8", "affinity.lr=0.5",
+                   "affinity.crop_size=96", "affinity.resize_long=[96,96]",
+                   f"affinity.seeds_dir={gt_folder(tiny_cfg(), tmp_path / 'seeds')}").for_task("affinity")
     res = fit(cfg)
     losses = [r["loss"] for r in res.history]
     assert losses[-1] < 0.8 * losses[0], losses
@@ -135,9 +149,8 @@ def test_the_one_loop_trains_the_affinity_network(tmp_path):
 def test_segmentation_training_raises_val_miou_above_an_untrained_model(tmp_path):
     from cpal_ray.inference.refine_jobs import seg_job
 
-    cfg = stage_config(tiny_cfg("seg.epochs=8", "seg.batch_size=8", "seg.lr=0.05", "seg.crop_size=96",
-                                "seg.resize_long=[96,96]", f"seg.masks_dir={gt_folder(tiny_cfg(), tmp_path / 'm')}"),
-                       "seg")
+    cfg = tiny_cfg("seg.epochs=8", "seg.batch_size=8", "seg.lr=0.05", "seg.crop_size=96",
+                   "seg.resize_long=[96,96]", f"seg.masks_dir={gt_folder(tiny_cfg(), tmp_path / 'm')}").for_task("seg")
     val = build_dataset(cfg.data, "val", train=False)
 
     def score(model, name):

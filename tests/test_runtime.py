@@ -86,6 +86,22 @@ def test_workflow_flags_become_config_overrides():
     assert pseudo_labels.build_parser().parse_args(["--cams", "x", "--crf-actors", "4"]).crf_actors == 4
 
 
+def test_segmenter_and_sweep_flags_set_their_config_fields_and_leave_the_rest():
+    import argparse
+
+    from workflows.common import add_seg_flags, base_parser, parse_command, seg_overrides
+
+    p = base_parser("x")
+    add_seg_flags(p)
+    args = parse_command(p, ["--scales", "1.0", "0.5", "--crf", "seg.epochs=2"], seg_overrides)
+    cfg = load_config(None, args.overrides)
+    assert (cfg.seg.scales, cfg.seg.crf, cfg.seg.flip, cfg.seg.epochs) == ((1.0, 0.5), True, False, 2)
+    assert load_config(None, parse_command(p, [], seg_overrides).overrides) == load_config(None)  # nothing given
+    with pytest.raises(ConfigError, match="seg.scales"):
+        load_config(None, parse_command(p, ["--scales", "-1"], seg_overrides).overrides)
+    assert isinstance(args, argparse.Namespace) and args.flag_fields["seg.scales"] == "--scales 1.0 0.5"
+
+
 @pytest.fixture
 def gpu_node(monkeypatch):
     """A GPU node as an actor sees it under Ray 2.60: CUDA visible whatever Ray granted."""

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from cpal_ray.config import Config, ConfigError, load_config
+from workflows.commands import COMMANDS
 
 
 # The exit status of a command stopped by Ctrl-C (128 + SIGINT), as shells report it.
@@ -56,8 +57,6 @@ def doc_parser(doc: str) -> argparse.ArgumentParser:
     prog = _prog()
     first, _, rest = doc.strip().replace("``", "").partition("\n")
     if prog and prog.startswith("cpal-ray "):
-        from workflows.cli import COMMANDS
-
         commands = {module: command for command, (module, _) in COMMANDS.items()}
         rest = re.sub(r"^(\s*)python -m workflows\.(\w+)", lambda m: f"{m.group(1)}cpal-ray "
                       f"{commands.get(m.group(2), m.group(2))}", rest, flags=re.M)
@@ -99,8 +98,11 @@ def flag_overrides(args, *flags: tuple[str, str]) -> list[str]:
         value = getattr(args, flag.lstrip("-").replace("-", "_"), None)
         if value is None:
             continue
-        out.append(f"{field}={str(value).lower() if isinstance(value, bool) else value}")
-        given[field] = (flag if value else f"--no-{flag[2:]}") if isinstance(value, bool) else f"{flag} {value}"
+        text = str(value).lower() if isinstance(value, bool) else \
+            f"[{', '.join(map(str, value))}]" if isinstance(value, list) else value
+        out.append(f"{field}={text}")
+        given[field] = (flag if value else f"--no-{flag[2:]}") if isinstance(value, bool) else \
+            f"{flag} {' '.join(map(str, value)) if isinstance(value, list) else value}"
     return out
 
 
@@ -128,6 +130,41 @@ def cam_actor_overrides(args) -> list[str]:
     """The CAM actor flags that were given, as dotted overrides (``--gpu`` -> inference.use_gpu=true)."""
     return flag_overrides(args, ("--gpu", "inference.use_gpu"), ("--actors-per-gpu", "inference.cam_actors_per_gpu"),
                           ("--cam-cpus", "inference.cam_cpus"), ("--cam-actors", "inference.max_cam_actors"))
+
+
+def add_split_flags(p: argparse.ArgumentParser, out: str, split: str = "val", split_help: str = "",
+                    overwrite: str = "redo every file, even with other settings") -> None:
+    """``--out``, ``--split``, ``--limit`` and (``overwrite`` its help; "" = none) ``--overwrite`` of the
+    commands that write or score one file per image of a dataset split."""
+    p.add_argument("--out", default=None, help=out)
+    p.add_argument("--split", default=split, help=split_help or f"dataset split (default {split})")
+    p.add_argument("--limit", type=int, default=0, help="only the first N images (0 = all)")
+    if overwrite:
+        p.add_argument("--overwrite", action="store_true", help=overwrite)
+
+
+def add_seg_flags(p: argparse.ArgumentParser) -> None:
+    """The segmenter's prediction settings (shortcuts for seg.* fields: ``seg_overrides``)."""
+    p.add_argument("--scales", type=float, nargs="+", default=None, help="inference scales (seg.scales)")
+    p.add_argument("--flip", action="store_true", default=None, help="also predict the mirrored images (seg.flip)")
+    p.add_argument("--crf", action="store_true", default=None, help="DenseCRF post-processing (seg.crf)")
+    p.add_argument("--actors", type=int, default=None, help="the most prediction actors (seg.max_actors, 0 = no limit)")
+
+
+def seg_overrides(args) -> list[str]:
+    """The segmenter flags that were given, as dotted overrides (``--flip`` -> seg.flip=true)."""
+    return flag_overrides(args, ("--scales", "seg.scales"), ("--flip", "seg.flip"), ("--crf", "seg.crf"),
+                          ("--actors", "seg.max_actors"))
+
+
+def parse_command(p: argparse.ArgumentParser, argv, *overrides) -> argparse.Namespace:
+    """``argv`` parsed, logging set up, and the dotted overrides of the flags that set config fields
+    (each of ``overrides`` a function of the args, e.g. ``cam_actor_overrides``) appended to the
+    command line's: one path into the config, one validation."""
+    args = p.parse_args(argv)
+    setup_logging()
+    args.overrides = [*args.overrides, *(o for of in overrides for o in of(args))]
+    return args
 
 
 def config_from_args(args, default=None, *, show: bool = True) -> Config:
@@ -180,8 +217,10 @@ def setup_logging() -> None:
 
 def stage_training_main(doc: str, task: str, label_flag: str, label_field: str, argv=None) -> int:
     """The body of ``workflows.train_affinity`` / ``train_seg``: the CAM run's config (``--config``,
-    else the ``config.yaml`` of ``--from``), the label folder (``--<label_flag>``), the stage's
-    config (``stage_config``), checked before Ray starts, then Ray Train."""
+    else the ``config.yaml`` of ``--from``) as the run of ``task`` (``train.task``, set before the
+    config is built: an override of a CAM setting the stage does not read is an error naming the
+    stage's field), the label folder (``--<label_flag>``), the run named ``<train.name>-<task>``
+    (``Config.for_task``), checked before Ray starts, then Ray Train."""
     from cpal_ray.numbers import strict_json
 
     p = base_parser(doc)
@@ -193,13 +232,13 @@ def stage_training_main(doc: str, task: str, label_flag: str, label_field: str, 
     add_tracking_flags(p)
     args = p.parse_args(argv)
     setup_logging()
-    args.overrides = [*args.overrides, *tracking_overrides(args), *flag_overrides(args, (f"--{label_flag}", label_field))]
-    from cpal_ray.config import stage_config
+    args.overrides = [*args.overrides, *tracking_overrides(args), *flag_overrides(args, (f"--{label_flag}", label_field)),
+                      f"train.task={task}"]
     from cpal_ray.distributed.runtime import init_ray
     from cpal_ray.distributed.trainer import run_training
     from cpal_ray.engine.inputs import check_training_inputs
 
-    cfg = print_config(args, stage_config(config_from_folders(args, args.source, show=False), task, args.name))
+    cfg = print_config(args, config_from_folders(args, args.source, show=False).for_task(task, args.name))
     cfg = check_training_inputs(cfg)
     init_ray(args.address, args.num_cpus)
     result = run_training(cfg)

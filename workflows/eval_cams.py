@@ -22,15 +22,8 @@ from __future__ import annotations
 
 from cpal_ray.numbers import strict_json
 
-from workflows.common import (
-    add_cam_actor_flags,
-    base_parser,
-    cam_actor_overrides,
-    config_from_folders,
-    flag_overrides,
-    run,
-    setup_logging,
-)
+from workflows.common import (add_cam_actor_flags, add_split_flags, base_parser, cam_actor_overrides,
+                              config_from_folders, flag_overrides, parse_command, run)
 
 
 def build_parser():
@@ -38,12 +31,11 @@ def build_parser():
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--cams", help="folder of <id>.npz CAM files (make_cams output, or its pacam/)")
     src.add_argument("--checkpoint", help="compute the CAMs from this checkpoint first")
-    p.add_argument("--out", default=None, help="report folder (default <run>/seeds-<split>, or <cams>/seeds)")
-    p.add_argument("--split", default="val", help="dataset split (default val)")
+    add_split_flags(p, "report folder (default <run>/seeds-<split>, or <cams>/seeds)", overwrite="")
     p.add_argument("--source", choices=("cam", "pacam"), default=None,
-                   help="with --checkpoint: which map (default inference.cam_source)")
-    p.add_argument("--threshold", type=float, default=None, help="evaluate this background threshold only")
-    p.add_argument("--limit", type=int, default=0, help="only the first N images (0 = all)")
+                   help="with --checkpoint: which map (inference.cam_source)")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="evaluate this background threshold only (inference.fixed_threshold)")
     p.add_argument("--ids", default=None,
                    help="file of the ids to score, one a line (default: those the CAM folder's manifest lists, "
                         "else the whole split)")
@@ -67,10 +59,8 @@ def read_ids(path) -> list[str]:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    setup_logging()
-    args.overrides = [*args.overrides, *cam_actor_overrides(args),
-                      *flag_overrides(args, ("--threshold", "inference.fixed_threshold"))]
+    args = parse_command(build_parser(), argv, cam_actor_overrides, lambda a: flag_overrides(
+        a, ("--threshold", "inference.fixed_threshold"), ("--source", "inference.cam_source")))
     from cpal_ray.config import save_config
     from cpal_ray.data import build_dataset
     from cpal_ray.distributed.pipelines import check_inputs

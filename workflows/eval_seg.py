@@ -16,34 +16,16 @@ from __future__ import annotations
 
 from cpal_ray.numbers import strict_json
 
-from workflows.common import base_parser, config_from_folders, flag_overrides, run, setup_logging
-
-
-def seg_flags(p) -> None:
-    p.add_argument("--scales", type=float, nargs="+", default=None, help="inference scales (seg.scales)")
-    p.add_argument("--flip", action="store_true", help="also predict the mirrored images (seg.flip)")
-    p.add_argument("--crf", action="store_true", help="DenseCRF post-processing (seg.crf)")
-    p.add_argument("--actors", type=int, default=None, help="the most prediction actors (seg.max_actors, 0 = no limit)")
-
-
-def seg_overrides(args) -> list[str]:
-    out = [f"seg.scales=[{', '.join(map(str, args.scales))}]"] if args.scales else []
-    out += ["seg.flip=true"] if args.flip else []
-    out += ["seg.crf=true"] if args.crf else []
-    return out + flag_overrides(args, ("--actors", "seg.max_actors"))
+from workflows.common import (add_seg_flags, add_split_flags, base_parser, config_from_folders, parse_command,
+                              run, seg_overrides)
 
 
 def main(argv=None) -> int:
     p = base_parser(__doc__)
     p.add_argument("--checkpoint", required=True, help="final/ folder of a train_seg run (path or URI)")
-    p.add_argument("--out", default=None, help="output folder (default <seg run>/pred-<split>)")
-    p.add_argument("--split", default="val", help="dataset split (default val)")
-    p.add_argument("--limit", type=int, default=0, help="only the first N images (0 = all)")
-    p.add_argument("--overwrite", action="store_true", help="redo every file, even with other settings")
-    seg_flags(p)
-    args = p.parse_args(argv)
-    setup_logging()
-    args.overrides = [*args.overrides, *seg_overrides(args)]
+    add_split_flags(p, "output folder (default <seg run>/pred-<split>)")
+    add_seg_flags(p)
+    args = parse_command(p, argv, seg_overrides)
     from cpal_ray.data import build_dataset
     from cpal_ray.distributed.pipelines import check_inputs
     from cpal_ray.distributed.refine_pipelines import check_stage_checkpoint, run_seg_predict

@@ -21,32 +21,23 @@ from __future__ import annotations
 
 from cpal_ray.numbers import strict_json
 
-from workflows.common import (
-    add_cam_actor_flags,
-    base_parser,
-    cam_actor_overrides,
-    config_from_folders,
-    run,
-    setup_logging,
-)
+from workflows.common import (add_cam_actor_flags, add_split_flags, base_parser, cam_actor_overrides,
+                              config_from_folders, parse_command, run)
 
 
 def build_parser():
     p = base_parser(__doc__)
     p.add_argument("--checkpoint", required=True, help="checkpoint or final/ folder of a training run (path or URI)")
-    p.add_argument("--out", default=None, help="output folder of the CAM files (default <run>/cams-<split>)")
-    p.add_argument("--split", default="val", help="dataset split: train, val or an id-list name (default val)")
+    add_split_flags(p, "output folder of the CAM files (default <run>/cams-<split>)", "val",
+                    "dataset split: train, val or an id-list name (default val)",
+                    "recompute every file, even with other settings")
     p.add_argument("--source", choices=("cam", "pacam", "both"), default="cam", help="which maps to save")
-    p.add_argument("--limit", type=int, default=0, help="only the first N images (0 = all)")
-    p.add_argument("--overwrite", action="store_true", help="recompute every file, even with other settings")
     add_cam_actor_flags(p)
     return p
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    setup_logging()
-    args.overrides = [*args.overrides, *cam_actor_overrides(args)]
+    args = parse_command(build_parser(), argv, cam_actor_overrides)
     from cpal_ray.distributed.pipelines import check_inputs, make_cams_spec, run_make_cams
     from cpal_ray.distributed.runtime import init_ray, output_location
     from cpal_ray.inference.jobs import check_run_spec

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from cpal_ray.numbers import strict_json
 
-from workflows.common import base_parser, config_from_folders, flag_overrides, run, setup_logging
+from workflows.common import add_split_flags, base_parser, config_from_folders, flag_overrides, parse_command, run
 
 
 def build_parser():
@@ -29,19 +29,15 @@ def build_parser():
     p.add_argument("--checkpoint", required=True, help="final/ folder of a train_affinity run (path or URI)")
     p.add_argument("--cams", required=True, help="folder of <id>.npz CAM files of the split")
     p.add_argument("--seeds", default=None, help="the CRF seed folder: also score it and the CAMs (Table 4)")
-    p.add_argument("--out", default=None, help="output folder (default <affinity run>/masks-<split>)")
-    p.add_argument("--split", default="train", help="dataset split (default train: WSSS scores masks there)")
-    p.add_argument("--limit", type=int, default=0, help="only the first N images (0 = all)")
-    p.add_argument("--overwrite", action="store_true", help="redo every file, even with other settings")
+    add_split_flags(p, "output folder (default <affinity run>/masks-<split>)", "train",
+                    "dataset split (default train: WSSS scores masks there)")
     p.add_argument("--actors", type=int, default=None, help="the most mask actors (affinity.max_actors, 0 = no limit)")
     p.add_argument("--no-eval", action="store_true", help="skip the mIoU evaluation")
     return p
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    setup_logging()
-    args.overrides = [*args.overrides, *flag_overrides(args, ("--actors", "affinity.max_actors"))]
+    args = parse_command(build_parser(), argv, lambda a: flag_overrides(a, ("--actors", "affinity.max_actors")))
     from cpal_ray.data import build_dataset
     from cpal_ray.distributed.pipelines import check_inputs
     from cpal_ray.distributed.refine_pipelines import check_stage_checkpoint, run_make_masks

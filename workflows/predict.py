@@ -15,8 +15,7 @@ from __future__ import annotations
 
 from cpal_ray.numbers import strict_json
 
-from workflows.common import base_parser, config_from_folders, run, setup_logging
-from workflows.eval_seg import seg_flags, seg_overrides
+from workflows.common import add_seg_flags, base_parser, config_from_folders, parse_command, run, seg_overrides
 
 
 def main(argv=None) -> int:
@@ -25,10 +24,8 @@ def main(argv=None) -> int:
     p.add_argument("--images", required=True, help="local folder of photos")
     p.add_argument("--out", required=True, help="output folder of the PNGs (path or URI)")
     p.add_argument("--overwrite", action="store_true", help="redo every file, even with other settings")
-    seg_flags(p)
-    args = p.parse_args(argv)
-    setup_logging()
-    args.overrides = [*args.overrides, *seg_overrides(args)]
+    add_seg_flags(p)
+    args = parse_command(p, argv, seg_overrides)
     from cpal_ray.distributed.refine_pipelines import check_image_folder, check_stage_checkpoint, run_seg_predict
     from cpal_ray.distributed.runtime import init_ray, output_location
 

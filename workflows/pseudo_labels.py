@@ -22,27 +22,17 @@ from __future__ import annotations
 
 from cpal_ray.numbers import strict_json
 
-from workflows.common import (
-    add_cam_actor_flags,
-    base_parser,
-    cam_actor_overrides,
-    config_from_folders,
-    flag_overrides,
-    run,
-    setup_logging,
-)
+from workflows.common import (add_cam_actor_flags, add_split_flags, base_parser, cam_actor_overrides,
+                              config_from_folders, flag_overrides, parse_command, run)
 
 
 def build_parser():
     p = base_parser(__doc__)
-    p.add_argument("--out", default=None, help="output folder of the PNGs (default <run>/pseudo-labels-<split>)")
     p.add_argument("--cams", default=None, help="folder of <id>.npz CAM files (else computed from --checkpoint)")
     p.add_argument("--checkpoint", default=None, help="checkpoint or final/ folder (CAMs on the fly)")
-    p.add_argument("--split", default="train", help="dataset split (default train)")
-    p.add_argument("--preset", choices=("irn", "amn", "custom"), default=None, help="conf_fg/conf_bg preset")
-    p.add_argument("--mode", choices=("irn", "crf_argmax"), default=None, help="pseudo-label rule")
-    p.add_argument("--limit", type=int, default=0, help="only the first N images (0 = all)")
-    p.add_argument("--overwrite", action="store_true", help="redo every file, even with other settings")
+    add_split_flags(p, "output folder of the PNGs (default <run>/pseudo-labels-<split>)", "train")
+    p.add_argument("--preset", choices=("irn", "amn", "custom"), default=None, help="conf_fg/conf_bg preset (pseudo.preset)")
+    p.add_argument("--mode", choices=("irn", "crf_argmax"), default=None, help="pseudo-label rule (pseudo.mode)")
     p.add_argument("--crf-actors", type=int, default=None,
                    help="the most CRF actors; the pool grows with the cluster up to it (pseudo.max_crf_actors, 0 = no limit)")
     p.add_argument("--cpus-per-crf", type=float, default=None, help="CPUs per CRF actor (pseudo.cpus_per_task)")
@@ -53,13 +43,11 @@ def build_parser():
 
 def main(argv=None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_command(parser, argv, cam_actor_overrides, lambda a: flag_overrides(
+        a, ("--preset", "pseudo.preset"), ("--mode", "pseudo.mode"), ("--crf-actors", "pseudo.max_crf_actors"),
+        ("--cpus-per-crf", "pseudo.cpus_per_task")))
     if args.cams is None and args.checkpoint is None:
         parser.error("give --cams (saved CAM files) or --checkpoint (CAMs computed on the fly)")
-    setup_logging()
-    args.overrides = [*args.overrides, *cam_actor_overrides(args),
-                      *flag_overrides(args, ("--preset", "pseudo.preset"), ("--mode", "pseudo.mode"),
-                                      ("--crf-actors", "pseudo.max_crf_actors"), ("--cpus-per-crf", "pseudo.cpus_per_task"))]
     from cpal_ray.storage import location
 
     from cpal_ray.data import build_dataset

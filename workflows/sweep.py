@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from cpal_ray.numbers import strict_json
 
-from workflows.common import (add_tracking_flags, base_parser, config_from_args, run, setup_logging,
+from workflows.common import (add_tracking_flags, base_parser, config_from_args, flag_overrides, run, setup_logging,
                               tracking_overrides)
 
 
@@ -35,7 +35,7 @@ def parse_args(argv=None):
     p.add_argument("--num-samples", type=int, default=8, help="points drawn by --search random/optuna")
     p.add_argument("--gpus-per-trial", type=int, default=0, help="GPUs per trial = Ray Train workers with 1 GPU each")
     p.add_argument("--max-concurrent", type=int, default=None,
-                   help="trials at once (default: dist.max_concurrent_trials, else what the cluster holds now)")
+                   help="trials at once (dist.max_concurrent_trials; 0 = what the cluster holds now)")
     p.add_argument("--eval-max-images", type=int, default=0, help="evaluate seeds on the first N images (0 = all)")
     p.add_argument("--eval-split", default="val",
                    help="split whose seeds score each trial: val (data.val_split), train (the WSSS protocol: the "
@@ -53,7 +53,8 @@ def parse_args(argv=None):
                    help="2 points, 1 epoch of 2 steps, single-scale eval on 8 images")
     add_tracking_flags(p)
     args = p.parse_args(argv)
-    args.overrides = [*args.overrides, *tracking_overrides(args)]
+    args.overrides = [*args.overrides, *tracking_overrides(args),
+                      *flag_overrides(args, ("--max-concurrent", "dist.max_concurrent_trials"))]
     if not args.restore and not args.space:
         p.error("--space is required (or --restore PATH)")
     return args
@@ -81,7 +82,7 @@ def main(argv=None) -> int:
             output_location(cfg.train.storage_path, "train.storage_path") / "sweeps"
         outcome = run_sweep(cfg, space, storage / name, seeds=args.repeats, search=args.search,
                             num_samples=args.num_samples, gpus_per_trial=args.gpus_per_trial,
-                            max_concurrent=args.max_concurrent, eval_max_images=args.eval_max_images,
+                            eval_max_images=args.eval_max_images,
                             eval_split=args.eval_split,
                             smoke_test=args.smoke_test)
     report = {"experiment": str(outcome.experiment_dir), **outcome.summary, "files": outcome.files}

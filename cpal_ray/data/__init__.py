@@ -103,7 +103,8 @@ def build_train_dataset(cfg) -> SampleDataset:
     if cfg.train.task == "cam":
         return build_dataset(cfg.data, "train", train=True)
     base = build_dataset(cfg.data, "train", train=False)
-    return LabelFolderDataset(base, stage_label_dir(cfg), TrainTransform.from_config(cfg.data), seed=cfg.data.seed,
+    transform = TrainTransform(cfg.training.resize_long, cfg.training.crop_size, cfg.data.hflip)
+    return LabelFolderDataset(base, stage_label_dir(cfg), transform, seed=cfg.data.seed,
                               on_bad_sample=cfg.data.on_bad_sample)
 
 

@@ -34,35 +34,36 @@ CHECKPOINT_PREFIX = "checkpoint_"  # Ray Train's checkpoint folders: checkpoint_
 
 
 class FaultHook(Hook):
-    """Fault injection for tests, once per run (a marker file in the run folder remembers):
-    ``dist.crash_rank/crash_step`` kills that worker process at that global step;
-    ``crash_rank = -2`` kills the bank actor (shard 0 of a sharded bank) instead (from rank 0). With ``dist.crash_wait_s > 0``
-    the worker does not exit by itself: it writes ``pid <pid>`` into the marker and waits that
-    long to be killed from outside (a test's SIGKILL by PID, as when a node dies)."""
+    """Test-only fault injection (the ``faults`` config section), once per run (a marker file in the
+    run folder remembers): at global step ``faults.at_step`` rank ``faults.kill_rank`` exits
+    (``faults.target = worker``), or rank 0 kills the bank actor (``target = bank``; shard 0 of a
+    sharded bank). With ``faults.wait_s > 0`` a worker does not exit by itself: it writes ``pid <pid>``
+    into the marker and waits that long to be killed from outside (a test's SIGKILL by PID, as when
+    a node dies)."""
 
-    def __init__(self, cfg, bank_actor, run_dir: str):
-        self.d, self.bank_actor = cfg.dist, bank_actor
-        kind = "bank" if self.d.crash_rank == -2 else "worker"
-        self.marker = location(run_dir) / f".fault_{kind}_done"
+    def __init__(self, faults, bank_actor, run_dir: str):
+        self.f, self.bank_actor = faults, bank_actor
+        self.marker = location(run_dir) / f".fault_{faults.target}_done"
 
     def after_step(self, state, step: int, outputs: dict | None = None) -> None:
-        target_rank = 0 if self.d.crash_rank == -2 else self.d.crash_rank
-        if state.epoch * state.steps_per_epoch + step != self.d.crash_step or state.rank != target_rank:
+        f = self.f
+        target_rank = 0 if f.target == "bank" else f.kill_rank
+        if state.epoch * state.steps_per_epoch + step != f.at_step or state.rank != target_rank:
             return
         if self.marker.exists():
             return
         self._wait_for_registered_checkpoint()  # before the marker: a test kills from outside on seeing it
         self.marker.write_text(f"pid {os.getpid()} epoch {state.epoch} step {step}\n")
-        if self.d.crash_wait_s > 0 and self.d.crash_rank >= 0:
-            log.warning("fault injection: rank %d (pid %d) waits to be killed at global step %d", state.rank,
-                        os.getpid(), self.d.crash_step)
-            time.sleep(self.d.crash_wait_s)
-            raise RuntimeError(f"fault injection: rank {state.rank} was not killed within {self.d.crash_wait_s}s")
-        if self.d.crash_rank == -2:
-            log.warning("fault injection: killing the bank actor at global step %d", self.d.crash_step)
+        if f.target == "bank":
+            log.warning("fault injection: killing the bank actor at global step %d", f.at_step)
             ray.kill(self.bank_actor, no_restart=False)
             return
-        log.warning("fault injection: killing rank %d at global step %d", state.rank, self.d.crash_step)
+        if f.wait_s > 0:
+            log.warning("fault injection: rank %d (pid %d) waits to be killed at global step %d", state.rank,
+                        os.getpid(), f.at_step)
+            time.sleep(f.wait_s)
+            raise RuntimeError(f"fault injection: rank {state.rank} was not killed within {f.wait_s}s")
+        log.warning("fault injection: killing rank %d at global step %d", state.rank, f.at_step)
         os._exit(1)
 
     def _wait_for_registered_checkpoint(self, timeout_s: float = 60.0) -> None:
@@ -143,8 +144,8 @@ def train_loop_per_worker(config: dict) -> None:
                           push_every=cfg.dist.bank_push_every, num_classes=cfg.bank_classes) if actors else None
 
     resume = resume_state(config["run_dir"])
-    hooks = [NodeHook(), *([FaultHook(cfg, actors[0] if actors else None, config["run_dir"])]
-                           if cfg.dist.crash_step >= 0 else [])]
+    hooks = [NodeHook(), *([FaultHook(cfg.faults, actors[0] if actors else None, config["run_dir"])]
+                           if cfg.faults.enabled else [])]
     if cfg.train.mlflow_uri:  # Ray's MLflow integration: a run on rank 0, a no-op client elsewhere
         from ray.air.integrations.mlflow import setup_mlflow
 

@@ -221,7 +221,7 @@ def run_training(cfg: Config, *, callbacks=None, storage_path: str | None = None
     cfg = check_training_inputs(cfg)
     prepare_run_folder(cfg, run_dir)
     check_storage_from_worker(cfg, run_dir)
-    actor_names = bank_actor_names(name, cfg.cpal.bank_shards) if cfg.cpal.uses_bank else []
+    actor_names = bank_actor_names(name, cfg.cpal.bank_shards) if cfg.training.uses_bank else []
     actors, trainer = [], None
     try:
         # Keep the handles for the whole fit: a non-detached actor dies with its last handle.
@@ -234,14 +234,14 @@ def run_training(cfg: Config, *, callbacks=None, storage_path: str | None = None
         raise
     except (KeyboardInterrupt, SystemExit, ray.exceptions.RayActorError):
         if isinstance(sys.exc_info()[1], KeyboardInterrupt) or (trainer is not None and trainer.interrupted):
-            raise interrupted(run_dir, cfg.train.epochs) from None  # Ctrl-C: say where it resumes
+            raise interrupted(run_dir, cfg.training.epochs) from None  # Ctrl-C: say where it resumes
         raise
     finally:
         for actor_name in actor_names:
             remove_bank_actor(actor_name)
         del actors
     if trainer.interrupted:  # Ray's abort can also end fit() without an error
-        raise interrupted(run_dir, cfg.train.epochs)
+        raise interrupted(run_dir, cfg.training.epochs)
     if result.error is not None:
         raise result.error
     if result.checkpoint is None:

@@ -23,7 +23,7 @@ import json
 import logging
 import time
 
-from cpal_ray.config import Config, stage_config
+from cpal_ray.config import Config
 from cpal_ray.data import build_dataset
 from cpal_ray.distributed.pipelines import run_pseudo_labels
 from cpal_ray.distributed.refine_pipelines import run_make_masks, run_seg_predict
@@ -48,7 +48,7 @@ def trained(final: Location, epochs: int) -> bool:
 def train_stage(cfg: Config) -> Location:
     """Train ``cfg`` with Ray Train unless its ``final/`` is complete; returns ``final/``."""
     final = location(cfg.train.storage_path) / cfg.train.name / "final"
-    if trained(final, cfg.train.epochs):
+    if trained(final, cfg.training.epochs):
         log.info("%s: complete (%s), skipped", cfg.train.name, final)
         return final
     return run_training(cfg).final_dir
@@ -59,9 +59,9 @@ def stage_configs(cfg: Config, out: Location) -> dict[str, Config]:
     with the label folders the refine stages read."""
     cam = cfg.replace(**{"train.storage_path": str(out / "runs"), "train.task": "cam"})
     return {"cam": cam,
-            "affinity": stage_config(cam.replace(**{"affinity.seeds_dir": str(out / "pseudo-train"),
-                                                    "affinity.cam_dir": str(out / "pseudo-train" / "cams")}), "affinity"),
-            "seg": stage_config(cam.replace(**{"seg.masks_dir": str(out / "masks-train")}), "seg")}
+            "affinity": cam.replace(**{"affinity.seeds_dir": str(out / "pseudo-train"),
+                                       "affinity.cam_dir": str(out / "pseudo-train" / "cams")}).for_task("affinity"),
+            "seg": cam.replace(**{"seg.masks_dir": str(out / "masks-train")}).for_task("seg")}
 
 
 def run_pipeline(cfg: Config, out_dir, *, say=log.info) -> dict:

@@ -12,7 +12,7 @@ which share what they provide through ``state.extras``. Hooks run sorted by ``pr
 
     resume (model, optimizer, scheduler, epoch)
     hook.before_train(state, resume)          every hook restores (or resets) what it keeps
-    for epoch in range(start, cfg.train.epochs):
+    for epoch in range(start, cfg.training.epochs):
         hook.before_epoch(state)
         for step, batch in loader:            train_one_epoch: one SGD step
             hook.after_step(state, step, outputs)
@@ -90,14 +90,14 @@ def fit(cfg: Config, *, device: torch.device | str = "cpu", rank: int = 0, world
         prepare_model: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
         save_fn: Callable[[dict | None, dict], None] | None = None, resume: dict | None = None,
         hooks: list[Hook] = (), model: torch.nn.Module | None = None, dataset=None, run_dir=None) -> FitResult:
-    """Train ``cfg.train.epochs`` epochs (from ``resume["epoch"]`` when resuming).
+    """Train ``cfg.training.epochs`` epochs (from ``resume["epoch"]`` when resuming).
 
     device: where the model trains; rank / world_size: this worker's shard of every global batch
     (``GlobalBatchSampler``); prepare_model: wraps the model for data parallelism (default:
     ``model.to(device)``); save_fn: receives each epoch's checkpoint (see ``CheckpointHook``);
     resume: a loaded checkpoint (``load_checkpoint``), whose config is compared with ``cfg`` first
     (``engine.resume``: a frozen field that differs is a ConfigError) and whose lr schedule is
-    spread over ``cfg.train.epochs``; hooks: the task's (``engine.tasks.task_hooks``) and the
+    spread over ``cfg.training.epochs``; hooks: the task's (``engine.tasks.task_hooks``) and the
     caller's, run by priority; model / dataset: built from ``cfg`` (seeded with ``train.seed``)
     when not given; run_dir: where the run's records go as it trains (``TrackingHook``:
     TensorBoard, history.json, curves.png).
@@ -111,12 +111,12 @@ def fit(cfg: Config, *, device: torch.device | str = "cpu", rank: int = 0, world
     if cfg.data.on_bad_sample == "skip":
         dataset = SkipUnreadable(dataset)
     model = model if model is not None else build_task_model(cfg)
-    sampler = GlobalBatchSampler(len(dataset), cfg.train.batch_size, world_size, rank, seed=cfg.train.seed,
+    sampler = GlobalBatchSampler(len(dataset), cfg.training.batch_size, world_size, rank, seed=cfg.train.seed,
                                  max_steps=cfg.train.max_steps_per_epoch)
     # Not persistent: loader workers must see dataset.set_epoch() (the augmentation stream).
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.data.loader_workers)
-    optimizer = build_optimizer(model, cfg.optim)
-    scheduler = build_scheduler(optimizer, len(sampler) * cfg.train.epochs, cfg.optim.poly_power)
+    optimizer = build_optimizer(model, cfg.optim, cfg.training.lr, cfg.training.new_layer_lr_mult)
+    scheduler = build_scheduler(optimizer, len(sampler) * cfg.training.epochs, cfg.optim.poly_power)
     start_epoch = 0
     if resume is not None:
         changes = check_resume(resume["config"], cfg, f"resuming {cfg.train.name}")
@@ -127,10 +127,10 @@ def fit(cfg: Config, *, device: torch.device | str = "cpu", rank: int = 0, world
                                   f"{cfg.model.backbone} network ({str(e).splitlines()[0]})") from None
         optimizer.load_state_dict(resume["optimizer"])
         scheduler.load_state_dict(resume["scheduler"])
-        resume_schedule(scheduler, len(sampler) * cfg.train.epochs, cfg.optim.poly_power)
+        resume_schedule(scheduler, len(sampler) * cfg.training.epochs, cfg.optim.poly_power)
         start_epoch = int(resume["epoch"])
         if rank == 0:
-            log.info("resuming %s from epoch %d of %d; changed: %s", cfg.train.name, start_epoch, cfg.train.epochs,
+            log.info("resuming %s from epoch %d of %d; changed: %s", cfg.train.name, start_epoch, cfg.training.epochs,
                      ", ".join(changes) or "nothing")
     model = prepare_model(model) if prepare_model is not None else model.to(device)
     state = TrainState(cfg, model, optimizer, scheduler, device, rank, world_size, len(sampler), epoch=start_epoch)
@@ -140,7 +140,7 @@ def fit(cfg: Config, *, device: torch.device | str = "cpu", rank: int = 0, world
     all_hooks[:] = by_priority(all_hooks)  # in place: the CheckpointHook asks them all, in this order
     for hook in all_hooks:
         hook.before_train(state, resume)
-    for epoch in range(start_epoch, cfg.train.epochs):
+    for epoch in range(start_epoch, cfg.training.epochs):
         state.epoch = epoch
         sampler.set_epoch(epoch)
         if hasattr(dataset, "set_epoch"):

@@ -27,7 +27,7 @@ def epoch_dirs(out_dir) -> list[Location]:
 
 
 def fit_local(cfg: Config, out_dir=None, device: str = "cpu", model=None, dataset=None, hooks=()) -> FitResult:
-    """Train ``cfg.train.epochs`` epochs in this process, checkpointing into ``out_dir`` (a local
+    """Train ``cfg.training.epochs`` epochs in this process, checkpointing into ``out_dir`` (a local
     path or URI) when given, with the run's records (TensorBoard, history.json, curves.png) there."""
     save_fn = resume = None
     if out_dir is not None:

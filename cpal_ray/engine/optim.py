@@ -10,14 +10,17 @@ import torch
 from torch.optim.lr_scheduler import PolynomialLR
 
 
-def build_optimizer(model: torch.nn.Module, optim_cfg) -> torch.optim.SGD:
-    """SGD over ``model.param_groups(mult)``: backbone at ``lr``, new layers at ``lr * mult``."""
+def build_optimizer(model: torch.nn.Module, optim_cfg, lr: float | None = None,
+                    new_layer_lr_mult: float | None = None) -> torch.optim.SGD:
+    """SGD over ``model.param_groups(mult)``: backbone at ``lr``, new layers at ``lr * mult`` (``lr``
+    and ``mult`` the run's ``Config.training``; default ``optim_cfg``'s); momentum and decay of ``optim_cfg``."""
+    lr = optim_cfg.lr if lr is None else lr
     groups = []
-    for g in model.param_groups(optim_cfg.new_layer_lr_mult):
+    for g in model.param_groups(optim_cfg.new_layer_lr_mult if new_layer_lr_mult is None else new_layer_lr_mult):
         params = [p for p in g["params"] if p.requires_grad]
         if params:
-            groups.append({"params": params, "lr": optim_cfg.lr * g["lr_mult"], "lr_mult": g["lr_mult"]})
-    return torch.optim.SGD(groups, lr=optim_cfg.lr, momentum=optim_cfg.momentum,
+            groups.append({"params": params, "lr": lr * g["lr_mult"], "lr_mult": g["lr_mult"]})
+    return torch.optim.SGD(groups, lr=lr, momentum=optim_cfg.momentum,
                            weight_decay=optim_cfg.weight_decay)
 
 

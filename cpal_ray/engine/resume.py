@@ -23,9 +23,11 @@ from cpal_ray.config import Config, ConfigError
 FROZEN_SECTIONS = ("data", "model", "cpal", "optim")
 MAY_CHANGE = {"data.loader_workers", "data.on_bad_sample", "data.val_split", "data.mask_dir"}
 FROZEN_FIELDS = {"train.seed", "train.batch_size", "train.max_steps_per_epoch", "train.task"}
-# Fields of the stage sections a refine network's training reads beyond what stage_config copies.
-FROZEN_STAGE_FIELDS = {"affinity": {"affinity.seeds_dir", "affinity.radius"},
-                       "seg": {"seg.masks_dir", "seg.head", "seg.backbone", "seg.weights"}}
+# Fields of the stage sections a refine network is built or trained from (its epochs may change).
+_STAGE_TRAINING = ("batch_size", "lr", "crop_size", "resize_long")
+FROZEN_STAGE_FIELDS = {"affinity": {"affinity.seeds_dir", "affinity.radius", *(f"affinity.{f}" for f in _STAGE_TRAINING)},
+                       "seg": {"seg.masks_dir", "seg.head", "seg.backbone", "seg.weights",
+                               *(f"seg.{f}" for f in _STAGE_TRAINING)}}
 
 
 def _flat(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -95,16 +95,16 @@ def in_process_bank(cfg: Config) -> Bank:
 def task_hooks(cfg: Config, bank_factory: Callable[[], Bank | None] | None = None) -> list[Hook]:
     """The hooks the training of ``cfg.train.task`` needs (``fit`` orders them by priority).
 
-    The CAM network: ``CPALHook`` with the bank ``bank_factory()`` gives when ``cfg.cpal.uses_bank``
+    The CAM network: ``CPALHook`` with the bank ``bank_factory()`` gives when ``cfg.training.uses_bank``
     (default ``in_process_bank``; a Ray Train worker passes its ``BankClient``; None = no bank), then
     ``DiagnosticsHook``. The affinity network and the segmenter need none.
     """
     if cfg.train.task != "cam":
         return []
     bank = None
-    if cfg.cpal.uses_bank:
+    if cfg.training.uses_bank:
         bank = bank_factory() if bank_factory is not None else in_process_bank(cfg)
-    return [CPALHook(bank, cfg.cpal.warmup_cluster_steps), DiagnosticsHook(cfg, cfg.train.diag_images)]
+    return [CPALHook(bank, cfg.cpal.warmup_cluster_steps), DiagnosticsHook(cfg, cfg.training.diag_images)]
 
 
 def load_trained(folder, map_location="cpu", cfg: Config | None = None):
