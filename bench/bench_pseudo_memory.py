@@ -37,7 +37,7 @@ def child(args) -> None:
     """One pseudo-label run in this process; prints a JSON line with the peak RSS."""
     import ray
 
-    from cpal_ray.distributed.pipelines import run_pseudo_labels
+    from cpal_ray.distributed.stages import run_pseudo_labels
 
     cfg = bench_config(args.n, args.size)
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)

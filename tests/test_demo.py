@@ -11,7 +11,7 @@ pytestmark = pytest.mark.ray
 
 
 def test_demo_writes_the_report_with_both_runs_and_the_diagnostics(ray_start_2_cpus, tmp_path):
-    from cpal_ray.distributed.demo import run_demo
+    from cpal_ray.pipeline.baseline_vs_cpal import run_demo
 
     cfg = load_config("configs/synthetic_tiny.yaml", {
         "train.epochs": 2, "train.max_steps_per_epoch": 2, "train.diag_images": 4, "data.synthetic_images": 8,

@@ -47,9 +47,9 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging()
     args.overrides = [*args.overrides, *cam_actor_overrides(args)]
-    from cpal_ray.distributed.pipelines import check_inputs, make_cams_spec, run_make_cams
+    from cpal_ray.distributed.stages import check_inputs, make_cams_spec, run_make_cams
     from cpal_ray.distributed.runtime import init_ray, output_location
-    from cpal_ray.inference.jobs import check_run_spec
+    from cpal_ray.inference.manifest import check_run_spec
     from cpal_ray.storage import location
 
     cfg = config_from_folders(args, args.checkpoint)

@@ -29,7 +29,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     setup_logging()
     args.overrides = [*args.overrides, *seg_overrides(args)]
-    from cpal_ray.distributed.refine_pipelines import check_image_folder, check_stage_checkpoint, run_seg_predict
+    from cpal_ray.distributed.stages import check_image_folder, check_stage_checkpoint, run_seg_predict
     from cpal_ray.distributed.runtime import init_ray, output_location
 
     check_stage_checkpoint(args.checkpoint, "seg")

@@ -63,10 +63,10 @@ def main(argv=None) -> int:
     from cpal_ray.storage import location
 
     from cpal_ray.data import build_dataset
-    from cpal_ray.distributed.pipelines import check_inputs, pseudo_labels_spec, run_pseudo_labels
+    from cpal_ray.distributed.stages import check_inputs, pseudo_labels_spec, run_pseudo_labels
     from cpal_ray.distributed.runtime import init_ray, output_location
     from cpal_ray.inference.evaluate import evaluate_labels, write_json
-    from cpal_ray.inference.jobs import check_run_spec
+    from cpal_ray.inference.manifest import check_run_spec
 
     cams_parent = location(args.cams).parent if args.cams else None  # a pacam/ folder: the config is above it
     cfg = config_from_folders(args, args.cams, cams_parent, args.checkpoint)

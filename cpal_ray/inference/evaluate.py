@@ -22,7 +22,7 @@ import torch
 
 from cpal_ray.inference.io import atomic_write_bytes, load_cams_npz, load_label_png
 from cpal_ray.data.classes import positive_classes
-from cpal_ray.inference.jobs import cam_path
+from cpal_ray.inference.io import cam_path
 from cpal_ray.inference.metrics import (ConfusionMatrix, ThresholdSweep, own_background_label,
                                         thresholds_from_config)
 from cpal_ray.inference.multiscale import multiscale_cams
