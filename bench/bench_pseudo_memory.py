@@ -42,7 +42,7 @@ def child(args) -> None:
     cfg = bench_config(args.n, args.size)
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     t0 = time.monotonic()
-    cfg = cfg.replace(**{"pseudo.max_crf_actors": 2, "inference.cam_cpus": 0.5})
+    cfg = cfg.replace(**{"pseudo.max_actors": 2, "inference.actor_cpus": 0.5})
     summary = run_pseudo_labels(cfg, Path(args.workdir) / f"out_{args.n}", checkpoint=Path(args.workdir) / "ckpt",
                                 split="train")
     seconds = time.monotonic() - t0

@@ -119,15 +119,15 @@ def add_cam_actor_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpu", action=argparse.BooleanOptionalAction, default=None,
                    help="CAM actors on GPUs or not (default: inference.use_gpu of the config)")
     p.add_argument("--actors-per-gpu", type=int, default=None, help="CAM actors sharing one GPU (inference.cam_actors_per_gpu)")
-    p.add_argument("--cam-cpus", type=float, default=None, help="CPUs per CAM actor (inference.cam_cpus)")
+    p.add_argument("--cam-cpus", type=float, default=None, help="CPUs per CAM actor (inference.actor_cpus)")
     p.add_argument("--cam-actors", type=int, default=None,
-                   help="the most CAM actors; the pool grows with the cluster up to it (inference.max_cam_actors, 0 = no limit)")
+                   help="the most CAM actors; the pool grows with the cluster up to it (inference.max_actors, 0 = no limit)")
 
 
 def cam_actor_overrides(args) -> list[str]:
     """The CAM actor flags that were given, as dotted overrides (``--gpu`` -> inference.use_gpu=true)."""
     return flag_overrides(args, ("--gpu", "inference.use_gpu"), ("--actors-per-gpu", "inference.cam_actors_per_gpu"),
-                          ("--cam-cpus", "inference.cam_cpus"), ("--cam-actors", "inference.max_cam_actors"))
+                          ("--cam-cpus", "inference.actor_cpus"), ("--cam-actors", "inference.max_actors"))
 
 
 def config_from_args(args, default=None, *, show: bool = True) -> Config:

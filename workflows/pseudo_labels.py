@@ -11,7 +11,7 @@ CAMs come from ``--cams`` (make_cams files) or are computed from ``--checkpoint`
 CAM) folder; all of them are local paths or URIs. The config is ``--config`` if given, else the
 ``config.yaml`` of the CAM folder or of the checkpoint, plus the overrides. Writes
 ``<out>/<id>.png`` (VOC palette, 255 = ignore), ``<out>/manifest.parquet`` (one row per id),
-``<out>/pseudo_labels_miou.json`` and ``config.yaml``. CRF actors take ``pseudo.cpus_per_task``
+``<out>/pseudo_labels_miou.json`` and ``config.yaml``. CRF actors take ``pseudo.actor_cpus``
 CPUs each and their pool grows with the cluster (up to ``--crf-actors``). Killed and started
 again, it skips the PNGs that validate and ends with the same files. Images that fail are listed
 in the summary and the manifest; the exit status is then 1. A bad input (missing CAM folder,
@@ -44,8 +44,8 @@ def build_parser():
     p.add_argument("--limit", type=int, default=0, help="only the first N images (0 = all)")
     p.add_argument("--overwrite", action="store_true", help="redo every file, even with other settings")
     p.add_argument("--crf-actors", type=int, default=None,
-                   help="the most CRF actors; the pool grows with the cluster up to it (pseudo.max_crf_actors, 0 = no limit)")
-    p.add_argument("--cpus-per-crf", type=float, default=None, help="CPUs per CRF actor (pseudo.cpus_per_task)")
+                   help="the most CRF actors; the pool grows with the cluster up to it (pseudo.max_actors, 0 = no limit)")
+    p.add_argument("--cpus-per-crf", type=float, default=None, help="CPUs per CRF actor (pseudo.actor_cpus)")
     p.add_argument("--no-eval", action="store_true", help="skip the mIoU evaluation")
     add_cam_actor_flags(p)
     return p
@@ -59,7 +59,7 @@ def main(argv=None) -> int:
     setup_logging()
     args.overrides = [*args.overrides, *cam_actor_overrides(args),
                       *flag_overrides(args, ("--preset", "pseudo.preset"), ("--mode", "pseudo.mode"),
-                                      ("--crf-actors", "pseudo.max_crf_actors"), ("--cpus-per-crf", "pseudo.cpus_per_task"))]
+                                      ("--crf-actors", "pseudo.max_actors"), ("--cpus-per-crf", "pseudo.actor_cpus"))]
     from cpal_ray.storage import location
 
     from cpal_ray.data import build_dataset
