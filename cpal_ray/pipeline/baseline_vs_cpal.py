@@ -25,7 +25,7 @@ from cpal_ray.engine.checkpoint import load_checkpoint
 from cpal_ray.inference.evaluate import evaluate_cam_dir
 from cpal_ray.inference.io import cam_path, load_cams_npz, load_label_png, source_dir
 from cpal_ray.inference.metrics import write_report
-from cpal_ray.inference.report import console_summary, write_demo_report
+from cpal_ray.inference.demo_report import console_summary, write_demo_report
 from cpal_ray.inference.visuals import bank_plot, diagnostic_curves, image_grid, iou_bars, max_map, miou_curves
 from cpal_ray.pipeline.wsss import run_pipeline
 
