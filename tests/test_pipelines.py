@@ -46,7 +46,7 @@ def trained(tmp_path_factory):
     finally:
         torch.set_num_threads(threads)
     # Pipelines: half a CPU per CAM actor and at most 2 CRF actors on the shared 2-CPU Ray.
-    infer = cfg.replace(**{"data.synthetic_images": N_IMAGES, "inference.cam_cpus": 0.5, "pseudo.max_crf_actors": 2})
+    infer = cfg.replace(**{"data.synthetic_images": N_IMAGES, "inference.actor_cpus": 0.5, "pseudo.max_actors": 2})
     return SimpleNamespace(cfg=cfg, infer=infer, ckpt=out / "epoch_003", overrides=[f"data.synthetic_images={N_IMAGES}"])
 
 
@@ -210,7 +210,7 @@ def test_pseudo_labels_after_crash_resume_to_identical_bytes(trained, cams, unin
 
     out = tmp_path / "pseudo"
     with pytest.raises(Exception, match="crash_after"):
-        run_pseudo_labels(trained.infer.replace(**{"pseudo.max_crf_actors": 1}), out, cam_dir=cams.dir, split="train",
+        run_pseudo_labels(trained.infer.replace(**{"pseudo.max_actors": 1}), out, cam_dir=cams.dir, split="train",
                           crash_after=4)
     dataset = build_dataset(trained.infer.data, "train", train=False)
     written = _pngs(out)

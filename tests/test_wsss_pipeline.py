@@ -20,9 +20,9 @@ pytestmark = pytest.mark.ray
 def _cfg():
     return load_config("configs/synthetic_tiny.yaml", [
         "data.synthetic_images=12", "train.epochs=1", "cpal.enabled=false", "dist.num_workers=1",
-        "dist.cpus_per_worker=0.5", "inference.cam_cpus=0.5", "inference.scales=[1.0]", "pseudo.cpus_per_task=0.5",
-        "affinity.epochs=1", "affinity.batch_size=4", "affinity.crop_size=64", "affinity.cpus_per_task=0.5",
-        "affinity.exp_times=4", "seg.epochs=1", "seg.batch_size=4", "seg.crop_size=64", "seg.cpus_per_task=0.5"])
+        "dist.cpus_per_worker=0.5", "inference.actor_cpus=0.5", "inference.scales=[1.0]", "pseudo.actor_cpus=0.5",
+        "affinity.epochs=1", "affinity.batch_size=4", "affinity.crop_size=64", "affinity.actor_cpus=0.5",
+        "affinity.exp_times=4", "seg.epochs=1", "seg.batch_size=4", "seg.crop_size=64", "seg.actor_cpus=0.5"])
 
 
 def _sha(path):
