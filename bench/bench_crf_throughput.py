@@ -17,7 +17,7 @@ Variants, alternated (pool-1, pool-2, ray-1, ray-2, then reversed, ...), each ti
   ``RAY_worker_niceness`` = 15; on a shared machine a nice-0 pool would simply out-compete it);
 - ray-W: ``ray.data.from_items(paths).map_batches(Labeler, compute=ActorPoolStrategy(size=W),
   num_cpus=0.5, batch_size=1)`` consumed by the driver, the pattern of
-  ``cpal_ray.distributed.pipelines`` (actor pool, fractional CPUs, one image per call).
+  ``cpal_ray.distributed.stage_runner`` (actor pool, fractional CPUs, one image per call).
 Ray runs locally with 2 CPUs (``address="local"``; shut down at the end). Also printed: the
 CPU seconds the driver and Ray's own processes (raylet, GCS, agents) spend during each run.
 The last two lines: 2 workers / 1 worker (Ray Data) and Ray Data / Pool, steady-state images/s.

@@ -37,12 +37,12 @@ def child(args) -> None:
     """One pseudo-label run in this process; prints a JSON line with the peak RSS."""
     import ray
 
-    from cpal_ray.distributed.pipelines import run_pseudo_labels
+    from cpal_ray.distributed.stages import run_pseudo_labels
 
     cfg = bench_config(args.n, args.size)
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     t0 = time.monotonic()
-    cfg = cfg.replace(**{"pseudo.max_crf_actors": 2, "inference.cam_cpus": 0.5})
+    cfg = cfg.replace(**{"pseudo.max_actors": 2, "inference.actor_cpus": 0.5})
     summary = run_pseudo_labels(cfg, Path(args.workdir) / f"out_{args.n}", checkpoint=Path(args.workdir) / "ckpt",
                                 split="train")
     seconds = time.monotonic() - t0

@@ -218,7 +218,7 @@ fi
 # make_masks, train_seg) runs the code its own commands run. Its JSON line gives each stage's time.
 run refine 150 "$PY" -m workflows.pipeline --config configs/synthetic_tiny.yaml --out "$WORK/pipeline" \
   train.name=gpu-refine data.synthetic_images=32 train.epochs=1 dist.use_gpu=true dist.num_workers=1 \
-  inference.use_gpu=true "inference.scales=[1.0]" affinity.epochs=1 affinity.crop_size=64 seg.epochs=1 seg.crop_size=64
+  inference.actor_gpus=1 affinity.actor_gpus=1 seg.actor_gpus=1 "inference.scales=[1.0]" affinity.epochs=1 affinity.crop_size=64 seg.epochs=1 seg.crop_size=64
 STAGES=$(grep '^{"out"' "$LOGS/refine.log" | tail -n 1 | "$PY" -c 'import json, sys
 print(", ".join("%s %.0fs" % kv for kv in json.load(sys.stdin)["seconds"].items()))' 2>/dev/null)
 SEG=$WORK/pipeline/runs/gpu-refine-seg/final
@@ -232,7 +232,7 @@ if [ -f "$SEG/model.pt" ]; then
   mkdir -p "$WORK/photos"
   for f in $(ls cpal_ray/assets/voc_mini/JPEGImages/*.jpg | head -n 4); do cp "$f" "$WORK/photos/"; done
   run predict 50 "$PY" -m workflows.predict --checkpoint "$SEG" --images "$WORK/photos" --out "$WORK/predicted" \
-    inference.use_gpu=true
+    seg.actor_gpus=1
   PRED=$(grep '^{"out_dir"' "$LOGS/predict.log" | tail -n 1 | "$PY" -c 'import json, sys; s = json.load(sys.stdin)
 print("%s/%s PNGs, %s failed" % (s.get("done", 0), s["total"], s.get("failed", 0)))' 2>/dev/null)
   if (( RC == 0 )) && [ -n "$PRED" ]; then on_gpu predict "$PRED"

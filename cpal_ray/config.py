@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import re
 import typing
 from dataclasses import dataclass, field
@@ -42,6 +43,7 @@ WALK_MODES = ("average", "mass")
 PSEUDO_PRESETS = {"irn": (0.30, 0.05), "amn": (0.45, 0.15)}
 # The configs shipped inside the package (configs/<name>.yaml names them from anywhere).
 SHIPPED_CONFIGS = Path(__file__).resolve().parent / "configs"
+log = logging.getLogger(__name__)
 # The data shipped inside the package (real photos, see cpal_ray/assets/voc_mini/PROVENANCE.md).
 BUNDLED_VOC_MINI = "bundled:voc-mini"
 
@@ -410,6 +412,16 @@ class FaultsConfig:
         return self.at_step >= 0
 
 
+def _check_actors(section, name: str) -> None:
+    """The Ray Data actor resources every stage section has, in one shape: ``actor_cpus`` > 0,
+    ``actor_gpus`` a share of one GPU (0..1) or whole GPUs, ``max_actors`` >= 0 (0 = no limit)."""
+    _check(section.actor_cpus > 0, f"{name}.actor_cpus", "must be > 0")
+    gpus = section.actor_gpus
+    _check(gpus >= 0 and (gpus <= 1 or float(gpus).is_integer()), f"{name}.actor_gpus",
+           f"must be a share of one GPU in [0, 1] (0 = CPU) or a whole number of GPUs, got {gpus}")
+    _check(section.max_actors >= 0, f"{name}.max_actors", "must be >= 0 (0 = grow with the cluster)")
+
+
 @dataclass(frozen=True)
 class InferenceConfig:
     # Multi-scale inference (SIPE/IRN): scales, each with its horizontal flip.
@@ -426,12 +438,11 @@ class InferenceConfig:
     fixed_threshold: float = -1.0
     # dtype of the CAMs saved in .npz files.
     save_dtype: str = "float16"
-    # Ray Data CAM actors (make_cams, pseudo_labels): on GPUs or not, CAM actors sharing one GPU,
-    # CPUs per actor, and the most actors (0 = as many as the cluster gives: the pool grows with it).
-    use_gpu: bool = False
-    cam_actors_per_gpu: int = 1
-    cam_cpus: float = 1.0
-    max_cam_actors: int = 0
+    # Ray Data CAM actors (make_cams, pseudo_labels): CPUs each, the share of one GPU each (0 = on
+    # the CPU; 0.25 = four actors per GPU) and the most actors (0 = grow with the cluster).
+    actor_cpus: float = 1.0
+    actor_gpus: float = 0.0
+    max_actors: int = 0
 
     def __post_init__(self):
         _validate("inference", self, _scales(), _one_of("cam_source", CAM_SOURCES))
@@ -440,9 +451,7 @@ class InferenceConfig:
         _validate("inference", self, _positive("threshold_step"),
                   ("fixed_threshold", lambda v: v < 0 or v <= 1, "must be <= 1 (or < 0 = sweep)"),
                   ("save_dtype", lambda v: v in ("float16", "float32"), "must be float16 or float32"))
-        _check(self.cam_actors_per_gpu >= 1, "inference.cam_actors_per_gpu", "must be >= 1")
-        _check(self.cam_cpus > 0, "inference.cam_cpus", "must be > 0")
-        _check(self.max_cam_actors >= 0, "inference.max_cam_actors", "must be >= 0 (0 = grow with the cluster)")
+        _check_actors(self, "inference")
 
 
 @dataclass(frozen=True)
@@ -463,16 +472,16 @@ class PseudoLabelConfig:
     bilateral_srgb: float = 5.0
     bilateral_compat: float = 10.0
     crf_iters: int = 10
-    # Ray Data: CPUs per CRF actor, and the most CRF actors (0 = grow with the cluster).
-    cpus_per_task: float = 0.5
-    max_crf_actors: int = 0
+    # Ray Data CRF actors: CPUs each, GPU share each (0: the CRF runs on the CPU), the most actors.
+    actor_cpus: float = 0.5
+    actor_gpus: float = 0.0
+    max_actors: int = 0
 
     def __post_init__(self):
         _validate("pseudo", self, _one_of("mode", PSEUDO_MODES), _one_of("preset", (*PSEUDO_PRESETS, "custom")))
         _check(0 <= self.conf_bg < self.conf_fg <= 1, "pseudo.conf_fg/conf_bg", "must satisfy 0 <= conf_bg < conf_fg <= 1")
         _validate("pseudo", self, ("gt_prob", lambda v: 0 < v < 1, "must be in (0, 1)"), _at_least("crf_iters", 1))
-        _check(self.cpus_per_task > 0, "pseudo.cpus_per_task", "must be > 0")
-        _check(self.max_crf_actors >= 0, "pseudo.max_crf_actors", "must be >= 0 (0 = grow with the cluster)")
+        _check_actors(self, "pseudo")
 
     @property
     def thresholds(self) -> tuple[float, float]:
@@ -507,8 +516,9 @@ class AffinityConfig:
     walk_mode: str = "average"
     # Boundary map = mean of the image's and its mirror's (IRN's EdgeDisplacement does this).
     flip: bool = True
-    # Ray Data mask actors: CPUs each and the most actors (0 = grow with the cluster).
-    cpus_per_task: float = 1.0
+    # Ray Data mask actors: CPUs each, GPU share each (0 = CPU), the most actors (0 = grow with the cluster).
+    actor_cpus: float = 1.0
+    actor_gpus: float = 0.0
     max_actors: int = 0
     # The images the pipeline scores seeds, CRF seeds and masks on (Table 4: VOC 2012 train, a
     # subset of train_aug): a split as data.* names them ("train" = data.train_split), an id-list
@@ -521,8 +531,7 @@ class AffinityConfig:
         _validate("affinity", self, _positive("beta"),
                   ("exp_times", lambda v: 0 <= v <= 12, "must be in [0, 12], got {v}"),
                   ("bg_threshold", lambda v: 0 <= v <= 1, "must be in [0, 1]"), _one_of("walk_mode", WALK_MODES))
-        _check(self.cpus_per_task > 0, "affinity.cpus_per_task", "must be > 0")
-        _check(self.max_actors >= 0, "affinity.max_actors", "must be >= 0 (0 = grow with the cluster)")
+        _check_actors(self, "affinity")
 
 
 @dataclass(frozen=True)
@@ -553,8 +562,9 @@ class SegConfig:
     # data.val_split, or an id-list name or a .txt path (the paper config's data.val_split is
     # VOC train, where seeds are scored, so it names val.txt).
     eval_split: str = "val"
-    # Ray Data prediction actors: CPUs each and the most actors (0 = grow with the cluster).
-    cpus_per_task: float = 1.0
+    # Ray Data prediction actors: CPUs each, GPU share each (0 = CPU), the most actors (0 = grow with the cluster).
+    actor_cpus: float = 1.0
+    actor_gpus: float = 0.0
     max_actors: int = 0
 
     def __post_init__(self):
@@ -565,8 +575,7 @@ class SegConfig:
             _check(self.backbone in list_backbones(), "seg.backbone",
                    f"unknown backbone {self.backbone!r}; choose from {list_backbones()}")
         _validate("seg", self, *_stage_training_rules(), _scales())
-        _check(self.cpus_per_task > 0, "seg.cpus_per_task", "must be > 0")
-        _check(self.max_actors >= 0, "seg.max_actors", "must be >= 0 (0 = grow with the cluster)")
+        _check_actors(self, "seg")
 
 
 @dataclass(frozen=True)
@@ -723,9 +732,51 @@ def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
     return cls(**kwargs)
 
 
+# The Ray Data actors' resources before they had one shape: old dotted name -> new. A config
+# (a user's YAML, a run's saved config.yaml, an override) that uses an old name still loads, with
+# a warning naming both. inference.use_gpu / cam_actors_per_gpu became the GPU share of the CAM,
+# mask and prediction actors (they all took 1 / cam_actors_per_gpu of a GPU with use_gpu).
+RENAMED = {"inference.cam_cpus": "inference.actor_cpus", "inference.max_cam_actors": "inference.max_actors",
+           "pseudo.cpus_per_task": "pseudo.actor_cpus", "pseudo.max_crf_actors": "pseudo.max_actors",
+           "affinity.cpus_per_task": "affinity.actor_cpus", "seg.cpus_per_task": "seg.actor_cpus",
+           "inference.use_gpu": "inference/affinity/seg.actor_gpus",
+           "inference.cam_actors_per_gpu": "inference/affinity/seg.actor_gpus"}
+GPU_SHARE_SECTIONS = ("inference", "affinity", "seg")
+
+
+def _renamed(values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` with the old names of ``RENAMED`` moved to the new ones (an old name wins over a
+    new one given beside it: only an override or an old file still writes it)."""
+    values = _to_plain(values)
+    if not isinstance(values, dict):
+        return values
+    for old, new in RENAMED.items():
+        section, name = old.split(".")
+        if isinstance(values.get(section), dict) and name in values[section]:
+            log.warning("config: %s is now %s (read as it here; rename it)", old, new)
+            if not new.startswith(f"{section}/"):
+                values[section][new.split(".")[1]] = values[section].pop(name)
+    inference = values.get("inference")
+    if isinstance(inference, dict) and ("use_gpu" in inference or "cam_actors_per_gpu" in inference):
+        on = inference.pop("use_gpu", None)
+        per_gpu = inference.pop("cam_actors_per_gpu", None)
+        _check(on is None or isinstance(on, bool), "inference.use_gpu", f"must be true or false, got {on!r}")
+        _check(per_gpu is None or (isinstance(per_gpu, int) and not isinstance(per_gpu, bool) and per_gpu >= 1),
+               "inference.cam_actors_per_gpu", f"must be an integer >= 1, got {per_gpu!r}")
+        current = inference.get("actor_gpus", 0.0)
+        on = bool(current) if on is None else on
+        share = 1.0 / per_gpu if per_gpu is not None else (current or 1.0)
+        for section in GPU_SHARE_SECTIONS:
+            values.setdefault(section, {})
+            if isinstance(values[section], dict):
+                values[section]["actor_gpus"] = share if on else 0.0
+    return values
+
+
 def from_dict(values: dict[str, Any]) -> Config:
-    """Build a validated Config from a nested dict (missing fields take defaults)."""
-    return _build(Config, values or {}, "")
+    """Build a validated Config from a nested dict (missing fields take defaults; the old names
+    of ``RENAMED`` are read as the new ones, with a warning)."""
+    return _build(Config, _renamed(values or {}), "")
 
 
 def _apply_overrides(values: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:

@@ -71,7 +71,7 @@ def test_overrides_among_flags_text_stays_text_and_print_config_shows_the_resolv
 def test_a_bad_flag_value_names_the_flag_not_the_field():
     proc = cpal_ray("make-cams", "--checkpoint", "nowhere", "--cam-cpus", "-1")
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == ["error: --cam-cpus -1.0: must be > 0 (inference.cam_cpus)"]
+    assert proc.stderr.strip().splitlines() == ["error: --cam-cpus -1.0: must be > 0 (inference.actor_cpus)"]
 
 
 def test_usage_errors_exit_2_with_error():

@@ -426,7 +426,7 @@ def test_the_whole_pipeline_as_one_job_with_every_output_in_the_bucket(cluster):
     out = location(cluster.bucket) / "pipeline"
     job = submit(cluster, "workflows.pipeline", "--config", TINY, "--out", str(out), "train.name=pipe",
                  "data.synthetic_images=8", "train.epochs=1", "cpal.warmup_cluster_steps=0", "dist.num_workers=2",
-                 "dist.cpus_per_worker=1", "train.log_every=1000", "inference.scales=[1.0]", "pseudo.cpus_per_task=1",
+                 "dist.cpus_per_worker=1", "train.log_every=1000", "inference.scales=[1.0]", "pseudo.actor_cpus=1",
                  "affinity.epochs=1", "affinity.batch_size=4", "affinity.crop_size=64", "affinity.exp_times=3",
                  "seg.epochs=1", "seg.batch_size=4", "seg.crop_size=64")
     logs = succeeded(cluster, job)

@@ -163,7 +163,7 @@ def test_autoscaler_starts_cpu_nodes_for_cpu_stages_and_gpu_nodes_for_training()
     cpu_type = next(k for k in worker_types(config) if k not in gpu_worker_types(config))
     gpu_type = next(iter(gpu_worker_types(config)))
     cfg = load_config("configs/voc_resnet50_8gpu.yaml")
-    assert nodes_for([{"CPU": cfg.pseudo.cpus_per_task}] * 16) == {cpu_type: 1}  # CRF actors
+    assert nodes_for([{"CPU": cfg.pseudo.actor_cpus}] * 16) == {cpu_type: 1}  # CRF actors
     assert nodes_for([{"CPU": 0.01}]) == {cpu_type: 1}  # a sweep trial's driver (and bank) bundle
     workers = [{"CPU": cfg.dist.cpus_per_worker, "GPU": 1}] * cfg.dist.num_workers
     assert nodes_for(workers) == {gpu_type: 1}

@@ -543,7 +543,7 @@ def test_max_side_downscales_every_view_of_an_image_alike():
     """data.max_side: read, read_image, image_size (the pipelines' view) and the mask agree."""
     from cpal_ray.config import load_config
     from cpal_ray.data import build_dataset
-    from cpal_ray.inference.jobs import image_hw, read_rgb
+    from cpal_ray.inference.image_jobs import image_hw, read_rgb
 
     full = build_dataset(load_config("configs/voc_mini_cpu.yaml", ["data.max_side=0"]).data, "val", train=False)
     small = build_dataset(load_config("configs/voc_mini_cpu.yaml", ["data.max_side=200"]).data, "val", train=False)

@@ -11,14 +11,14 @@ pytestmark = pytest.mark.ray
 
 
 def test_demo_writes_the_report_with_both_runs_and_the_diagnostics(ray_start_2_cpus, tmp_path):
-    from cpal_ray.distributed.demo import run_demo
+    from cpal_ray.pipeline.baseline_vs_cpal import run_demo
 
     cfg = load_config("configs/synthetic_tiny.yaml", {
         "train.epochs": 2, "train.max_steps_per_epoch": 2, "train.diag_images": 4, "data.synthetic_images": 8,
-        "dist.num_workers": 1, "dist.cpus_per_worker": 0.5, "inference.scales": [1.0], "inference.cam_cpus": 0.5,
-        "pseudo.max_crf_actors": 1, "train.log_every": 100, "affinity.epochs": 1, "affinity.batch_size": 4,
-        "affinity.crop_size": 64, "affinity.cpus_per_task": 0.5, "affinity.exp_times": 3, "seg.epochs": 1,
-        "seg.batch_size": 4, "seg.crop_size": 64, "seg.cpus_per_task": 0.5})
+        "dist.num_workers": 1, "dist.cpus_per_worker": 0.5, "inference.scales": [1.0], "inference.actor_cpus": 0.5,
+        "pseudo.max_actors": 1, "train.log_every": 100, "affinity.epochs": 1, "affinity.batch_size": 4,
+        "affinity.crop_size": 64, "affinity.actor_cpus": 0.5, "affinity.exp_times": 3, "seg.epochs": 1,
+        "seg.batch_size": 4, "seg.crop_size": 64, "seg.actor_cpus": 0.5})
     out = run_demo(cfg, tmp_path / "demo", grid_images=2, say=lambda *a: None)
     report = (tmp_path / "demo" / "report.md").read_text()
     assert set(out["runs"]) == {"baseline", "cpal"} and "Verdict" in report

@@ -138,7 +138,7 @@ def test_contrast_report_runs_over_a_dataset():
 
 
 def test_the_demo_report_says_what_cpal_did_from_its_diagnostics():
-    from cpal_ray.distributed.demo import diagnostic_note
+    from cpal_ray.pipeline.baseline_vs_cpal import diagnostic_note
 
     last = {"diag_cam_ratio": 3.27, "diag_pacam_ratio": 1.70, "diag_cam_miou": 0.181, "diag_pacam_miou": 0.173,
             "self": 0.013, "bce": 0.106, "self_image_share": 0.979}

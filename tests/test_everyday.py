@@ -69,7 +69,7 @@ def tiny_checkpoint(tmp_path_factory):
 
 
 def test_make_cams_into_a_folder_of_other_settings_is_refused_before_ray_starts(tiny_checkpoint, tmp_path):
-    from cpal_ray.inference.jobs import check_run_spec
+    from cpal_ray.inference.manifest import check_run_spec
 
     out = tmp_path / "cams"
     check_run_spec(out, {"dataset": "voc", "split": "val"})  # what an earlier make-cams of other settings left
@@ -86,7 +86,7 @@ def _cam_folder(folder, dataset, ids):
 
     from cpal_ray.data.classes import positive_classes
     from cpal_ray.inference.io import save_cams_npz
-    from cpal_ray.inference.jobs import CAM_SCHEMA, ManifestWriter, consolidate_manifest, manifest_row, \
+    from cpal_ray.inference.manifest import CAM_SCHEMA, ManifestWriter, consolidate_manifest, manifest_row, \
         rows_to_table
 
     rows = []

@@ -201,7 +201,7 @@ def _no_ray(*_a, **_k):
 # ------------------------------------------------------------------------------ item 4: stale outputs
 
 def test_a_model_retrained_into_the_same_folder_is_another_run_spec(tmp_path):
-    from cpal_ray.inference.jobs import check_run_spec
+    from cpal_ray.inference.manifest import check_run_spec
 
     small_checkpoint(tmp_path / "final", epoch=1)
     spec = {"dataset": "synthetic", "checkpoint": str(tmp_path / "final")}
@@ -215,7 +215,8 @@ def test_a_model_retrained_into_the_same_folder_is_another_run_spec(tmp_path):
 def test_a_valid_png_whose_sha256_differs_from_its_manifest_row_is_redone(tmp_path):
     import numpy as np
 
-    from cpal_ray.inference.jobs import LABEL_SCHEMA, ManifestWriter, label_job, rows_to_table
+    from cpal_ray.inference.image_jobs import label_job
+    from cpal_ray.inference.manifest import LABEL_SCHEMA, ManifestWriter, rows_to_table
 
     dataset = SimpleNamespace(ids=["img.v2"], label_of=lambda i: np.array([0.0, 1.0, 0.0]),
                               image_size=lambda i: (4, 5), num_classes=3)
@@ -262,7 +263,7 @@ def test_every_reader_refuses_a_decompression_bomb_naming_the_file(tmp_path, pix
     from cpal_ray.data import DataError, build_dataset
     from cpal_ray.data.files import decode_label_png, read_mask, read_rgb
     from cpal_ray.inference.io import LabelFileError, load_label_png
-    from cpal_ray.inference.jobs import image_hw
+    from cpal_ray.inference.image_jobs import image_hw
     from tests.fakes import make_voc_tree
 
     bomb = tmp_path / "bomb.png"
@@ -348,7 +349,7 @@ def test_the_next_run_of_a_stage_removes_its_killed_writers_temp_files(tmp_path,
     import os
 
     from cpal_ray.distributed import trainer
-    from cpal_ray.inference.jobs import check_run_spec
+    from cpal_ray.inference.manifest import check_run_spec
 
     out = tmp_path / "labels"
     leftovers = [killed_writer_leftover(out, "a.png"), killed_writer_leftover(out / "cams", "a.npz")]

@@ -22,8 +22,8 @@ from cpal_ray.data import build_dataset
 from cpal_ray.inference.evaluate import evaluate_cam_dir, evaluate_labels
 from cpal_ray.inference.io import CamFileError, LabelFileError, load_cams_npz, load_label_png, save_cams_npz, \
     save_label_png
-from cpal_ray.inference.jobs import (LABEL_SCHEMA, ManifestWriter, cam_job, check_run_spec, consolidate_manifest,
-                                     rows_to_table, validate_label_png)
+from cpal_ray.inference.image_jobs import cam_job, validate_label_png
+from cpal_ray.inference.manifest import LABEL_SCHEMA, ManifestWriter, check_run_spec, consolidate_manifest, rows_to_table
 from cpal_ray.inference.metrics import ConfusionMatrix
 from tests.fakes import make_voc_tree
 
@@ -46,7 +46,7 @@ def trained(tmp_path_factory):
     finally:
         torch.set_num_threads(threads)
     # Pipelines: half a CPU per CAM actor and at most 2 CRF actors on the shared 2-CPU Ray.
-    infer = cfg.replace(**{"data.synthetic_images": N_IMAGES, "inference.cam_cpus": 0.5, "pseudo.max_crf_actors": 2})
+    infer = cfg.replace(**{"data.synthetic_images": N_IMAGES, "inference.actor_cpus": 0.5, "pseudo.max_actors": 2})
     return SimpleNamespace(cfg=cfg, infer=infer, ckpt=out / "epoch_003", overrides=[f"data.synthetic_images={N_IMAGES}"])
 
 
@@ -163,7 +163,7 @@ def test_manifest_keeps_latest_row_per_id_and_run_spec_guards_folder(tmp_path):
 @pytest.fixture(scope="module")
 def cams(trained, ray_start_2_cpus, tmp_path_factory):
     """CAM + PACAM files of the 10 synthetic train images, made by the pipeline."""
-    from cpal_ray.distributed.pipelines import run_make_cams
+    from cpal_ray.distributed.stages import run_make_cams
 
     out = tmp_path_factory.mktemp("cams")
     summary = run_make_cams(trained.infer, trained.ckpt, out, split="train", source="both")
@@ -172,7 +172,7 @@ def cams(trained, ray_start_2_cpus, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def uninterrupted(trained, cams, tmp_path_factory):
-    from cpal_ray.distributed.pipelines import run_pseudo_labels
+    from cpal_ray.distributed.stages import run_pseudo_labels
 
     out = tmp_path_factory.mktemp("pseudo_ref")
     summary = run_pseudo_labels(trained.infer, out, cam_dir=cams.dir, split="train")
@@ -182,7 +182,7 @@ def uninterrupted(trained, cams, tmp_path_factory):
 
 @pytest.mark.ray
 def test_make_cams_writes_one_valid_npz_per_id_and_resumes(trained, cams):
-    from cpal_ray.distributed.pipelines import run_make_cams
+    from cpal_ray.distributed.stages import run_make_cams
 
     assert cams.summary.counts == {"done": N_IMAGES, "skipped": 0, "failed": 0}
     dataset = build_dataset(trained.infer.data, "train", train=False)
@@ -206,11 +206,11 @@ def test_make_cams_writes_one_valid_npz_per_id_and_resumes(trained, cams):
 
 @pytest.mark.ray
 def test_pseudo_labels_after_crash_resume_to_identical_bytes(trained, cams, uninterrupted, tmp_path):
-    from cpal_ray.distributed.pipelines import run_pseudo_labels
+    from cpal_ray.distributed.stages import run_pseudo_labels
 
     out = tmp_path / "pseudo"
     with pytest.raises(Exception, match="crash_after"):
-        run_pseudo_labels(trained.infer.replace(**{"pseudo.max_crf_actors": 1}), out, cam_dir=cams.dir, split="train",
+        run_pseudo_labels(trained.infer.replace(**{"pseudo.max_actors": 1}), out, cam_dir=cams.dir, split="train",
                           crash_after=4)
     dataset = build_dataset(trained.infer.data, "train", train=False)
     written = _pngs(out)

@@ -147,7 +147,7 @@ def test_the_one_loop_trains_the_affinity_network(tmp_path):
 
 
 def test_segmentation_training_raises_val_miou_above_an_untrained_model(tmp_path):
-    from cpal_ray.inference.refine_jobs import seg_job
+    from cpal_ray.inference.image_jobs import seg_job
 
     cfg = tiny_cfg("seg.epochs=8", "seg.batch_size=8", "seg.lr=0.05", "seg.crop_size=96",
                    "seg.resize_long=[96,96]", f"seg.masks_dir={gt_folder(tiny_cfg(), tmp_path / 'm')}").for_task("seg")
@@ -185,9 +185,9 @@ def _sha(path):
 
 
 def test_mask_and_seg_jobs_resume_to_the_same_bytes(tmp_path):
-    from cpal_ray.inference.jobs import cam_path
+    from cpal_ray.inference.io import cam_path
     from cpal_ray.inference.io import save_cams_npz
-    from cpal_ray.inference.refine_jobs import mask_job, seg_job
+    from cpal_ray.inference.image_jobs import mask_job, seg_job
 
     cfg = tiny_cfg()
     ds = build_dataset(cfg.data, "train", train=False)

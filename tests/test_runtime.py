@@ -56,20 +56,36 @@ def test_relative_output_inside_a_job_with_a_working_dir_is_refused(monkeypatch,
 def test_cam_and_crf_pools_take_resources_from_the_config(monkeypatch):
     import ray
 
-    from cpal_ray.distributed import pipelines
+    from cpal_ray.distributed.stage_runner import ActorResources
 
     def no_peeking():
         raise AssertionError("pipelines must not size pools from the resources present at start")
 
     monkeypatch.setattr(ray, "cluster_resources", no_peeking)
-    cpu = load_config(None).inference
-    assert pipelines.cam_actor_resources(cpu) == {"num_cpus": 1.0}  # no GPU unless asked, whatever the cluster has
-    gpu = load_config(None, ["inference.use_gpu=true", "inference.cam_actors_per_gpu=4", "inference.cam_cpus=2"])
-    assert pipelines.cam_actor_resources(gpu.inference) == {"num_cpus": 2.0, "num_gpus": 0.25}
-    grow = pipelines.elastic_pool(0)
+    cpu = ActorResources.of(load_config(None).inference).ray_options()
+    assert {k: v for k, v in cpu.items() if k != "compute"} == {"num_cpus": 1.0}  # no GPU unless asked
+    gpu = load_config(None, ["inference.actor_gpus=0.25", "inference.actor_cpus=2"])
+    assert {k: v for k, v in ActorResources.of(gpu.inference).ray_options().items() if k != "compute"} == \
+        {"num_cpus": 2.0, "num_gpus": 0.25}
+    grow = ActorResources(1.0, max_actors=0).ray_options()["compute"]
     assert (grow.min_size, grow.max_size) == (1, float("inf"))  # grows as the autoscaler adds nodes
-    capped = pipelines.elastic_pool(3)
+    capped = ActorResources(1.0, max_actors=3).ray_options()["compute"]
     assert (capped.min_size, capped.max_size) == (1, 3)
+    for section in ("inference", "pseudo", "affinity", "seg"):  # one shape in every stage section
+        assert ActorResources.of(getattr(gpu, section)).cpus > 0
+
+
+def test_old_actor_resource_names_still_load(caplog):
+    """A config written before the one shape loads, each old name read as its new one, with a warning."""
+    old = load_config(None, ["inference.use_gpu=true", "inference.cam_actors_per_gpu=4", "inference.cam_cpus=2",
+                             "inference.max_cam_actors=3", "pseudo.cpus_per_task=0.25", "pseudo.max_crf_actors=2",
+                             "affinity.cpus_per_task=0.5", "seg.cpus_per_task=0.5"])
+    assert (old.inference.actor_gpus, old.inference.actor_cpus, old.inference.max_actors) == (0.25, 2.0, 3)
+    assert (old.pseudo.actor_cpus, old.pseudo.max_actors, old.pseudo.actor_gpus) == (0.25, 2, 0.0)
+    assert (old.affinity.actor_cpus, old.affinity.actor_gpus, old.seg.actor_cpus, old.seg.actor_gpus) == \
+        (0.5, 0.25, 0.5, 0.25)
+    assert "pseudo.max_crf_actors is now pseudo.max_actors" in caplog.text
+    assert load_config(None, ["inference.use_gpu=false"]).seg.actor_gpus == 0.0
 
 
 def test_workflow_flags_become_config_overrides():
@@ -79,10 +95,9 @@ def test_workflow_flags_become_config_overrides():
     args = make_cams.build_parser().parse_args(["--checkpoint", "c", "--gpu", "--actors-per-gpu", "2",
                                                 "--cam-actors", "8", "--cam-cpus", "0.5"])
     cfg = load_config(None, cam_actor_overrides(args))
-    assert (cfg.inference.use_gpu, cfg.inference.cam_actors_per_gpu, cfg.inference.max_cam_actors,
-            cfg.inference.cam_cpus) == (True, 2, 8, 0.5)
+    assert (cfg.inference.actor_gpus, cfg.inference.max_actors, cfg.inference.actor_cpus) == (0.5, 8, 0.5)
     off = make_cams.build_parser().parse_args(["--checkpoint", "c", "--no-gpu"])
-    assert load_config("configs/voc_resnet50_8gpu.yaml", cam_actor_overrides(off)).inference.use_gpu is False
+    assert load_config("configs/voc_resnet50_8gpu.yaml", cam_actor_overrides(off)).inference.actor_gpus == 0
     assert pseudo_labels.build_parser().parse_args(["--cams", "x", "--crf-actors", "4"]).crf_actors == 4
 
 
@@ -135,8 +150,7 @@ def test_stage_actors_without_a_gpu_keep_their_model_on_the_cpu(gpu_node, monkey
     """CAM, CRF, mask and prediction actors all take their device from ``actor_device``."""
     import torch
 
-    from cpal_ray.distributed import pipelines, refine_pipelines
-    from cpal_ray.engine import checkpoint
+    from cpal_ray.distributed import stages
 
     cfg = load_config("configs/synthetic_tiny.yaml", ["data.synthetic_images=4"])
     moved = []
@@ -146,12 +160,12 @@ def test_stage_actors_without_a_gpu_keep_their_model_on_the_cpu(gpu_node, monkey
             moved.append(torch.device(device))
             return self
 
-    monkeypatch.setattr(checkpoint, "load_trained", lambda *a, **k: (Model(), SimpleNamespace(
+    monkeypatch.setattr(stages, "load_trained", lambda *a, **k: (Model(), SimpleNamespace(
         train=SimpleNamespace(task=k.get("task", "affinity"))), None))
-    pipelines.CamPredictor("ckpt", cfg, "out", split="train", source="cam")
-    refine_pipelines.MaskMaker("ckpt", cfg, "out", "cams", split="train")
-    assert pipelines.PseudoLabeler(cfg, "out", "cams", split="train").device == torch.device("cpu")
+    stages.CamPredictor("ckpt", cfg, "out", split="train", source="cam")
+    stages.MaskMaker("ckpt", cfg, "out", "cams", split="train")
+    assert stages.PseudoLabeler(cfg, "out", "cams", split="train").device == torch.device("cpu")
     assert moved == [torch.device("cpu")] * 2
     gpu_node.append(0)
-    pipelines.CamPredictor("ckpt", cfg, "out", split="train", source="cam")
+    stages.CamPredictor("ckpt", cfg, "out", split="train", source="cam")
     assert moved[-1] == torch.device("cuda")

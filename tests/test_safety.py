@@ -92,7 +92,7 @@ def test_wsss_npy_labels_read_and_convert_to_json(tmp_path, capsys):
 
 def test_missing_labels_fall_back_loudly_and_runs_record_the_file(tmp_path, caplog):
     from cpal_ray.engine.inputs import check_training_inputs
-    from cpal_ray.inference.jobs import CAM_SCHEMA, ManifestWriter, failed_row, rows_to_table
+    from cpal_ray.inference.manifest import CAM_SCHEMA, ManifestWriter, failed_row, rows_to_table
 
     make_voc_tree(tmp_path / "voc")
     (tmp_path / "voc" / "cls_labels.npy").unlink()  # a plain VOCdevkit folder: real VOC ids, no label file

@@ -64,8 +64,8 @@ def test_checkpoint_config_report_and_manifest_in_a_bucket(bucket, tmp_path):
 
     from cpal_ray.engine import checkpoint_state, load_checkpoint, load_trained, write_checkpoint
     from cpal_ray.inference.io import load_cams_npz, load_label_png, save_cams_npz, save_label_png
-    from cpal_ray.inference.jobs import (LABEL_SCHEMA, ManifestWriter, check_run_spec, consolidate_manifest,
-                                         rows_to_table)
+    from cpal_ray.inference.manifest import (LABEL_SCHEMA, ManifestWriter, check_run_spec, consolidate_manifest,
+                                             rows_to_table)
     from cpal_ray.inference.metrics import write_report
     from cpal_ray.models import build_model
 

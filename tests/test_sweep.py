@@ -223,7 +223,7 @@ def test_final_report_is_found_whatever_order_tune_received_the_rows():
     read from the trial's metrics rows by its tag, never assumed to be the last row."""
     import pandas as pd
 
-    from cpal_ray.sweeps.report import trial_records
+    from cpal_ray.sweeps.results import trial_records
 
     spec = {"space": {"cpal.tau": [0.1]}, "seeds": [0]}
     final = {"seed_miou": 0.42, "best_threshold": 0.3, "wall_seconds": 9.0, "phase": "final", "trial_id": "t1"}
@@ -239,7 +239,7 @@ def test_final_report_is_found_whatever_order_tune_received_the_rows():
 
 @pytest.mark.unit
 def test_results_tables_mean_std_errors_and_plots(tmp_path):
-    from cpal_ray.sweeps.report import write_results
+    from cpal_ray.sweeps.results import write_results
 
     spec = {"module": "test", "title": "t", "space": {"cpal.top_k": [2], "cpal.tau": [0.1, 0.2, 0.3]}, "rows": {},
             "paper": {"cpal.top_k=2, cpal.tau=0.1": 50.0}, "seeds": [0, 1], "search": "grid", "raised": {},

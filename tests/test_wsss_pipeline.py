@@ -20,9 +20,9 @@ pytestmark = pytest.mark.ray
 def _cfg():
     return load_config("configs/synthetic_tiny.yaml", [
         "data.synthetic_images=12", "train.epochs=1", "cpal.enabled=false", "dist.num_workers=1",
-        "dist.cpus_per_worker=0.5", "inference.cam_cpus=0.5", "inference.scales=[1.0]", "pseudo.cpus_per_task=0.5",
-        "affinity.epochs=1", "affinity.batch_size=4", "affinity.crop_size=64", "affinity.cpus_per_task=0.5",
-        "affinity.exp_times=4", "seg.epochs=1", "seg.batch_size=4", "seg.crop_size=64", "seg.cpus_per_task=0.5"])
+        "dist.cpus_per_worker=0.5", "inference.actor_cpus=0.5", "inference.scales=[1.0]", "pseudo.actor_cpus=0.5",
+        "affinity.epochs=1", "affinity.batch_size=4", "affinity.crop_size=64", "affinity.actor_cpus=0.5",
+        "affinity.exp_times=4", "seg.epochs=1", "seg.batch_size=4", "seg.crop_size=64", "seg.actor_cpus=0.5"])
 
 
 def _sha(path):
@@ -31,7 +31,7 @@ def _sha(path):
 
 @pytest.fixture(scope="module")
 def pipeline(ray_start_2_cpus, tmp_path_factory):
-    from cpal_ray.distributed.wsss import run_pipeline
+    from cpal_ray.pipeline.wsss import run_pipeline
 
     out = tmp_path_factory.mktemp("wsss")
     return out, run_pipeline(_cfg(), out)
@@ -58,7 +58,7 @@ def test_every_stage_writes_what_the_next_reads_and_is_scored(pipeline):
 
 
 def test_a_restart_skips_what_is_complete_and_redoes_what_a_kill_broke(pipeline):
-    from cpal_ray.distributed.wsss import run_pipeline
+    from cpal_ray.pipeline.wsss import run_pipeline
 
     out, first = pipeline
     masks = sorted((out / "masks-train").glob("*.png"))
@@ -81,7 +81,7 @@ def test_a_restart_skips_what_is_complete_and_redoes_what_a_kill_broke(pipeline)
 def test_the_segmenter_predicts_a_folder_of_photos(pipeline, tmp_path):
     from PIL import Image
 
-    from cpal_ray.distributed.refine_pipelines import run_seg_predict
+    from cpal_ray.distributed.stages import run_seg_predict
 
     out, res = pipeline
     photos = tmp_path / "photos"
@@ -97,7 +97,7 @@ def test_the_segmenter_predicts_a_folder_of_photos(pipeline, tmp_path):
 
 
 def test_a_refine_stage_refuses_the_wrong_checkpoint_and_a_missing_label_folder(pipeline, tmp_path):
-    from cpal_ray.distributed.refine_pipelines import run_make_masks
+    from cpal_ray.distributed.stages import run_make_masks
     from cpal_ray.engine.checkpoint import CheckpointError
 
     out, res = pipeline

@@ -7,7 +7,7 @@ import re
 import sys
 from pathlib import Path
 
-from cpal_ray.config import Config, ConfigError, load_config
+from cpal_ray.config import GPU_SHARE_SECTIONS, Config, ConfigError, load_config
 from workflows.commands import COMMANDS
 
 
@@ -119,17 +119,23 @@ def tracking_overrides(args) -> list[str]:
 def add_cam_actor_flags(p: argparse.ArgumentParser) -> None:
     """Resources of the Ray Data CAM actors (shortcuts for the inference.* config fields)."""
     p.add_argument("--gpu", action=argparse.BooleanOptionalAction, default=None,
-                   help="CAM actors on GPUs or not (default: inference.use_gpu of the config)")
-    p.add_argument("--actors-per-gpu", type=int, default=None, help="CAM actors sharing one GPU (inference.cam_actors_per_gpu)")
-    p.add_argument("--cam-cpus", type=float, default=None, help="CPUs per CAM actor (inference.cam_cpus)")
+                   help="actors on GPUs or not (sets inference/affinity/seg.actor_gpus: 1 / --actors-per-gpu, or 0)")
+    p.add_argument("--actors-per-gpu", type=int, default=None,
+                   help="actors sharing one GPU (implies --gpu: actor_gpus = 1 / N)")
+    p.add_argument("--cam-cpus", type=float, default=None, help="CPUs per CAM actor (inference.actor_cpus)")
     p.add_argument("--cam-actors", type=int, default=None,
-                   help="the most CAM actors; the pool grows with the cluster up to it (inference.max_cam_actors, 0 = no limit)")
+                   help="the most CAM actors; the pool grows with the cluster up to it (inference.max_actors, 0 = no limit)")
 
 
 def cam_actor_overrides(args) -> list[str]:
-    """The CAM actor flags that were given, as dotted overrides (``--gpu`` -> inference.use_gpu=true)."""
-    return flag_overrides(args, ("--gpu", "inference.use_gpu"), ("--actors-per-gpu", "inference.cam_actors_per_gpu"),
-                          ("--cam-cpus", "inference.cam_cpus"), ("--cam-actors", "inference.max_cam_actors"))
+    """The CAM actor flags that were given, as dotted overrides (``--gpu`` -> inference.actor_gpus=1.0)."""
+    out = flag_overrides(args, ("--cam-cpus", "inference.actor_cpus"), ("--cam-actors", "inference.max_actors"))
+    if args.actors_per_gpu is not None and args.actors_per_gpu < 1:
+        raise ConfigError(f"--actors-per-gpu: must be >= 1, got {args.actors_per_gpu}", "inference.actor_gpus")
+    if args.gpu is not None or args.actors_per_gpu is not None:
+        share = 0.0 if args.gpu is False else 1.0 / (args.actors_per_gpu or 1)
+        out += [f"{section}.actor_gpus={share}" for section in GPU_SHARE_SECTIONS]
+    return out
 
 
 def add_split_flags(p: argparse.ArgumentParser, out: str, split: str = "val", split_help: str = "",

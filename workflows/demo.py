@@ -18,7 +18,7 @@ def main(argv=None) -> int:
     p.add_argument("--keep", action="store_true", help="keep an earlier demo folder (default: start fresh)")
     args = p.parse_args(argv)
     setup_logging()
-    from cpal_ray.distributed.demo import run_demo
+    from cpal_ray.pipeline.baseline_vs_cpal import run_demo
     from cpal_ray.distributed.runtime import init_ray
 
     cfg = config_from_args(args, DEFAULT_CONFIG)

@@ -63,10 +63,11 @@ def main(argv=None) -> int:
         a, ("--threshold", "inference.fixed_threshold"), ("--source", "inference.cam_source")))
     from cpal_ray.config import save_config
     from cpal_ray.data import build_dataset
-    from cpal_ray.distributed.pipelines import check_inputs
+    from cpal_ray.distributed.stages import check_inputs
     from cpal_ray.distributed.runtime import output_location
     from cpal_ray.inference.evaluate import evaluate_cam_dir
-    from cpal_ray.inference.jobs import manifest_ids, source_dir
+    from cpal_ray.inference.io import source_dir
+    from cpal_ray.inference.manifest import manifest_ids
     from cpal_ray.inference.metrics import write_report
     from cpal_ray.storage import location
 
@@ -76,7 +77,7 @@ def main(argv=None) -> int:
     inputs = check_inputs(cfg, args.split, checkpoint=args.checkpoint, cam_dir=cams, source=source, limit=args.limit)
     given_ids = read_ids(args.ids) if args.ids else None
     if args.checkpoint:
-        from cpal_ray.distributed.pipelines import run_make_cams
+        from cpal_ray.distributed.stages import run_make_cams
         from cpal_ray.distributed.runtime import init_ray
 
         init_ray(args.address, args.num_cpus)

@@ -27,8 +27,7 @@ def main(argv=None) -> int:
     add_seg_flags(p)
     args = parse_command(p, argv, seg_overrides)
     from cpal_ray.data import build_dataset
-    from cpal_ray.distributed.pipelines import check_inputs
-    from cpal_ray.distributed.refine_pipelines import check_stage_checkpoint, run_seg_predict
+    from cpal_ray.distributed.stages import check_inputs, check_stage_checkpoint, run_seg_predict
     from cpal_ray.distributed.runtime import init_ray, output_location
     from cpal_ray.inference.evaluate import evaluate_labels, write_label_report
     from cpal_ray.storage import location

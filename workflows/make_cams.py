@@ -38,9 +38,9 @@ def build_parser():
 
 def main(argv=None) -> int:
     args = parse_command(build_parser(), argv, cam_actor_overrides)
-    from cpal_ray.distributed.pipelines import check_inputs, make_cams_spec, run_make_cams
+    from cpal_ray.distributed.stages import check_inputs, make_cams_spec, run_make_cams
     from cpal_ray.distributed.runtime import init_ray, output_location
-    from cpal_ray.inference.jobs import check_run_spec
+    from cpal_ray.inference.manifest import check_run_spec
     from cpal_ray.storage import location
 
     cfg = config_from_folders(args, args.checkpoint)

@@ -39,8 +39,7 @@ def build_parser():
 def main(argv=None) -> int:
     args = parse_command(build_parser(), argv, lambda a: flag_overrides(a, ("--actors", "affinity.max_actors")))
     from cpal_ray.data import build_dataset
-    from cpal_ray.distributed.pipelines import check_inputs
-    from cpal_ray.distributed.refine_pipelines import check_stage_checkpoint, run_make_masks
+    from cpal_ray.distributed.stages import check_inputs, check_stage_checkpoint, run_make_masks
     from cpal_ray.distributed.runtime import init_ray, output_location
     from cpal_ray.inference.evaluate import evaluate_cam_dir, evaluate_labels, write_json
     from cpal_ray.storage import location

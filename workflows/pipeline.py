@@ -6,7 +6,7 @@ r"""The whole WSSS pipeline for one config: CAM training -> CAMs -> CRF -> affin
         --out s3://bucket/pipeline/voc-r50
 
 Every stage is the one its own command runs (train, pseudo_labels, train_affinity, make_masks,
-train_seg, eval_seg), in ``--out`` (``cpal_ray.distributed.wsss`` gives the layout). Stages whose
+train_seg, eval_seg), in ``--out`` (``cpal_ray.pipeline.wsss`` gives the layout). Stages whose
 outputs are complete are skipped: a training stage with a verified ``final/`` of all its epochs,
 and every image whose PNG validates; so a killed run, started again with the same command,
 restarts where it stopped. Prints and writes ``<out>/pipeline.json``: the Table-4 numbers (CAM
@@ -28,7 +28,7 @@ def main(argv=None) -> int:
     setup_logging()
     args.overrides = [*args.overrides, *tracking_overrides(args)]
     from cpal_ray.distributed.runtime import init_ray, output_location
-    from cpal_ray.distributed.wsss import run_pipeline
+    from cpal_ray.pipeline.wsss import run_pipeline
     from cpal_ray.engine.inputs import check_training_inputs
 
     cfg = check_training_inputs(config_from_args(args))

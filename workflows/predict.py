@@ -26,7 +26,7 @@ def main(argv=None) -> int:
     p.add_argument("--overwrite", action="store_true", help="redo every file, even with other settings")
     add_seg_flags(p)
     args = parse_command(p, argv, seg_overrides)
-    from cpal_ray.distributed.refine_pipelines import check_image_folder, check_stage_checkpoint, run_seg_predict
+    from cpal_ray.distributed.stages import check_image_folder, check_stage_checkpoint, run_seg_predict
     from cpal_ray.distributed.runtime import init_ray, output_location
 
     check_stage_checkpoint(args.checkpoint, "seg")

@@ -11,7 +11,7 @@ CAMs come from ``--cams`` (make_cams files) or are computed from ``--checkpoint`
 CAM) folder; all of them are local paths or URIs. The config is ``--config`` if given, else the
 ``config.yaml`` of the CAM folder or of the checkpoint, plus the overrides. Writes
 ``<out>/<id>.png`` (VOC palette, 255 = ignore), ``<out>/manifest.parquet`` (one row per id),
-``<out>/pseudo_labels_miou.json`` and ``config.yaml``. CRF actors take ``pseudo.cpus_per_task``
+``<out>/pseudo_labels_miou.json`` and ``config.yaml``. CRF actors take ``pseudo.actor_cpus``
 CPUs each and their pool grows with the cluster (up to ``--crf-actors``). Killed and started
 again, it skips the PNGs that validate and ends with the same files. Images that fail are listed
 in the summary and the manifest; the exit status is then 1. A bad input (missing CAM folder,
@@ -34,8 +34,8 @@ def build_parser():
     p.add_argument("--preset", choices=("irn", "amn", "custom"), default=None, help="conf_fg/conf_bg preset (pseudo.preset)")
     p.add_argument("--mode", choices=("irn", "crf_argmax"), default=None, help="pseudo-label rule (pseudo.mode)")
     p.add_argument("--crf-actors", type=int, default=None,
-                   help="the most CRF actors; the pool grows with the cluster up to it (pseudo.max_crf_actors, 0 = no limit)")
-    p.add_argument("--cpus-per-crf", type=float, default=None, help="CPUs per CRF actor (pseudo.cpus_per_task)")
+                   help="the most CRF actors; the pool grows with the cluster up to it (pseudo.max_actors, 0 = no limit)")
+    p.add_argument("--cpus-per-crf", type=float, default=None, help="CPUs per CRF actor (pseudo.actor_cpus)")
     p.add_argument("--no-eval", action="store_true", help="skip the mIoU evaluation")
     add_cam_actor_flags(p)
     return p
@@ -44,17 +44,17 @@ def build_parser():
 def main(argv=None) -> int:
     parser = build_parser()
     args = parse_command(parser, argv, cam_actor_overrides, lambda a: flag_overrides(
-        a, ("--preset", "pseudo.preset"), ("--mode", "pseudo.mode"), ("--crf-actors", "pseudo.max_crf_actors"),
-        ("--cpus-per-crf", "pseudo.cpus_per_task")))
+        a, ("--preset", "pseudo.preset"), ("--mode", "pseudo.mode"), ("--crf-actors", "pseudo.max_actors"),
+        ("--cpus-per-crf", "pseudo.actor_cpus")))
     if args.cams is None and args.checkpoint is None:
         parser.error("give --cams (saved CAM files) or --checkpoint (CAMs computed on the fly)")
     from cpal_ray.storage import location
 
     from cpal_ray.data import build_dataset
-    from cpal_ray.distributed.pipelines import check_inputs, pseudo_labels_spec, run_pseudo_labels
+    from cpal_ray.distributed.stages import check_inputs, pseudo_labels_spec, run_pseudo_labels
     from cpal_ray.distributed.runtime import init_ray, output_location
     from cpal_ray.inference.evaluate import evaluate_labels, write_json
-    from cpal_ray.inference.jobs import check_run_spec
+    from cpal_ray.inference.manifest import check_run_spec
 
     cams_parent = location(args.cams).parent if args.cams else None  # a pacam/ folder: the config is above it
     cfg = config_from_folders(args, args.cams, cams_parent, args.checkpoint)

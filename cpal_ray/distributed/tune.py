@@ -13,7 +13,7 @@ as ``storage_path`` + ``storage_filesystem``; ``cpal_ray.storage``):
   <Tune's trial dirs>   Tune's own files (params.json, result.json, experiment state)
   trials/trial-<id>/    the trial's Ray Train run (checkpoints, final/), ``runs.log`` (one line per
                         start of the trial) and ``seeds.json`` (the evaluation)
-  results.csv / results.md / best_config.yaml / heatmap_k_tau.png / bars.png  (``cpal_ray.sweeps.report``)
+  results.csv / results.md / best_config.yaml / heatmap_k_tau.png / bars.png  (``cpal_ray.sweeps.results``)
 
 Resources: the trial function asks ``{"cpu": 0.01}`` (plus the bank actor's share, which runs in
 the trial's placement group); its workers ask ``dist.cpus_per_worker`` each, outside it. Tune
@@ -50,7 +50,7 @@ from cpal_ray.distributed.runtime import actor_device, output_location
 from cpal_ray.distributed.trainer import run_training
 from cpal_ray.engine.inputs import NOT_RETRYABLE
 from cpal_ray.numbers import finite_or_none, strict_json
-from cpal_ray.sweeps.report import SPEC_FILE, source_metrics, trial_records, write_results
+from cpal_ray.sweeps.results import SPEC_FILE, source_metrics, trial_records, write_results
 from cpal_ray.storage import Location, location
 from cpal_ray.sweeps.spaces import ROW_KEY, point_overrides, required_overrides, smoke_space, space_spec
 

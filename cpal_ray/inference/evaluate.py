@@ -20,15 +20,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from cpal_ray.inference.io import atomic_write_bytes, load_cams_npz, load_label_png
 from cpal_ray.data.classes import positive_classes
-from cpal_ray.inference.jobs import cam_path
+from cpal_ray.inference.io import atomic_write_bytes, cam_path, load_cams_npz, load_label_png
 from cpal_ray.inference.metrics import (ConfusionMatrix, ThresholdSweep, own_background_label,
                                         thresholds_from_config)
 from cpal_ray.inference.multiscale import multiscale_cams
 from cpal_ray.numbers import progress, strict_json
 from cpal_ray.storage import Location, location
 from cpal_ray.inference.pseudo import IGNORE
+from cpal_ray.inference.writers import markdown_table
 
 # Errors kept in a result (the count is always complete).
 MAX_LISTED_ERRORS = 100
@@ -224,7 +224,8 @@ def write_label_report(result: dict[str, Any], out_dir, title: str = "Label mIoU
     write_json(result, paths["json"])
     lines = [f"# {title}", "", f"- mIoU: **{pct(result['miou'], 2)}** over {result['images']} images "
              f"({result['n_errors']} left out)", f"- pixel accuracy: {pct(result['pixel_acc'], 2)}",
-             f"- pixels labelled 255 (ignored): {pct(result['frac_ignored'], 2)}", "", "| class | IoU (%) |", "|---|---:|"]
-    lines += [f"| {name} | {pct(v, 2)} |" for name, v in zip(result["class_names"], result["iou"])]
+             f"- pixels labelled 255 (ignored): {pct(result['frac_ignored'], 2)}", "",
+             *markdown_table(["class", "IoU (%)"], [[n, pct(v, 2)] for n, v in zip(result["class_names"], result["iou"])],
+                             "lr")]
     atomic_write_bytes(paths["md"], ("\n".join(lines) + "\n").encode())
     return paths

@@ -145,3 +145,19 @@ def load_cams_npz(path, expected_classes: np.ndarray | None = None) -> tuple[np.
         if not np.array_equal(classes, expected):
             raise CamFileError(f"{path}: classes {classes.tolist()} != expected {expected.tolist()}")
     return classes, cams.astype(np.float32)
+
+
+# ------------------------------------------------------------------ where a CAM folder keeps its files
+
+PACAM_DIR = "pacam"  # the PACAM files of a CAM folder live in this subfolder
+
+
+def source_dir(cam_dir, source: str = "cam") -> Location:
+    """The folder of one map's files: ``<cam_dir>`` for the CAM, ``<cam_dir>/pacam`` for the PACAM."""
+    return location(cam_dir) / PACAM_DIR if source == "pacam" else location(cam_dir)
+
+
+def cam_path(cam_dir, sample_id: str, source: str = "cam") -> Location:
+    """``<cam_dir>/<id>.npz`` for the CAM, ``<cam_dir>/pacam/<id>.npz`` for the PACAM."""
+    return source_dir(cam_dir, source) / f"{sample_id}.npz"
+

@@ -13,7 +13,6 @@ Class indices include background: 0 = background, 1..N = foreground, so ``num_cl
 """
 from __future__ import annotations
 
-import io
 import json
 import math
 from typing import Any, Iterable
@@ -21,6 +20,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from cpal_ray.inference.io import atomic_write_bytes
+from cpal_ray.inference.writers import markdown_table, save_figure
 from cpal_ray.numbers import pct, strict_json
 from cpal_ray.storage import Location, location
 
@@ -291,26 +291,20 @@ def write_report(results: dict[str, Any], out_dir, class_names: list[str]) -> di
         f"- thresholds evaluated: {len(results['thresholds'])} "
         f"({results['thresholds'][0]:.2f} .. {results['thresholds'][-1]:.2f})",
         "",
-        "| class | IoU (%) |",
-        "|---|---:|",
+        *markdown_table(["class", "IoU (%)"], [[name, pct(v, 2)] for name, v in zip(class_names, results["iou"])], "lr"),
     ]
-    lines += [f"| {name} | {pct(v, 2)} |" for name, v in zip(class_names, results["iou"])]
     atomic_write_bytes(paths["md"], ("\n".join(lines) + "\n").encode())
 
-    buf = io.BytesIO()
-    threshold_figure(results).savefig(buf, format="png", dpi=100)
-    atomic_write_bytes(paths["png"], buf.getvalue())
+    save_figure(threshold_figure(results), paths["png"], dpi=100, tight=False)
     return paths
 
 
 def threshold_figure(results: dict[str, Any]):
     """``miou_vs_threshold.png``: the mIoU curve, the best threshold, how many images were scored."""
-    # Figure + Agg canvas directly: no pyplot, so no global backend switch in library code.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    # A Figure directly (saved by ``save_figure`` on the Agg canvas): no pyplot, no global backend switch.
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(6, 4))
-    FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
     ax.plot(results["thresholds"], [100 * v for v in results["miou"]], marker=".")
     ax.axvline(results["best_threshold"], color="gray", linestyle="--", linewidth=1)

@@ -5,24 +5,13 @@ matplotlib's global backend.
 """
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from cpal_ray.data.classes import voc_palette
-from cpal_ray.storage import location
-
-
-def _save(fig: Figure, path) -> Path:
-    """Save as PNG to a local path (returned as a Path) or a storage URI / Location (returned as it is)."""
-    FigureCanvasAgg(fig)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=fig.dpi, bbox_inches="tight")
-    target = location(path).write_bytes(buf.getvalue())
-    return Path(target.path) if target.is_local else target
+from cpal_ray.inference.writers import save_figure
 
 
 def colour_labels(label: np.ndarray) -> np.ndarray:
@@ -62,7 +51,7 @@ def image_grid(rows: list[dict], path: str | Path, columns=("photo", "cam", "pac
                 ax.imshow(value, cmap="jet", alpha=0.5, vmin=0.0, vmax=1.0)
             else:
                 ax.imshow(colour_labels(value), interpolation="nearest")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def pca_2d(x: np.ndarray, basis_from: np.ndarray | None = None) -> np.ndarray:
@@ -92,7 +81,7 @@ def bank_plot(bank_state: dict, class_names, path: str | Path, max_per_class: in
     ax = fig.add_subplot(1, 1, 1)
     if not pts:
         ax.text(0.5, 0.5, "bank is empty", ha="center")
-        return _save(fig, path)
+        return save_figure(fig, path)
     x, cls = np.concatenate(pts), np.concatenate(cls)
     xy = pca_2d(x)
     palette = voc_palette()[1:].astype(float) / 255.0
@@ -108,7 +97,7 @@ def bank_plot(bank_state: dict, class_names, path: str | Path, max_per_class: in
                            linewidths=1.5)
     ax.set_title("support bank (PCA): dots = instance prototypes, x = context prototypes", fontsize=9)
     ax.legend(fontsize=6, markerscale=2, loc="best", ncol=2)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def iou_bars(results: dict[str, dict], class_names, path: str | Path) -> Path:
@@ -128,7 +117,7 @@ def iou_bars(results: dict[str, dict], class_names, path: str | Path) -> Path:
     ax.set_ylabel("IoU")
     ax.set_ylim(0, 1)
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def miou_curves(results: dict[str, dict], path: str | Path) -> Path:
@@ -141,7 +130,7 @@ def miou_curves(results: dict[str, dict], path: str | Path) -> Path:
     ax.set_ylabel("mIoU")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 # Per-epoch quantities of a run's history shown by ``diagnostic_curves``: (title, [(key, label)]).
@@ -184,7 +173,7 @@ def diagnostic_curves(histories: dict[str, list[dict]], path: str | Path) -> Pat
     learning rate, the share of images and classes in L_self, the seed mIoU of CAM and PACAM on
     training images, their object/background contrast and agreement, and the bank
     (``engine.diagnostics_hook``). The title names the runs; a panel without data says why."""
-    return _save(curves_figure(histories), path)
+    return save_figure(curves_figure(histories), path)
 
 
 def curves_figure(histories: dict[str, list[dict]]) -> Figure:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from cpal_ray.inference.writers import markdown_table
 from cpal_ray.numbers import pct
 
 
@@ -46,12 +47,6 @@ def per_class_rows(runs: dict[str, dict], class_names, key: str = "seeds_val") -
     return rows
 
 
-def table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines)
-
-
 def verdict(runs: dict[str, dict], a: str = "baseline", b: str = "cpal") -> str:
     """One honest sentence per metric on which run is ahead, with the difference in points."""
     out = []
@@ -85,7 +80,7 @@ def write_demo_report(out_dir: str | Path, runs: dict[str, dict], class_names, f
         "val (Tables 4 and 5 of the paper, in miniature). mIoU in %, one seed: the "
         "3-seed comparison (mean ± std) is the README's table, measured by the command given there.",
         "",
-        table(header, summary_rows(runs)),
+        *markdown_table(header, summary_rows(runs)),
         "",
         f"**Verdict:** {verdict(runs)}.",
         "",
@@ -93,11 +88,11 @@ def write_demo_report(out_dir: str | Path, runs: dict[str, dict], class_names, f
         "",
         "## Per-class IoU of the val seeds (%)",
         "",
-        table(["class", *runs.keys()], per_class_rows(runs, class_names)),
+        *markdown_table(["class", *runs.keys()], per_class_rows(runs, class_names)),
         "",
         "## Timings (s)",
         "",
-        table(["stage", "seconds"], [[k, f"{v:.1f}"] for k, v in timings.items()]),
+        *markdown_table(["stage", "seconds"], [[k, f"{v:.1f}"] for k, v in timings.items()]),
         "",
         "## Figures",
         "",

@@ -1,7 +1,7 @@
 """The end-to-end demo: CAM baseline vs CPAL on the bundled photos, every stage, one report.
 
 For each arm, the plain CAM baseline and CPAL (same seed, backbone, data, epochs):
-1. the whole WSSS pipeline (``cpal_ray.distributed.wsss.run_pipeline``): CAM training on Ray
+1. the whole WSSS pipeline (``cpal_ray.pipeline.wsss.run_pipeline``): CAM training on Ray
    Train, CAMs and CRF seeds of the train split (Ray Data), IRN's affinity network, pseudo masks by
    random walk, the segmentation network, its predictions on val; scored at each stage (seeds, CRF
    and masks on the training images, the segmenter on val);
@@ -20,15 +20,14 @@ import numpy as np
 
 from cpal_ray.config import Config, save_config
 from cpal_ray.data import build_dataset
-from cpal_ray.distributed.pipelines import run_make_cams
-from cpal_ray.distributed.wsss import run_pipeline
+from cpal_ray.distributed.stages import run_make_cams
 from cpal_ray.engine.checkpoint import load_checkpoint
 from cpal_ray.inference.evaluate import evaluate_cam_dir
-from cpal_ray.inference.io import load_cams_npz, load_label_png
-from cpal_ray.inference.jobs import cam_path, source_dir
+from cpal_ray.inference.io import cam_path, load_cams_npz, load_label_png, source_dir
 from cpal_ray.inference.metrics import write_report
-from cpal_ray.inference.report import console_summary, write_demo_report
+from cpal_ray.inference.demo_report import console_summary, write_demo_report
 from cpal_ray.inference.visuals import bank_plot, diagnostic_curves, image_grid, iou_bars, max_map, miou_curves
+from cpal_ray.pipeline.wsss import run_pipeline
 
 log = logging.getLogger(__name__)
 RUNS = {"baseline": {"cpal.enabled": False}, "cpal": {}}

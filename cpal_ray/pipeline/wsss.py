@@ -25,8 +25,7 @@ import time
 
 from cpal_ray.config import Config
 from cpal_ray.data import build_dataset
-from cpal_ray.distributed.pipelines import run_pseudo_labels
-from cpal_ray.distributed.refine_pipelines import run_make_masks, run_seg_predict
+from cpal_ray.distributed.stages import run_make_masks, run_pseudo_labels, run_seg_predict
 from cpal_ray.distributed.trainer import run_training
 from cpal_ray.engine.checkpoint import CheckpointError, load_checkpoint
 from cpal_ray.inference.evaluate import evaluate_cam_dir, evaluate_labels, write_json

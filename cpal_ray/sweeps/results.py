@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from cpal_ray.config import from_dict, save_config
+from cpal_ray.inference.writers import markdown_table, save_figure
 from cpal_ray.numbers import is_finite, pct_pm
 from cpal_ray.storage import Location, location
 from cpal_ray.sweeps.spaces import expand, point_label, point_overrides
@@ -193,13 +194,6 @@ def _text_file(path: Location):
     path.write_text(buf.getvalue())
 
 
-def _save_png(fig, path: Location) -> str:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-    path.write_bytes(buf.getvalue())
-    return str(path)
-
-
 def _fmt(x, pattern="{:.4f}") -> str:
     return pattern.format(x) if is_finite(x) else ""
 
@@ -279,13 +273,11 @@ def _write_markdown(rows: list[dict], records: list[dict], spec: dict, best: dic
                       f"at most {spec.get('max_concurrent')} trials at once."]
     if spec.get("raised"):
         lines += ["", f"Base config raised to the space's minimums: `{spec['raised']}`."]
-    lines += ["", "| point | seeds ok | seed mIoU (%) mean ± std | best bg threshold | wall time (s) | paper (%) |",
-              "|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['label']} | {r['seeds_ok']}/{r['trials']} "
-                     f"| {pct_pm(r['seed_miou_mean'], r['seed_miou_std'])} "
-                     f"| {_fmt(r['best_threshold'], '{:.2f}') or '—'} | {_fmt(r['wall_seconds'], '{:.0f}') or '—'} "
-                     f"| {_fmt(r['paper_miou'], '{:.1f}') or '—'} |")
+    header = ["point", "seeds ok", "seed mIoU (%) mean ± std", "best bg threshold", "wall time (s)", "paper (%)"]
+    lines += ["", *markdown_table(header, [
+        [r["label"], f"{r['seeds_ok']}/{r['trials']}", pct_pm(r["seed_miou_mean"], r["seed_miou_std"]),
+         _fmt(r["best_threshold"], "{:.2f}") or "—", _fmt(r["wall_seconds"], "{:.0f}") or "—",
+         _fmt(r["paper_miou"], "{:.1f}") or "—"] for r in rows])]
     lines.append("")
     if best is not None:
         lines.append(f"Best: **{best['label']}**, {pct_pm(best['seed_miou_mean'], best['seed_miou_std'])} "
@@ -328,7 +320,8 @@ def _plot_bars(rows: list[dict], path: Location) -> str:
         ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.set_xticks(x, labels, rotation=30, ha="right")
     ax.set_ylabel("seed mIoU (%)")
-    return _save_png(fig, path)
+    save_figure(fig, path, dpi=100)
+    return str(path)
 
 
 def _plot_heatmap(rows: list[dict], path: Location) -> str:
@@ -353,4 +346,5 @@ def _plot_heatmap(rows: list[dict], path: Location) -> str:
     ax.set_xlabel("tau (Eq. 4)")
     ax.set_ylabel("top-K (Eq. 6)")
     fig.colorbar(im, ax=ax, label="seed mIoU (%)")
-    return _save_png(fig, path)
+    save_figure(fig, path, dpi=100)
+    return str(path)
