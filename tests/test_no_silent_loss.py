@@ -201,15 +201,16 @@ def _no_ray(*_a, **_k):
 # ------------------------------------------------------------------------------ item 4: stale outputs
 
 def test_a_model_retrained_into_the_same_folder_is_another_run_spec(tmp_path):
+    from cpal_ray.distributed.stage_inputs import with_checkpoint_digest
     from cpal_ray.inference.manifest import check_run_spec
 
     small_checkpoint(tmp_path / "final", epoch=1)
     spec = {"dataset": "synthetic", "checkpoint": str(tmp_path / "final")}
-    check_run_spec(tmp_path / "out", spec)
-    check_run_spec(tmp_path / "out", spec)  # the same model: resumes
+    check_run_spec(tmp_path / "out", with_checkpoint_digest(spec))
+    check_run_spec(tmp_path / "out", with_checkpoint_digest(spec))  # the same model: resumes
     small_checkpoint(tmp_path / "final", epoch=2)  # retrained: same path, other weights
     with pytest.raises(ValueError, match="other settings.*checkpoint_sha256"):
-        check_run_spec(tmp_path / "out", spec)
+        check_run_spec(tmp_path / "out", with_checkpoint_digest(spec))
 
 
 def test_a_valid_png_whose_sha256_differs_from_its_manifest_row_is_redone(tmp_path):

@@ -16,6 +16,7 @@ from cpal_ray.config import Config
 from cpal_ray.data import DataError, ImageFolderDataset, build_dataset, class_names, labels_source, \
     record_labels_source
 from cpal_ray.engine import CheckpointError, checkpoint_context, load_checkpoint
+from cpal_ray.engine.checkpoint import checkpoint_digest
 from cpal_ray.storage import location
 
 SOURCES = {"cam": ("cam",), "pacam": ("pacam",), "both": ("cam", "pacam")}
@@ -85,6 +86,14 @@ def _spec(cfg: Config, split: str, **extra) -> dict:
     return {"dataset": d.dataset, "root": d.root, "split": split, "synthetic": procedural.get(d.dataset), **extra}
 
 
+def with_checkpoint_digest(spec: dict) -> dict:
+    """``spec`` with its ``checkpoint``'s content hash (``checkpoint_sha256``): a model retrained
+    into the same folder is another input, and ``check_run_spec`` then refuses the old outputs."""
+    if not spec.get("checkpoint"):
+        return spec
+    return {**spec, "checkpoint_sha256": checkpoint_digest(spec["checkpoint"])}
+
+
 def _settings(section, keep=None) -> dict:
     """A config section as a dict, without the actors' resources (or only the fields ``keep``)."""
     return {k: v for k, v in dataclasses.asdict(section).items()
@@ -99,7 +108,7 @@ def _cam_spec(cfg: Config, checkpoint) -> dict:
 
 def make_cams_spec(inputs: StageInputs, split: str, checkpoint) -> dict:
     """What decides the CAM files of ``run_make_cams`` (its ``run_spec.json``)."""
-    return _spec(inputs.cfg, split, **_cam_spec(inputs.cfg, checkpoint))
+    return with_checkpoint_digest(_spec(inputs.cfg, split, **_cam_spec(inputs.cfg, checkpoint)))
 
 
 def pseudo_labels_spec(inputs: StageInputs, split: str, *, cam_dir=None, checkpoint=None) -> dict:
@@ -107,13 +116,14 @@ def pseudo_labels_spec(inputs: StageInputs, split: str, *, cam_dir=None, checkpo
     cfg = inputs.cfg
     cams_spec = _cam_spec(cfg, checkpoint) | {"cam_source": cfg.inference.cam_source} if cam_dir is None else \
         {"cam_dir": str(location(cam_dir))}
-    return _spec(cfg, split, pseudo=_settings(cfg.pseudo), **cams_spec)
+    return with_checkpoint_digest(_spec(cfg, split, pseudo=_settings(cfg.pseudo), **cams_spec))
 
 
 def make_masks_spec(inputs: StageInputs, split: str, checkpoint, cam_dir) -> dict:
     """What decides the masks of ``run_make_masks``: the boundary network, the CAMs, the walk."""
     walk = _settings(inputs.cfg.affinity, ("walk_radius", "beta", "exp_times", "bg_threshold", "walk_mode", "flip"))
-    return _spec(inputs.cfg, split, checkpoint=str(location(checkpoint)), cam_dir=str(location(cam_dir)), walk=walk)
+    return with_checkpoint_digest(_spec(inputs.cfg, split, checkpoint=str(location(checkpoint)),
+                                        cam_dir=str(location(cam_dir)), walk=walk))
 
 
 def seg_predict_spec(inputs: StageInputs, split: str, checkpoint, images_dir=None) -> dict:
@@ -123,5 +133,5 @@ def seg_predict_spec(inputs: StageInputs, split: str, checkpoint, images_dir=Non
     if s.crf:
         settings["pseudo"] = _settings(inputs.cfg.pseudo)
     source = {"images_dir": str(images_dir)} if images_dir is not None else {}
-    return {**_spec(inputs.cfg, split if images_dir is None else "", **source), "checkpoint": str(location(checkpoint)),
-            "seg": settings}
+    return with_checkpoint_digest({**_spec(inputs.cfg, split if images_dir is None else "", **source),
+                                   "checkpoint": str(location(checkpoint)), "seg": settings})

@@ -160,17 +160,13 @@ def check_run_spec(out_dir, spec: dict, overwrite: bool = False, *, write: bool 
     ``spec`` (JSON-able) is what decides the output bytes. It is saved as ``<out>/run_spec.json``
     (unless ``write`` is False: the workflows check before Ray starts, and write later); a
     different saved spec raises ``DataError`` (a ValueError) naming the keys that differ, unless
-    ``overwrite``. A ``checkpoint`` in it is recorded with its content (``checkpoint_sha256``: a
-    model retrained into the same folder is another input), a ``cam_dir`` with its own run spec's
-    sha256. An accepted folder that is written is then cleared of the temporary files of writers
+    ``overwrite``. A spec with a ``checkpoint`` carries its content hash (``checkpoint_sha256``,
+    added by ``distributed.stage_inputs.with_checkpoint_digest``: a model retrained into the same
+    folder is another input); a ``cam_dir`` is recorded with its own run spec's sha256. An accepted folder that is written is then cleared of the temporary files of writers
     killed mid-write.
     """
     path = location(out_dir) / "run_spec.json"
     spec = json.loads(strict_json(spec))
-    if spec.get("checkpoint"):
-        from cpal_ray.engine.checkpoint import checkpoint_digest
-
-        spec["checkpoint_sha256"] = checkpoint_digest(spec["checkpoint"])
     if spec.get("cam_dir") and (cams_spec := location(spec["cam_dir"]) / "run_spec.json").is_file():
         spec["cam_dir_spec_sha256"] = hashlib.sha256(cams_spec.read_bytes()).hexdigest()
     if path.is_file() and not overwrite:
