@@ -543,7 +543,6 @@ def test_max_side_downscales_every_view_of_an_image_alike():
     """data.max_side: read, read_image, image_size (the pipelines' view) and the mask agree."""
     from cpal_ray.config import load_config
     from cpal_ray.data import build_dataset
-    from cpal_ray.inference.image_jobs import image_hw, read_rgb
 
     full = build_dataset(load_config("configs/voc_mini_cpu.yaml", ["data.max_side=0"]).data, "val", train=False)
     small = build_dataset(load_config("configs/voc_mini_cpu.yaml", ["data.max_side=200"]).data, "val", train=False)
@@ -551,7 +550,7 @@ def test_max_side_downscales_every_view_of_an_image_alike():
     rgb, mask, _ = small.read(0)
     assert max(rgb0.shape[:2]) > 200 and max(rgb.shape[:2]) == 200 and mask.shape == rgb.shape[:2]
     assert abs(rgb.shape[0] / rgb.shape[1] - rgb0.shape[0] / rgb0.shape[1]) < 0.02
-    assert image_hw(small, 0) == rgb.shape[:2] and read_rgb(small, 0).shape == rgb.shape
+    assert small.image_size(0) == rgb.shape[:2] and small.read_image(0).shape == rgb.shape
     assert set(np.unique(mask)) <= set(np.unique(mask0))  # nearest: no new label values
     assert small[0]["image"].shape[1:] == rgb.shape[:2]
 

@@ -264,7 +264,6 @@ def test_every_reader_refuses_a_decompression_bomb_naming_the_file(tmp_path, pix
     from cpal_ray.data import DataError, build_dataset
     from cpal_ray.data.files import decode_label_png, read_mask, read_rgb
     from cpal_ray.inference.io import LabelFileError, load_label_png
-    from cpal_ray.inference.image_jobs import image_hw
     from tests.fakes import make_voc_tree
 
     bomb = tmp_path / "bomb.png"
@@ -279,7 +278,7 @@ def test_every_reader_refuses_a_decompression_bomb_naming_the_file(tmp_path, pix
     bomb_png(tmp_path / "voc" / "JPEGImages" / f"{fake.ids[1]}.jpg")
     ds = build_dataset(load_config(None, {"data.root": str(tmp_path / "voc"), "data.dataset": "voc"}).data, "train",
                        train=False)
-    for read in (lambda: ds.image_size(1), lambda: image_hw(ds, 1)):
+    for read in (lambda: ds.image_size(1), lambda: ds.read_image(1)):
         with pytest.raises(DataError, match=rf"{fake.ids[1]}\.jpg: .*decompression bomb"):
             read()
     # Under PIL's own limit but over data.max_image_pixels: refused from the header, never decoded.

@@ -19,7 +19,6 @@ import time
 
 import numpy as np
 
-from cpal_ray.data.files import DataError, open_image, read_rgb as read_image_file
 from cpal_ray.data.classes import positive_classes
 from cpal_ray.inference.io import LabelFileError, cam_path, encode_label_png, load_cams_npz, load_label_png, \
     save_cams_npz
@@ -32,34 +31,6 @@ from cpal_ray.storage import Location, location
 
 log = logging.getLogger(__name__)
 PNG_END = b"IEND\xaeB`\x82"
-
-
-def image_hw(dataset, index: int) -> tuple[int, int]:
-    """(H, W) of image ``index``: read from the file header when the dataset has files, else decoded."""
-    if hasattr(dataset, "image_size"):
-        return dataset.image_size(index)
-    if hasattr(dataset, "image_path"):
-        sid = dataset.ids[index]
-        path = dataset.image_path(sid)
-        try:
-            with open_image(path, path, "image", sid) as im:
-                return im.size[1], im.size[0]
-        except DataError:
-            raise
-        except (OSError, SyntaxError, ValueError) as e:
-            raise DataError(f"{path}: cannot read image header (id {sid}): {e}") from e
-    return tuple(dataset.read(index)[0].shape[:2])
-
-
-def read_rgb(dataset, index: int) -> np.ndarray:
-    """uint8 (H, W, 3) photo of item ``index`` without normalising (and without the mask for file sets)."""
-    if hasattr(dataset, "read_image"):
-        return dataset.read_image(index)
-    if hasattr(dataset, "image_path"):
-        sid = dataset.ids[index]
-        return read_image_file(dataset.image_path(sid), sid)
-    return dataset.read(index)[0]
-
 
 
 def validate_label_png(path, hw: tuple[int, int], classes: np.ndarray) -> tuple[np.ndarray, str]:
@@ -144,7 +115,7 @@ def cam_job(model, dataset, index: int, out_dir, *, sources=("cam",), scales=(1.
     named = {s: str(p) for s, p in zip(sources, paths)}
     try:
         classes = positive_classes(dataset.label_of(index))
-        hw = image_hw(dataset, index)
+        hw = dataset.image_size(index)
         done = dict(classes=classes.tolist(), height=hw[0], width=hw[1],
                     path=named.get("cam", ""), pacam_path=named.get("pacam", ""))
         if skip_existing and label_dir is not None:
@@ -181,7 +152,7 @@ def label_job(dataset, index: int, out_dir, make_label, *, image_labels: bool = 
     png = location(out_dir) / f"{sid}.png"
     try:
         classes = positive_classes(dataset.label_of(index)) if image_labels else np.arange(dataset.num_classes)
-        hw = image_hw(dataset, index)
+        hw = dataset.image_size(index)
         label, sha = existing_label(png, hw, classes, recorded_sha256(out_dir).get(sid)) if skip_existing \
             else (None, None)
         status = "skipped"
@@ -204,7 +175,7 @@ def pseudo_label_job(dataset, index: int, cam_dir, out_dir, pseudo_cfg, skip_exi
     """
     def make_label(classes, hw):
         cam_classes, cams = load_image_cams(cam_dir, dataset.ids[index], classes, hw)
-        return pseudo_label_from_config(read_rgb(dataset, index), cams, cam_classes, pseudo_cfg)
+        return pseudo_label_from_config(dataset.read_image(index), cams, cam_classes, pseudo_cfg)
 
     return label_job(dataset, index, out_dir, make_label, skip_existing=skip_existing)
 
@@ -236,7 +207,7 @@ def seg_job(seg_net, dataset, index: int, out_dir, seg_cfg, pseudo_cfg, skip_exi
     ids 0..N, any class: no image-level label is used). Returns a LABEL_SCHEMA row (``label_job``)
     whose ``classes`` are the foreground classes predicted."""
     def make_label(classes, hw):
-        rgb = read_rgb(dataset, index) if seg_cfg.crf else None
+        rgb = dataset.read_image(index) if seg_cfg.crf else None
         return seg_label(seg_net, dataset[index]["image"], rgb, seg_cfg, pseudo_cfg)
 
     return label_job(dataset, index, out_dir, make_label, image_labels=False, skip_existing=skip_existing)
