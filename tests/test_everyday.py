@@ -7,7 +7,7 @@ import stat
 import pandas as pd
 import pytest
 
-from cpal_ray.numbers import strict_json
+from cpal_ray.formatting import strict_json
 from cpal_ray.storage import location
 
 pytestmark = pytest.mark.unit

@@ -227,7 +227,7 @@ def stage_training_main(doc: str, task: str, label_flag: str, label_field: str, 
     config is built: an override of a CAM setting the stage does not read is an error naming the
     stage's field), the label folder (``--<label_flag>``), the run named ``<train.name>-<task>``
     (``Config.for_task``), checked before Ray starts, then Ray Train."""
-    from cpal_ray.numbers import strict_json
+    from cpal_ray.formatting import strict_json
 
     p = base_parser(doc)
     p.add_argument("--from", dest="source", default=None,

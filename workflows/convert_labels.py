@@ -9,7 +9,7 @@ Prints the output file and the number of ids; a file that is not a label file gi
 """
 from __future__ import annotations
 
-from cpal_ray.numbers import strict_json
+from cpal_ray.formatting import strict_json
 
 from workflows.common import doc_parser, run, setup_logging
 

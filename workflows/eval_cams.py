@@ -20,7 +20,7 @@ before anything starts or is written; the exit status is then 2.
 """
 from __future__ import annotations
 
-from cpal_ray.numbers import strict_json
+from cpal_ray.formatting import strict_json
 
 from workflows.common import (add_cam_actor_flags, add_split_flags, base_parser, cam_actor_overrides,
                               config_from_folders, flag_overrides, parse_command, run)

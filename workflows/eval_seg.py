@@ -14,7 +14,7 @@ reported before Ray starts: exit status 2.
 """
 from __future__ import annotations
 
-from cpal_ray.numbers import strict_json
+from cpal_ray.formatting import strict_json
 
 from workflows.common import (add_seg_flags, add_split_flags, base_parser, config_from_folders, parse_command,
                               run, seg_overrides)

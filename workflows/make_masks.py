@@ -19,7 +19,7 @@ reported before Ray starts, with nothing written: exit status 2.
 """
 from __future__ import annotations
 
-from cpal_ray.numbers import strict_json
+from cpal_ray.formatting import strict_json
 
 from workflows.common import add_split_flags, base_parser, config_from_folders, flag_overrides, parse_command, run
 

@@ -18,7 +18,7 @@ ones resume from their last checkpoint. A trial whose node is lost is retried by
 """
 from __future__ import annotations
 
-from cpal_ray.numbers import strict_json
+from cpal_ray.formatting import strict_json
 
 from workflows.common import (add_tracking_flags, base_parser, config_from_args, flag_overrides, run, setup_logging,
                               tracking_overrides)

@@ -14,7 +14,7 @@ exit status is then 2.
 """
 from __future__ import annotations
 
-from cpal_ray.numbers import strict_json
+from cpal_ray.formatting import strict_json
 
 from workflows.common import (add_tracking_flags, base_parser, config_from_args, run, setup_logging,
                               tracking_overrides)

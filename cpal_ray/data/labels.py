@@ -33,7 +33,7 @@ import numpy as np
 
 from cpal_ray.data.assets import BUNDLED_LABELS, bundled_name
 from cpal_ray.data.files import DataError
-from cpal_ray.numbers import strict_json
+from cpal_ray.formatting import strict_json
 from cpal_ray.storage import location
 
 log = logging.getLogger(__name__)

@@ -22,7 +22,7 @@ import threading
 from ray.train.torch import TorchTrainer
 
 from cpal_ray.engine.tracking import HISTORY_FILE
-from cpal_ray.numbers import strict_json
+from cpal_ray.formatting import strict_json
 from cpal_ray.storage import Location
 
 log = logging.getLogger(__name__)

@@ -41,7 +41,7 @@ from cpal_ray.engine.checkpoint import CONFIG_FILE, SUMS_FILE, CheckpointError, 
 from cpal_ray.engine.cpal_hooks import checkpoint_context
 from cpal_ray.engine.inputs import NOT_RETRYABLE, check_training_inputs
 from cpal_ray.engine.resume import check_resume
-from cpal_ray.numbers import strict_json
+from cpal_ray.formatting import strict_json
 from cpal_ray.storage import Location, relative_path, remove_temp_files
 
 log = logging.getLogger(__name__)

@@ -49,7 +49,7 @@ from cpal_ray.config import Config, ConfigError, from_dict
 from cpal_ray.distributed.runtime import actor_device, output_location
 from cpal_ray.distributed.trainer import run_training
 from cpal_ray.engine.inputs import NOT_RETRYABLE
-from cpal_ray.numbers import finite_or_none, strict_json
+from cpal_ray.formatting import finite_or_none, strict_json
 from cpal_ray.sweeps.results import SPEC_FILE, source_metrics, trial_records, write_results
 from cpal_ray.storage import Location, location
 from cpal_ray.sweeps.spaces import ROW_KEY, point_overrides, required_overrides, smoke_space, space_spec

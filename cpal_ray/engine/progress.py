@@ -36,7 +36,7 @@ _COLOUR = re.compile(r"\x1b\[[0-9;]*m")
 
 
 def _terminal_bar(iterable, desc: str, total: int):
-    from cpal_ray.numbers import progress
+    from cpal_ray.formatting import progress
 
     return progress(iterable, desc, total=total)
 

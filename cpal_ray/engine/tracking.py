@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 from cpal_ray.engine.hooks import RECORD, Hook
-from cpal_ray.numbers import is_finite, json_safe, strict_json
+from cpal_ray.formatting import is_finite, json_safe, strict_json
 from cpal_ray.storage import location
 
 log = logging.getLogger(__name__)

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from cpal_ray.inference.writers import markdown_table
-from cpal_ray.numbers import pct
+from cpal_ray.formatting import pct
 
 
 def _at(res: dict) -> str:

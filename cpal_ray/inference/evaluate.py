@@ -25,7 +25,7 @@ from cpal_ray.inference.io import atomic_write_bytes, cam_path, load_cams_npz, l
 from cpal_ray.inference.metrics import (ConfusionMatrix, ThresholdSweep, own_background_label,
                                         thresholds_from_config)
 from cpal_ray.inference.multiscale import multiscale_cams
-from cpal_ray.numbers import progress, strict_json
+from cpal_ray.formatting import progress, strict_json
 from cpal_ray.storage import Location, location
 from cpal_ray.inference.pseudo import IGNORE
 from cpal_ray.inference.writers import markdown_table
@@ -217,7 +217,7 @@ def write_json(result: dict[str, Any], path) -> Location:
 def write_label_report(result: dict[str, Any], out_dir, title: str = "Label mIoU") -> dict[str, Location]:
     """Save an ``evaluate_labels`` result as ``miou.json`` and ``miou.md`` (mIoU, pixel accuracy,
     ignored share, per-class IoU table) in ``out_dir``; returns {"json", "md"} -> paths."""
-    from cpal_ray.numbers import pct
+    from cpal_ray.formatting import pct
 
     out = location(out_dir)
     paths = {"json": out / "miou.json", "md": out / "miou.md"}

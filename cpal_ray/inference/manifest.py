@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 
 from cpal_ray.data.base import DataError
 from cpal_ray.inference.io import PACAM_DIR, atomic_write_bytes
-from cpal_ray.numbers import strict_json
+from cpal_ray.formatting import strict_json
 from cpal_ray.storage import location, remove_temp_files
 
 log = logging.getLogger(__name__)

@@ -21,7 +21,7 @@ import numpy as np
 
 from cpal_ray.inference.io import atomic_write_bytes
 from cpal_ray.inference.writers import markdown_table, save_figure
-from cpal_ray.numbers import pct, strict_json
+from cpal_ray.formatting import pct, strict_json
 from cpal_ray.storage import Location, location
 
 

@@ -10,7 +10,7 @@ import dataclasses
 
 from . import backbones  # noqa: F401  (registers resnet50/101, efficientnet_lite0, tiny)
 from .cam_net import SIDE_WIDTHS, CAMNet, projection_head
-from .refine_nets import EdgeNet, SegNet
+from .affinity_seg_nets import EdgeNet, SegNet
 from .registry import backbone_channels, build_backbone, list_backbones, register_backbone
 from .weights import export_weights, load_weights, read_state_dict
 

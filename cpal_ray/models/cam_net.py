@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .refine_nets import stage_features
+from .affinity_seg_nets import stage_features
 
 # Hidden width of the projection head: min(C, PROJ_HIDDEN).
 PROJ_HIDDEN = 256

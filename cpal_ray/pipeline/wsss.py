@@ -29,7 +29,7 @@ from cpal_ray.distributed.stages import run_make_masks, run_pseudo_labels, run_s
 from cpal_ray.distributed.trainer import run_training
 from cpal_ray.engine.checkpoint import CheckpointError, load_checkpoint
 from cpal_ray.inference.evaluate import evaluate_cam_dir, evaluate_labels, write_json
-from cpal_ray.numbers import strict_json
+from cpal_ray.formatting import strict_json
 from cpal_ray.storage import Location, location
 
 log = logging.getLogger(__name__)

@@ -28,7 +28,7 @@ import numpy as np
 
 from cpal_ray.config import from_dict, save_config
 from cpal_ray.inference.writers import markdown_table, save_figure
-from cpal_ray.numbers import is_finite, pct_pm
+from cpal_ray.formatting import is_finite, pct_pm
 from cpal_ray.storage import Location, location
 from cpal_ray.sweeps.spaces import expand, point_label, point_overrides
 

@@ -45,7 +45,7 @@ def stage_features(backbone: nn.Module, x: Tensor) -> list[Tensor]:
     """Features of every stage of ``backbone`` for x (B, 3, H, W), strides rising, its output last."""
     names = STAGES.get(type(backbone).__name__)
     if names is None:
-        raise ValueError(f"backbone {type(backbone).__name__} has no stage list in refine_nets.STAGES")
+        raise ValueError(f"backbone {type(backbone).__name__} has no stage list in affinity_seg_nets.STAGES")
     modules = dict(backbone.named_modules())
     captured: list[Tensor] = []
     handles = [modules[n].register_forward_hook(lambda _m, _i, out: captured.append(out)) for n in names]
