@@ -34,8 +34,10 @@ import ray
 
 from cpal_ray.config import Config, from_dict
 from cpal_ray.cpal.bank import Context, PrototypeBank, pack_pushes
+from cpal_ray.cpal.kmeans import faiss_device
 from cpal_ray.cpal.shards import merge_contexts, merge_states, merge_stats, route_pushes, shard_classes, split_state
 from cpal_ray.distributed.runtime import NAMESPACE
+from cpal_ray.models import embed_dim
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +57,6 @@ class BankActor:
         self.bank = PrototypeBank.from_config(from_dict(cfg_dict), dim, prefer_gpu=prefer_gpu, class_ids=class_ids)
         self._shared: tuple[int, object] | None = None  # (bank version, ObjectRef of its context)
         if prefer_gpu:
-            from cpal_ray.cpal.kmeans import faiss_device
-
             if faiss_device() != "gpu":
                 log.warning("bank actor was given a GPU but faiss sees none (faiss-cpu installed, or no CUDA "
                             "in this process): k-means will run on the CPU")
@@ -127,8 +127,6 @@ def create_bank_actors(cfg: Config, names: list[str]) -> list:
 
     Resources from ``cfg.dist`` (``bank_cpus``/``bank_gpus`` per actor); restarts allowed, task
     retries not (a push to a restarted actor must fail, not land in an empty bank)."""
-    from cpal_ray.models import embed_dim
-
     groups = shard_classes(cfg.bank_classes, len(names))
     here = None
     if ray.util.get_current_placement_group() is None:

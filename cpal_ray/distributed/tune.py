@@ -46,12 +46,16 @@ import ray.tune as tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from cpal_ray.config import Config, ConfigError, from_dict
+from cpal_ray.data import build_dataset
 from cpal_ray.distributed.runtime import actor_device, output_location
 from cpal_ray.distributed.trainer import run_training
+from cpal_ray.engine import load_trained
 from cpal_ray.engine.inputs import NOT_RETRYABLE
 from cpal_ray.formatting import finite_or_none, strict_json
-from cpal_ray.sweeps.results import SPEC_FILE, source_metrics, trial_records, write_results
+from cpal_ray.inference.diagnostics import contrast_report
+from cpal_ray.inference.evaluate import evaluate_seeds
 from cpal_ray.storage import Location, location
+from cpal_ray.sweeps.results import SPEC_FILE, source_metrics, trial_records, write_results
 from cpal_ray.sweeps.spaces import ROW_KEY, point_overrides, required_overrides, smoke_space, space_spec
 
 log = logging.getLogger(__name__)
@@ -198,11 +202,6 @@ def _search_alg(spec: dict):
 @ray.remote
 def _evaluate_remote(final_dir: str, cfg_dict: dict, max_images: int, split: str) -> dict:
     """Seed mIoU of the exported weights on ``split`` (a task: GPU when the run had one)."""
-    from cpal_ray.data import build_dataset
-    from cpal_ray.engine import load_trained
-    from cpal_ray.inference.diagnostics import contrast_report
-    from cpal_ray.inference.evaluate import evaluate_seeds
-
     cfg = from_dict(cfg_dict)
     device = actor_device()  # cuda only when this task was given a GPU (cfg.dist.use_gpu)
     model, _, context = load_trained(final_dir, cfg=cfg)

@@ -34,6 +34,8 @@ import re
 import torch
 
 from cpal_ray.config import Config, config_yaml, from_dict
+from cpal_ray.models import unwrap
+from cpal_ray.models.weights import load_tensors
 from cpal_ray.storage import Location, location
 
 log = logging.getLogger(__name__)
@@ -55,8 +57,6 @@ def checkpoint_state(*, model: torch.nn.Module, cfg: Config, epoch: int, global_
                      scheduler=None, metrics: dict | None = None, sections: tuple[str, ...] = ()) -> dict:
     """The checkpoint dict (see the module docstring). ``epoch`` = epochs completed; ``model`` may be
     DDP-wrapped; ``sections``: the keys the hooks fill afterwards, None until they do."""
-    from cpal_ray.models import unwrap
-
     return {
         "model": {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()},
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
@@ -153,8 +153,6 @@ def load_checkpoint(folder, map_location="cpu") -> dict:
     """Verify every file of a checkpoint folder (local path or URI; ``verify_checkpoint``), read its
     ``state.pt`` (weights_only) and rebuild its Config. ``CheckpointError`` names the folder or file
     when it is not a usable checkpoint."""
-    from cpal_ray.models.weights import load_tensors
-
     folder = location(folder)
     path = folder / STATE_FILE
     files = verify_checkpoint(folder)

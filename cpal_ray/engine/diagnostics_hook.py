@@ -22,7 +22,11 @@ it did. ``train.diag_images = 0`` turns the scoring off (the bank's view stays).
 """
 from __future__ import annotations
 
-from cpal_ray.engine.hooks import MEASURE, Hook
+from cpal_ray.data import build_dataset
+from cpal_ray.engine.hooks import Hook, MEASURE
+from cpal_ray.inference.diagnostics import contrast_report
+from cpal_ray.inference.evaluate import evaluate_seeds
+from cpal_ray.models import unwrap
 
 
 class DiagnosticsHook(Hook):
@@ -36,8 +40,6 @@ class DiagnosticsHook(Hook):
 
     def dataset(self):
         if self._dataset is None:
-            from cpal_ray.data import build_dataset
-
             self._dataset = build_dataset(self.cfg.data, "train", train=False)
         return self._dataset
 
@@ -46,9 +48,6 @@ class DiagnosticsHook(Hook):
             record["classes_below_k"] = [c for c, n in enumerate(record["bank_fill"]) if n < self.cfg.cpal.top_k]
         if state.rank != 0 or self.images <= 0:
             return
-        from cpal_ray.inference.diagnostics import contrast_report
-        from cpal_ray.inference.evaluate import evaluate_seeds
-        from cpal_ray.models import unwrap
 
         model, ds, cfg = unwrap(state.model), self.dataset(), self.cfg
         context = state.extras.get("context")  # CPALHook's, None before the first clustering

@@ -35,6 +35,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from cpal_ray.config import Config
+from cpal_ray.data import SkipUnreadable, build_train_dataset, record_labels_source
 from cpal_ray.engine.checkpoint import CheckpointError
 from cpal_ray.engine.comm import all_gather_object
 from cpal_ray.engine.hooks import CheckpointHook, Hook, by_priority
@@ -44,6 +45,7 @@ from cpal_ray.engine.resume import check_resume, resume_schedule
 from cpal_ray.engine.sampler import GlobalBatchSampler
 from cpal_ray.engine.tasks import CHECKPOINT_SECTIONS
 from cpal_ray.engine.tracking import TrackingHook
+from cpal_ray.models import build_task_model, unwrap
 
 log = logging.getLogger(__name__)
 MAX_LISTED_SKIPS = 20  # skipped ids listed in an epoch's record (the count is always complete)
@@ -102,9 +104,6 @@ def fit(cfg: Config, *, device: torch.device | str = "cpu", rank: int = 0, world
     when not given; run_dir: where the run's records go as it trains (``TrackingHook``:
     TensorBoard, history.json, curves.png).
     """
-    from cpal_ray.data import SkipUnreadable, build_train_dataset, record_labels_source
-    from cpal_ray.models import build_task_model, unwrap
-
     torch.manual_seed(cfg.train.seed)
     dataset = dataset if dataset is not None else build_train_dataset(cfg)
     cfg = dataclasses.replace(cfg, data=record_labels_source(cfg.data, dataset))  # checkpoints name the labels used

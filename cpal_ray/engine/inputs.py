@@ -12,8 +12,10 @@ from __future__ import annotations
 import dataclasses
 
 from cpal_ray.config import Config, ConfigError
+from cpal_ray.data import build_train_dataset, record_labels_source
 from cpal_ray.data.files import DataError
 from cpal_ray.engine.checkpoint import CheckpointError
+from cpal_ray.models import build_task_model
 from cpal_ray.storage import StorageError
 
 # Errors a person fixes in a command, a config, a folder or a file: a workflow reports them in one
@@ -31,9 +33,6 @@ def check_training_inputs(cfg: Config) -> Config:
     id; images exist, not decoded) and the model (backbone, weights file). Raises DataError or
     ConfigError naming what is wrong.
     """
-    from cpal_ray.data import build_train_dataset, record_labels_source
-    from cpal_ray.models import build_task_model
-
     dataset = build_train_dataset(cfg)  # for the refine stages, also their label folder
     try:
         build_task_model(cfg)

@@ -27,6 +27,7 @@ import time
 from typing import Callable
 
 import torch
+from cpal_ray.formatting import progress
 
 log = logging.getLogger(__name__)
 MAX_LINE = 200  # characters of a log line (longer ones are cut, see ShortLines)
@@ -36,8 +37,6 @@ _COLOUR = re.compile(r"\x1b\[[0-9;]*m")
 
 
 def _terminal_bar(iterable, desc: str, total: int):
-    from cpal_ray.formatting import progress
-
     return progress(iterable, desc, total=total)
 
 

@@ -25,20 +25,22 @@ import torch
 import torch.nn.functional as F
 
 from cpal_ray.config import Config
+from cpal_ray.cpal import cpal_step
 from cpal_ray.cpal.bank import Bank
+from cpal_ray.cpal.shards import make_bank
 from cpal_ray.data.transforms import IGNORE_INDEX
 from cpal_ray.engine.checkpoint import CheckpointError, load_checkpoint
 from cpal_ray.engine.cpal_hooks import CPALHook, checkpoint_context
 from cpal_ray.engine.diagnostics_hook import DiagnosticsHook
 from cpal_ray.engine.hooks import Hook
+from cpal_ray.models import build_task_model, embed_dim
+from cpal_ray.refine import affinity_labels, affinity_loss, boundary_affinity
 
 TERMS = {"cam": ("loss", "bce", "self"), "affinity": ("loss", "bg_pos", "fg_pos", "neg"), "seg": ("loss", "ce")}
 
 
 def cam_step(state, batch: dict, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
     """CPAL (or BCE alone): batch["label"] (B, N) multi-hot; see ``cpal_ray.cpal.cpal_step``."""
-    from cpal_ray.cpal import cpal_step
-
     labels = batch["label"].to(state.device, non_blocking=True)
     out = state.model(x)
     ctx = state.extras.get("context")  # CPAL's context prototypes (CPALHook), None before the first clustering
@@ -57,8 +59,6 @@ def seeds_at(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 def affinity_step(state, batch: dict, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
     """IRN's affinity loss: batch["mask"] (B, S, S) seeds (0 bg, 1..N, 255 unknown); the boundary
     map B = sigmoid(logits) at stride 4; pairs within ``affinity.radius`` of the seeds resized to B."""
-    from cpal_ray.refine import affinity_labels, affinity_loss, boundary_affinity
-
     radius = state.cfg.affinity.radius
     logits = state.model(x)["boundary_logits"]  # (B, h, w)
     seeds = seeds_at(batch["mask"].to(state.device, non_blocking=True), tuple(logits.shape[-2:]))
@@ -86,9 +86,6 @@ CHECKPOINT_SECTIONS = ("bank",)
 
 def in_process_bank(cfg: Config) -> Bank:
     """The bank of a run in one process: one ``PrototypeBank``, or ``cpal.bank_shards`` of them."""
-    from cpal_ray.cpal.shards import make_bank
-    from cpal_ray.models import embed_dim  # the models package is heavy: only when a bank is made
-
     return make_bank(cfg, embed_dim(cfg.model))
 
 
@@ -114,8 +111,6 @@ def load_trained(folder, map_location="cpu", cfg: Config | None = None):
     Returns (model in eval mode, Config (the saved one unless ``cfg`` is given), Context or None).
     No ImageNet weights are loaded (the checkpoint has all of them).
     """
-    from cpal_ray.models import build_task_model
-
     state = load_checkpoint(folder, map_location=map_location)
     cfg = cfg or state["config"]
     task = state["config"].train.task

@@ -33,6 +33,7 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 import torch.nn.functional as F
+from cpal_ray.cpal import centered_embedding, normalized_cams, prototype_aware_cam_from_outputs
 
 IGNORE_INDEX = 255
 THRESHOLD = 0.5
@@ -147,8 +148,6 @@ def training_maps(out: dict, labels: torch.Tensor, cpal_cfg, context: torch.Tens
     """The maps L_self compares, from a forward's outputs: {"cam": M (B, N, h, w) (Eq. 3),
     "pacam": M~ (B, N, h, w) (Eq. 13, anchors from the batch's own CAMs) when context is given
     (or needs none: ``cpal.context = instance``), "embedding": the embedding the cosines use (B, D, h, w)}."""
-    from cpal_ray.cpal import centered_embedding, normalized_cams, prototype_aware_cam_from_outputs
-
     maps = {"cam": normalized_cams(out["cams"], labels), "embedding": centered_embedding(out["z"], cpal_cfg.center)}
     if context is not None or cpal_cfg.own_prototypes:
         pacam = prototype_aware_cam_from_outputs(out["z"], out["cams"], labels, context, counts, cpal_cfg)

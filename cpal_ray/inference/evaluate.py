@@ -21,14 +21,14 @@ import numpy as np
 import torch
 
 from cpal_ray.data.classes import positive_classes
+from cpal_ray.formatting import pct, progress, strict_json
 from cpal_ray.inference.io import atomic_write_bytes, cam_path, load_cams_npz, load_label_png
-from cpal_ray.inference.metrics import (ConfusionMatrix, ThresholdSweep, own_background_label,
-                                        thresholds_from_config)
 from cpal_ray.inference.multiscale import multiscale_cams
-from cpal_ray.formatting import progress, strict_json
-from cpal_ray.storage import Location, location
 from cpal_ray.inference.pseudo import IGNORE
 from cpal_ray.inference.writers import markdown_table
+from cpal_ray.storage import Location, location
+from cpal_ray.inference.metrics import (ConfusionMatrix, ThresholdSweep, own_background_label,
+                                        thresholds_from_config)
 
 # Errors kept in a result (the count is always complete).
 MAX_LISTED_ERRORS = 100
@@ -217,8 +217,6 @@ def write_json(result: dict[str, Any], path) -> Location:
 def write_label_report(result: dict[str, Any], out_dir, title: str = "Label mIoU") -> dict[str, Location]:
     """Save an ``evaluate_labels`` result as ``miou.json`` and ``miou.md`` (mIoU, pixel accuracy,
     ignored share, per-class IoU table) in ``out_dir``; returns {"json", "md"} -> paths."""
-    from cpal_ray.formatting import pct
-
     out = location(out_dir)
     paths = {"json": out / "miou.json", "md": out / "miou.md"}
     write_json(result, paths["json"])

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from cpal_ray.cpal.cams import CAM_EPS
+from cpal_ray.cpal.loss import prototype_aware_cam_from_outputs
 from cpal_ray.data.classes import positive_classes
 
 FEATURE_STRIDE = 16
@@ -77,7 +78,6 @@ def _eval_mode(model: torch.nn.Module):
 
 def _default_pacam_fn() -> PacamFn:
     """The PACAM from network outputs: (z, cams_raw, labels, context, counts, cfg) -> (B, N, h, w)."""
-    from cpal_ray.cpal.loss import prototype_aware_cam_from_outputs
     return prototype_aware_cam_from_outputs
 
 

@@ -27,8 +27,10 @@ from typing import Any
 import numpy as np
 
 from cpal_ray.config import from_dict, save_config
-from cpal_ray.inference.writers import markdown_table, save_figure
+from cpal_ray.data import build_dataset
 from cpal_ray.formatting import is_finite, pct_pm
+from cpal_ray.inference.evaluate import evaluate_floors
+from cpal_ray.inference.writers import markdown_table, save_figure
 from cpal_ray.storage import Location, location
 from cpal_ray.sweeps.spaces import expand, point_label, point_overrides
 
@@ -171,8 +173,6 @@ def _floors(out: Location, spec: dict) -> dict | None:
     path = out / FLOORS_FILE
     if path.is_file():
         return json.loads(path.read_text())
-    from cpal_ray.data import build_dataset
-    from cpal_ray.inference.evaluate import evaluate_floors
 
     try:
         dataset = build_dataset(from_dict(spec["base"]).data, spec.get("eval_split", "val"), train=False)
