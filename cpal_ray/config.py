@@ -756,6 +756,15 @@ def _renamed(values: dict[str, Any]) -> dict[str, Any]:
             log.warning("config: %s is now %s (read as it here; rename it)", old, new)
             if not new.startswith(f"{section}/"):
                 values[section][new.split(".")[1]] = values[section].pop(name)
+    dist = values.get("dist")
+    if isinstance(dist, dict) and any(k in dist for k in ("crash_rank", "crash_step", "crash_wait_s")):
+        # dist.crash_* (test-only fault injection) became the faults section; a saved config of an
+        # older run has them at their "off" values, which need no section at all.
+        rank, step, wait = dist.pop("crash_rank", -1), dist.pop("crash_step", -1), dist.pop("crash_wait_s", 0.0)
+        if rank != -1 and step != -1:
+            log.warning("config: dist.crash_* is now the faults section (read as it here; rename it)")
+            values["faults"] = {"target": "bank" if rank == -2 else "worker", "kill_rank": max(rank, 0),
+                                "at_step": step, "wait_s": wait}
     inference = values.get("inference")
     if isinstance(inference, dict) and ("use_gpu" in inference or "cam_actors_per_gpu" in inference):
         on = inference.pop("use_gpu", None)

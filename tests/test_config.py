@@ -77,3 +77,18 @@ def test_pseudo_presets():
     assert Config().pseudo.thresholds == (0.30, 0.05)
     assert load_config(None, {"pseudo.preset": "amn"}).pseudo.thresholds == (0.45, 0.15)
     assert load_config(None, {"pseudo.preset": "custom", "pseudo.conf_fg": 0.5}).pseudo.thresholds == (0.5, 0.05)
+
+
+def test_a_config_saved_before_the_faults_section_and_the_actor_fields_still_loads(tmp_path, caplog):
+    """A run's config.yaml written by an older cpal-ray (dist.crash_* at their off values, the old
+    actor resource names) loads: no fault, the same resources under their new names."""
+    from cpal_ray.config import load_config
+
+    saved = tmp_path / "config.yaml"
+    saved.write_text("dist:\n  crash_rank: -1\n  crash_step: -1\n  crash_wait_s: 0.0\n"
+                     "inference:\n  cam_cpus: 2.0\n  max_cam_actors: 3\npseudo:\n  cpus_per_task: 0.25\n")
+    cfg = load_config(saved)
+    assert not cfg.faults.enabled
+    assert (cfg.inference.actor_cpus, cfg.inference.max_actors, cfg.pseudo.actor_cpus) == (2.0, 3, 0.25)
+    bank_kill = load_config(None, ["dist.crash_rank=-2", "dist.crash_step=3"]).faults
+    assert (bank_kill.target, bank_kill.at_step) == ("bank", 3)
