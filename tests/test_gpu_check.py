@@ -174,7 +174,8 @@ def test_all_steps_pass_with_a_working_gpu_stand_in(tmp_path, fake_python):
     assert "--gpu" in cams and cams[cams.index("--actors-per-gpu") + 1] == "2"
     assert "--no-gpu" in cpu_cams and "--gpu" not in cpu_cams
     pipeline = by_kind["workflows.pipeline"][0]
-    assert {"dist.use_gpu=true", "inference.use_gpu=true", "affinity.epochs=1", "seg.epochs=1"} <= set(pipeline)
+    assert {"dist.use_gpu=true", "inference.actor_gpus=1", "affinity.actor_gpus=1", "seg.actor_gpus=1",
+            "affinity.epochs=1", "seg.epochs=1"} <= set(pipeline)
     predict = by_kind["workflows.predict"][0]
     assert predict[predict.index("--checkpoint") + 1].endswith("runs/gpu-refine-seg/final")
     assert by_kind["bench_cpal_step.py"][0][1:] == ["--device", "cuda"]
