@@ -31,6 +31,7 @@ from collections.abc import Hashable, Iterable
 
 import numpy as np
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from cpal_ray.config import Config, from_dict
 from cpal_ray.cpal.bank import Context, PrototypeBank, pack_pushes
@@ -122,6 +123,15 @@ def bank_actor_names(run_name: str, shards: int = 1) -> list[str]:
     return [f"{bank_actor_name(run_name)}-shard{s}of{shards}" for s in range(shards)]
 
 
+def head_node_id() -> str:
+    """The Ray node id of the cluster's head (the node with Ray's ``node:__internal_head__``
+    resource), or this process's node when none is marked."""
+    for node in ray.nodes():
+        if node.get("Alive") and "node:__internal_head__" in node.get("Resources", {}):
+            return node["NodeID"]
+    return ray.get_runtime_context().get_node_id()
+
+
 def create_bank_actors(cfg: Config, names: list[str]) -> list:
     """Create (or reuse) the run's named bank actors, shard s holding classes c % S == s.
 
@@ -130,12 +140,13 @@ def create_bank_actors(cfg: Config, names: list[str]) -> list:
     groups = shard_classes(cfg.bank_classes, len(names))
     here = None
     if ray.util.get_current_placement_group() is None:
-        # A training run's driver: the bank goes on its node (the head, for a job), so that losing a
-        # worker node never takes it. Ray's default policy may pick any node for a 0-CPU actor. Soft:
-        # a restart after that node is gone goes elsewhere. Inside a sweep trial the trial's
-        # placement group holds the bank's CPUs (and is left to place it).
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-        here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=True)
+        # A training run's bank goes on the head, so that losing a worker node never takes it (the
+        # head is on-demand; see docs/cluster.md). Ray's default policy may pick any node for a
+        # 0-CPU actor, a job's driver itself runs on a worker when the job manager does not find
+        # the head's id in time, and a soft affinity was seen to fall back to a worker on a head
+        # with 0 CPUs: so a hard one (a restart goes to the head again; without the head there is
+        # no cluster). Inside a sweep trial the trial's placement group places the bank.
+        here = NodeAffinitySchedulingStrategy(node_id=head_node_id(), soft=False)
     actors = []
     for name, group in zip(names, groups):
         opts = dict(name=name, namespace=NAMESPACE, get_if_exists=True, num_cpus=cfg.dist.bank_cpus,
