@@ -742,6 +742,7 @@ RENAMED = {"inference.cam_cpus": "inference.actor_cpus", "inference.max_cam_acto
            "inference.use_gpu": "inference/affinity/seg.actor_gpus",
            "inference.cam_actors_per_gpu": "inference/affinity/seg.actor_gpus"}
 GPU_SHARE_SECTIONS = ("inference", "affinity", "seg")
+_RENAMES_TOLD: set[str] = set()  # the renames this process has warned about
 
 
 def _renamed(values: dict[str, Any]) -> dict[str, Any]:
@@ -750,12 +751,19 @@ def _renamed(values: dict[str, Any]) -> dict[str, Any]:
     values = _to_plain(values)
     if not isinstance(values, dict):
         return values
+    found = []
     for old, new in RENAMED.items():
         section, name = old.split(".")
         if isinstance(values.get(section), dict) and name in values[section]:
-            log.warning("config: %s is now %s (read as it here; rename it)", old, new)
+            found.append(f"{old} is now {new}")
             if not new.startswith(f"{section}/"):
                 values[section][new.split(".")[1]] = values[section].pop(name)
+    if set(found) - _RENAMES_TOLD:
+        # Once per process: every load of an older run's saved config.yaml (resume, a sweep's
+        # trials, each worker) would otherwise repeat it.
+        _RENAMES_TOLD.update(found)
+        log.warning("config: %s (read as the new names here; rename them in your YAML or overrides; "
+                    "a saved config.yaml of an older run needs nothing)", "; ".join(found))
     dist = values.get("dist")
     if isinstance(dist, dict) and any(k in dist for k in ("crash_rank", "crash_step", "crash_wait_s")):
         # dist.crash_* (test-only fault injection) became the faults section; a saved config of an

@@ -76,7 +76,11 @@ def test_cam_and_crf_pools_take_resources_from_the_config(monkeypatch):
 
 
 def test_old_actor_resource_names_still_load(caplog):
-    """A config written before the one shape loads, each old name read as its new one, with a warning."""
+    """A config written before the one shape loads, each old name read as its new one, with a warning
+    given once per process (an older run's saved config is read by every resume and worker)."""
+    import cpal_ray.config as config_module
+
+    config_module._RENAMES_TOLD.clear()
     old = load_config(None, ["inference.use_gpu=true", "inference.cam_actors_per_gpu=4", "inference.cam_cpus=2",
                              "inference.max_cam_actors=3", "pseudo.cpus_per_task=0.25", "pseudo.max_crf_actors=2",
                              "affinity.cpus_per_task=0.5", "seg.cpus_per_task=0.5"])
@@ -85,6 +89,9 @@ def test_old_actor_resource_names_still_load(caplog):
     assert (old.affinity.actor_cpus, old.affinity.actor_gpus, old.seg.actor_cpus, old.seg.actor_gpus) == \
         (0.5, 0.25, 0.5, 0.25)
     assert "pseudo.max_crf_actors is now pseudo.max_actors" in caplog.text
+    caplog.clear()
+    load_config(None, ["pseudo.max_crf_actors=2", "seg.cpus_per_task=0.5"])
+    assert "is now" not in caplog.text  # told once
     assert load_config(None, ["inference.use_gpu=false"]).seg.actor_gpus == 0.0
 
 
