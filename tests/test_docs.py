@@ -1,4 +1,4 @@
-"""The user guide in docs/ stays true: the config reference matches config.py, and every
+"""The user guide in docs/ stays true: the config reference matches cpal_ray/config/, and every
 command and override the guides show is accepted by the config loader."""
 import dataclasses
 import importlib.util

@@ -78,7 +78,7 @@ def test_cam_and_crf_pools_take_resources_from_the_config(monkeypatch):
 def test_old_actor_resource_names_still_load(caplog):
     """A config written before the one shape loads, each old name read as its new one, with a warning
     given once per process (an older run's saved config is read by every resume and worker)."""
-    import cpal_ray.config as config_module
+    import cpal_ray.config.loading as config_module
 
     config_module._RENAMES_TOLD.clear()
     old = load_config(None, ["inference.use_gpu=true", "inference.cam_actors_per_gpu=4", "inference.cam_cpus=2",
