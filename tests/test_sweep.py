@@ -238,6 +238,34 @@ def test_final_report_is_found_whatever_order_tune_received_the_rows():
 
 
 @pytest.mark.unit
+def test_per_epoch_table_takes_each_epochs_last_row_and_means_over_seeds(tmp_path):
+    """The report's per-epoch table: PACAM minus CAM on the diagnostic images and both contrasts,
+    mean over seeds; a resumed trial's repeated epoch counts once (its last row); BCE is left out."""
+    import pandas as pd
+
+    from cpal_ray.sweeps.results import trial_records, summarise, _epoch_table
+
+    spec = {"space": {"row": ["bce", "cpal"]}, "seeds": [0, 1]}
+    final = {"seed_miou": 0.4, "best_threshold": 0.3, "wall_seconds": 1.0, "phase": "final"}
+
+    def trial(row, seed, epochs):
+        frame = pd.DataFrame([{"epoch": e, **d} for e, d in epochs] + [final])
+        return SimpleNamespace(config={"row": row, "train.seed": seed}, metrics=final, error=None,
+                               path=f"/x/{row}{seed}", metrics_dataframe=frame)
+
+    diag = lambda cam, pacam: {"diag_cam_miou": cam, "diag_pacam_miou": pacam, "diag_cam_ratio": 2.0,
+                               "diag_pacam_ratio": 1.5}
+    grid = [trial("bce", 0, [(0, {"diag_cam_miou": 0.3})]),
+            trial("cpal", 0, [(0, diag(0.30, 0.40)), (1, diag(0.30, 0.10)), (1, diag(0.30, 0.20))]),  # resumed at 1
+            trial("cpal", 1, [(0, diag(0.40, 0.30)), (1, diag(0.40, 0.40))])]
+    rows = summarise(trial_records(grid, spec), spec)
+    cpal = rows[1]["epochs"]
+    assert cpal[0]["diag_pacam_miou"] == pytest.approx(0.35) and cpal[1]["diag_pacam_miou"] == pytest.approx(0.30)
+    lines = _epoch_table(rows)
+    assert "| cpal | +0.0 (2.0 / 1.5) | -5.0 (2.0 / 1.5) |" in lines and not any("bce" in x for x in lines)
+
+
+@pytest.mark.unit
 def test_results_tables_mean_std_errors_and_plots(tmp_path):
     from cpal_ray.sweeps.results import write_results
 

@@ -8,7 +8,9 @@ Files written into the experiment folder:
                             threshold, wall time, the paper's number; failed trials with their error;
                             then every map the trials scored (CAM, PACAM, PACAM with its own
                             background) with the foreground share of its seeds and the contrast,
-                            and the no-model floor rows (``floors.json``) of the scored split
+                            and the no-model floor rows (``floors.json``) of the scored split;
+                            then, per epoch, the PACAM's lead over the CAM and both contrasts
+                            (the training diagnostics on ``train.diag_images`` images)
   trials.csv                one row per trial (point, seed, status, mIoU, threshold, wall time, error)
   best_config.yaml          the base config with the best point's overrides
   heatmap_k_tau.png         mean seed mIoU over K x tau (when the space has cpal.top_k and cpal.tau)
@@ -42,6 +44,9 @@ MAPS = {"cam": "CAM", "pacam": "PACAM", "pacam_argmax": "PACAM, own background (
 # Per-trial metrics of every map: <map>_miou and <map>_fg (foreground share of its seeds at its
 # best threshold), the truth's gt_fg, and the contrast (mean on the class / mean on background).
 MAP_METRICS = tuple(f"{m}_{k}" for m in MAPS for k in ("miou", "fg")) + ("gt_fg", "cam_ratio", "pacam_ratio")
+# The per-epoch diagnostics a trial reports while it trains (``train.diag_images`` > 0).
+EPOCH_DIAGS = ("diag_cam_miou", "diag_pacam_miou", "diag_cam_ratio", "diag_pacam_ratio")
+EPOCH_COLUMNS = 10  # the most epochs the per-epoch table shows
 
 
 def source_metrics(seeds: dict, contrast: dict | None = None) -> dict[str, float]:
@@ -76,6 +81,20 @@ def final_metrics(result) -> dict:
     return dict(result.metrics or {})
 
 
+def epoch_diagnostics(result) -> dict[int, dict[str, float]]:
+    """A trial's training diagnostics (``EPOCH_DIAGS``) by epoch, from its metrics rows; the last
+    row of an epoch wins (a resumed trial reports its epochs again)."""
+    frame = getattr(result, "metrics_dataframe", None)
+    if frame is None or "epoch" not in getattr(frame, "columns", ()):
+        return {}
+    out: dict[int, dict[str, float]] = {}
+    for row in frame.to_dict("records"):
+        values = {k: float(row[k]) for k in EPOCH_DIAGS if is_finite(row.get(k))}
+        if values and is_finite(row.get("epoch")):
+            out[int(row["epoch"])] = values
+    return out
+
+
 def trial_config(result) -> dict:
     """A trial's config: ``result.config``, else its ``params.json`` in the trial folder (a
     restored grid can lose the config of a trial that failed)."""
@@ -106,6 +125,7 @@ def trial_records(grid, spec: dict) -> list[dict[str, Any]]:
             "best_threshold": metrics.get("best_threshold") if ok else None,
             "wall_seconds": metrics.get("wall_seconds") if ok else None, "error": _short_error(result.error),
             **{k: metrics[k] if ok and is_finite(metrics.get(k)) else None for k in MAP_METRICS},
+            "epochs": epoch_diagnostics(result) if ok else {},
         })
     return records
 
@@ -139,8 +159,19 @@ def summarise(records: list[dict], spec: dict) -> list[dict[str, Any]]:
             "paper_miou": spec.get("paper", {}).get(label),
             "errors": "; ".join(sorted({t["error"] for t in trials if t["error"]})),
             **{k: _mean_std([t.get(k) for t in ok]) for k in MAP_METRICS},
+            "epochs": _epoch_means(ok),
         })
     return rows
+
+
+def _epoch_means(trials: list[dict]) -> dict[int, dict[str, float]]:
+    """Per epoch, the mean over ``trials`` of each diagnostic they all reported."""
+    epochs = sorted({e for t in trials for e in t.get("epochs", {})})
+    out = {}
+    for e in epochs:
+        per = [t["epochs"].get(e, {}) for t in trials]
+        out[e] = {k: statistics.fmean(p[k] for p in per) for k in EPOCH_DIAGS if all(k in p for p in per)}
+    return out
 
 
 def best_row(rows: list[dict]) -> dict | None:
@@ -259,6 +290,32 @@ def _map_table(rows: list[dict], floors: dict | None) -> list[str]:
     return lines
 
 
+def _epoch_table(rows: list[dict]) -> list[str]:
+    """Per epoch and point (mean over its seeds): PACAM minus CAM seed mIoU on the diagnostic images,
+    and the contrast of each map; points without a PACAM are left out."""
+    rows = [r for r in rows if any("diag_pacam_miou" in d for d in r.get("epochs", {}).values())]
+    if not rows:
+        return []
+    epochs = sorted({e for r in rows for e in r["epochs"]})
+    if len(epochs) > EPOCH_COLUMNS:  # evenly spaced, the first and the last kept
+        epochs = sorted({epochs[round(i * (len(epochs) - 1) / (EPOCH_COLUMNS - 1))] for i in range(EPOCH_COLUMNS)})
+
+    def cell(d: dict) -> str:
+        if not {"diag_cam_miou", "diag_pacam_miou"} <= d.keys():
+            return "—"
+        text = f"{100 * (d['diag_pacam_miou'] - d['diag_cam_miou']):+.1f}"
+        if {"diag_cam_ratio", "diag_pacam_ratio"} <= d.keys():
+            text += f" ({d['diag_cam_ratio']:.1f} / {d['diag_pacam_ratio']:.1f})"
+        return text
+
+    return ["", "## Per epoch: is the PACAM above the CAM it teaches?", "",
+            "PACAM − CAM seed mIoU (points) on the training diagnostics' images (single scale, each map at its "
+            "best threshold), and in brackets the contrast CAM / PACAM; mean over the seeds of each point (at most "
+            f"{EPOCH_COLUMNS} epochs shown, evenly spaced).", "",
+            *markdown_table(["point", *(f"epoch {e}" for e in epochs)],
+                            [[r["label"], *(cell(r["epochs"].get(e, {})) for e in epochs)] for r in rows])]
+
+
 def _write_markdown(rows: list[dict], records: list[dict], spec: dict, best: dict | None, path: Location,
                     floors: dict | None = None) -> str:
     seeds = spec["seeds"]
@@ -285,6 +342,7 @@ def _write_markdown(rows: list[dict], records: list[dict], spec: dict, best: dic
     else:
         lines.append("No trial finished.")
     lines += _map_table(rows, floors)
+    lines += _epoch_table(rows)
     lines += ["", f"Each trial's records (as it trained): `trials/<trial>/history.json` and `curves.png`; all "
                   f"of them in TensorBoard with `tensorboard --logdir {spec['experiment_dir']}/trials`."]
     failed = [r for r in records if r["status"] == "error"]
