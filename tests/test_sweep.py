@@ -245,7 +245,7 @@ def test_per_epoch_table_takes_each_epochs_last_row_and_means_over_seeds(tmp_pat
 
     from cpal_ray.sweeps.results import trial_records, summarise, _epoch_table
 
-    spec = {"space": {"row": ["bce", "cpal"]}, "seeds": [0, 1]}
+    spec = {"space": {"row": ["bce", "cpal"]}, "seeds": [0, 1, 2]}
     final = {"seed_miou": 0.4, "best_threshold": 0.3, "wall_seconds": 1.0, "phase": "final"}
 
     def trial(row, seed, epochs):
@@ -257,12 +257,14 @@ def test_per_epoch_table_takes_each_epochs_last_row_and_means_over_seeds(tmp_pat
                                "diag_pacam_ratio": 1.5}
     grid = [trial("bce", 0, [(0, {"diag_cam_miou": 0.3})]),
             trial("cpal", 0, [(0, diag(0.30, 0.40)), (1, diag(0.30, 0.10)), (1, diag(0.30, 0.20))]),  # resumed at 1
-            trial("cpal", 1, [(0, diag(0.40, 0.30)), (1, diag(0.40, 0.40))])]
+            trial("cpal", 1, [(0, diag(0.40, 0.30)), (1, diag(0.40, 0.40))]),
+            trial("cpal", 2, [(0, diag(0.35, 0.35))])]  # stopped after epoch 0
     rows = summarise(trial_records(grid, spec), spec)
     cpal = rows[1]["epochs"]
     assert cpal[0]["diag_pacam_miou"] == pytest.approx(0.35) and cpal[1]["diag_pacam_miou"] == pytest.approx(0.30)
+    assert (cpal[0]["seeds"], cpal[1]["seeds"]) == (3, 2)
     lines = _epoch_table(rows)
-    assert "| cpal | +0.0 (2.0 / 1.5) | -5.0 (2.0 / 1.5) |" in lines and not any("bce" in x for x in lines)
+    assert "| cpal | +0.0 (2.0 / 1.5) | -5.0 (2.0 / 1.5) [2 of 3] |" in lines and not any("bce" in x for x in lines)
 
 
 @pytest.mark.unit

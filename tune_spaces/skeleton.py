@@ -14,7 +14,8 @@ background prototype (``cpal.background=prototype``), max-normalised PACAM chann
                                row I's and the PACAM is what L_self would pull it toward
 
 The first question each table answers: is the PACAM above the CAM it teaches (rows IV)? The
-variants (PACAM normalisation, which map L_self moves) are ``tune_spaces.skeleton_variants``.
+variants (PACAM normalisation, which map L_self moves) are ``tune_spaces.skeleton_variants``, SIPE's
+seed regions ``tune_spaces.skeleton_regions``.
 """
 
 SIPE_SKELETON = {"model.embedding": "hierarchical", "cpal.background": "prototype", "cpal.pacam_normalize": True,

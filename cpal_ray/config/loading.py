@@ -228,7 +228,8 @@ def _renamed(values: dict[str, Any]) -> dict[str, Any]:
         # dist.crash_* (test-only fault injection) became the faults section; a saved config of an
         # older run has them at their "off" values, which need no section at all.
         rank, step, wait = dist.pop("crash_rank", -1), dist.pop("crash_step", -1), dist.pop("crash_wait_s", 0.0)
-        if rank != -1 and step != -1:
+        if rank != -1 and step != -1 and "dist.crash_*" not in _RENAMES_TOLD:
+            _RENAMES_TOLD.add("dist.crash_*")
             log.warning("config: dist.crash_* is now the faults section (read as it here; rename it)")
             values["faults"] = {"target": "bank" if rank == -2 else "worker", "kill_rank": max(rank, 0),
                                 "at_step": step, "wait_s": wait}

@@ -88,6 +88,8 @@ def epoch_diagnostics(result) -> dict[int, dict[str, float]]:
     if frame is None or "epoch" not in getattr(frame, "columns", ()):
         return {}
     out: dict[int, dict[str, float]] = {}
+    if "training_iteration" in frame.columns:  # report order, whatever order Tune received them in
+        frame = frame.sort_values("training_iteration", kind="stable")
     for row in frame.to_dict("records"):
         values = {k: float(row[k]) for k in EPOCH_DIAGS if is_finite(row.get(k))}
         if values and is_finite(row.get("epoch")):
@@ -165,12 +167,14 @@ def summarise(records: list[dict], spec: dict) -> list[dict[str, Any]]:
 
 
 def _epoch_means(trials: list[dict]) -> dict[int, dict[str, float]]:
-    """Per epoch, the mean over ``trials`` of each diagnostic they all reported."""
+    """Per epoch, the mean of each diagnostic over the ``trials`` that reported it, and how many did
+    (``seeds``)."""
     epochs = sorted({e for t in trials for e in t.get("epochs", {})})
     out = {}
     for e in epochs:
-        per = [t["epochs"].get(e, {}) for t in trials]
-        out[e] = {k: statistics.fmean(p[k] for p in per) for k in EPOCH_DIAGS if all(k in p for p in per)}
+        per = [t["epochs"][e] for t in trials if e in t.get("epochs", {})]
+        out[e] = {k: statistics.fmean(p[k] for p in per if k in p) for k in EPOCH_DIAGS if any(k in p for p in per)}
+        out[e]["seeds"] = len(per)
     return out
 
 
@@ -297,21 +301,22 @@ def _epoch_table(rows: list[dict]) -> list[str]:
     if not rows:
         return []
     epochs = sorted({e for r in rows for e in r["epochs"]})
+    seeds = max(d.get("seeds", 1) for r in rows for d in r["epochs"].values())
     if len(epochs) > EPOCH_COLUMNS:  # evenly spaced, the first and the last kept
         epochs = sorted({epochs[round(i * (len(epochs) - 1) / (EPOCH_COLUMNS - 1))] for i in range(EPOCH_COLUMNS)})
 
     def cell(d: dict) -> str:
         if not {"diag_cam_miou", "diag_pacam_miou"} <= d.keys():
             return "—"
-        text = f"{100 * (d['diag_pacam_miou'] - d['diag_cam_miou']):+.1f}"
+        text = f"{round(100 * (d['diag_pacam_miou'] - d['diag_cam_miou']), 1) + 0.0:+.1f}"  # never "-0.0"
         if {"diag_cam_ratio", "diag_pacam_ratio"} <= d.keys():
             text += f" ({d['diag_cam_ratio']:.1f} / {d['diag_pacam_ratio']:.1f})"
-        return text
+        return text + (f" [{d['seeds']} of {seeds}]" if d.get("seeds", seeds) < seeds else "")
 
     return ["", "## Per epoch: is the PACAM above the CAM it teaches?", "",
             "PACAM − CAM seed mIoU (points) on the training diagnostics' images (single scale, each map at its "
-            "best threshold), and in brackets the contrast CAM / PACAM; mean over the seeds of each point (at most "
-            f"{EPOCH_COLUMNS} epochs shown, evenly spaced).", "",
+            "best threshold), and in brackets the contrast CAM / PACAM; mean over the seeds of each point ([n of "
+            f"{seeds}]: only n seeds reported that epoch; at most {EPOCH_COLUMNS} epochs shown, evenly spaced).", "",
             *markdown_table(["point", *(f"epoch {e}" for e in epochs)],
                             [[r["label"], *(cell(r["epochs"].get(e, {})) for e in epochs)] for r in rows])]
 
