@@ -1,6 +1,8 @@
-"""Table 1's row V variants beside ``tune_spaces.skeleton``: the PACAM's max-normalisation on
-today's head, and which map L_self moves on the SIPE skeleton (``cpal.pacam_normalize``,
-``cpal.self_grad``; issue 28's items 4 and 5). The third ``self_grad`` value, ``both``, is ``skeleton``'s "CPAL, SIPE
+"""Table 1's row V variants: the PACAM normalised on the head, L_self moving one map only.
+
+Beside ``tune_spaces.skeleton``: the PACAM's max-normalisation on today's head, and which map
+L_self moves on the SIPE skeleton (``cpal.pacam_normalize``, ``cpal.self_grad``; issue 28's items
+4 and 5). The third ``self_grad`` value, ``both``, is ``skeleton``'s "CPAL, SIPE
 skeleton" row; SIPE's seed regions are ``tune_spaces.skeleton_regions``.
 
   CPAL, head + normalised PACAM          today's head with each PACAM channel divided by its max
