@@ -24,7 +24,7 @@ FAST = {"train.epochs": 1, "train.max_steps_per_epoch": 2, "train.log_every": 10
         "dist.cpus_per_worker": 0.5, "data.synthetic_images": 16, "inference.scales": [1.0]}
 # Grid sizes the space modules document.
 SIZES = {"k_tau": 12, "table1": 5, "table2": 5, "table3": 4, "bank": 8, "table1_center": 6, "photos": 5,
-         "photos_table1": 4, "skeleton": 6, "skeleton_variants": 3, "skeleton_regions": 2, "photos_skeleton": 6}
+         "photos_table1": 4, "skeleton": 6, "skeleton_variants": 3, "skeleton_regions": 2, "photos_skeleton": 6, "photos_regions": 1}
 
 
 def dotted(cfg: Config) -> dict:

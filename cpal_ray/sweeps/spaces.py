@@ -22,7 +22,7 @@ from typing import Any
 
 # The space modules shipped in the ``tune_spaces`` package; a bare name means one of these.
 SPACES_PACKAGE = "tune_spaces"
-SPACES = ("k_tau", "table1", "table2", "table3", "bank", "table1_center", "photos", "photos_table1", "skeleton", "skeleton_variants", "skeleton_regions", "photos_skeleton")
+SPACES = ("k_tau", "table1", "table2", "table3", "bank", "table1_center", "photos", "photos_table1", "skeleton", "skeleton_variants", "skeleton_regions", "photos_skeleton", "photos_regions")
 ROW_KEY = "row"
 
 
