@@ -301,24 +301,25 @@ def _epoch_table(rows: list[dict]) -> list[str]:
     if not rows:
         return []
     epochs = sorted({e for r in rows for e in r["epochs"]})
-    seeds = max(d.get("seeds", 1) for r in rows for d in r["epochs"].values())
     if len(epochs) > EPOCH_COLUMNS:  # evenly spaced, the first and the last kept
         epochs = sorted({epochs[round(i * (len(epochs) - 1) / (EPOCH_COLUMNS - 1))] for i in range(EPOCH_COLUMNS)})
 
-    def cell(d: dict) -> str:
+    def cell(d: dict, seeds_ok: int) -> str:
         if not {"diag_cam_miou", "diag_pacam_miou"} <= d.keys():
             return "—"
         text = f"{round(100 * (d['diag_pacam_miou'] - d['diag_cam_miou']), 1) + 0.0:+.1f}"  # never "-0.0"
         if {"diag_cam_ratio", "diag_pacam_ratio"} <= d.keys():
             text += f" ({d['diag_cam_ratio']:.1f} / {d['diag_pacam_ratio']:.1f})"
-        return text + (f" [{d['seeds']} of {seeds}]" if d.get("seeds", seeds) < seeds else "")
+        return text + (f" [{d['seeds']} of {seeds_ok}]" if d["seeds"] < seeds_ok else "")
 
     return ["", "## Per epoch: is the PACAM above the CAM it teaches?", "",
             "PACAM − CAM seed mIoU (points) on the training diagnostics' images (single scale, each map at its "
-            "best threshold), and in brackets the contrast CAM / PACAM; mean over the seeds of each point ([n of "
-            f"{seeds}]: only n seeds reported that epoch; at most {EPOCH_COLUMNS} epochs shown, evenly spaced).", "",
+            "best threshold), and in brackets the contrast CAM / PACAM; mean over the seeds of each point ([n of m]: "
+            f"only n of its m finished seeds reported that epoch; at most {EPOCH_COLUMNS} epochs shown, evenly "
+            "spaced).", "",
             *markdown_table(["point", *(f"epoch {e}" for e in epochs)],
-                            [[r["label"], *(cell(r["epochs"].get(e, {})) for e in epochs)] for r in rows])]
+                            [[r["label"], *(cell(r["epochs"].get(e, {}), r["seeds_ok"]) for e in epochs)]
+                             for r in rows])]
 
 
 def _write_markdown(rows: list[dict], records: list[dict], spec: dict, best: dict | None, path: Location,
