@@ -92,3 +92,5 @@ def test_a_config_saved_before_the_faults_section_and_the_actor_fields_still_loa
     assert (cfg.inference.actor_cpus, cfg.inference.max_actors, cfg.pseudo.actor_cpus) == (2.0, 3, 0.25)
     bank_kill = load_config(None, ["dist.crash_rank=-2", "dist.crash_step=3"]).faults
     assert (bank_kill.target, bank_kill.at_step) == ("bank", 3)
+    again = load_config(None, ["dist.crash_rank=-2", "dist.crash_step=3"]).faults  # warned once, read every time
+    assert (again.target, again.at_step) == ("bank", 3)

@@ -204,6 +204,14 @@ GPU_SHARE_SECTIONS = ("inference", "affinity", "seg")
 _RENAMES_TOLD: set[str] = set()  # the renames this process has warned about
 
 
+def _tell_once(names: list[str], message: str) -> None:
+    """Warn ``message`` unless this process has already warned about all of ``names``: every load
+    of an older run's saved config.yaml (resume, a sweep's trials, each worker) would repeat it."""
+    if set(names) - _RENAMES_TOLD:
+        _RENAMES_TOLD.update(names)
+        log.warning(message)
+
+
 def _renamed(values: dict[str, Any]) -> dict[str, Any]:
     """``values`` with the old names of ``RENAMED`` moved to the new ones (an old name wins over a
     new one given beside it: only an override or an old file still writes it)."""
@@ -217,20 +225,16 @@ def _renamed(values: dict[str, Any]) -> dict[str, Any]:
             found.append(f"{old} is now {new}")
             if not new.startswith(f"{section}/"):
                 values[section][new.split(".")[1]] = values[section].pop(name)
-    if set(found) - _RENAMES_TOLD:
-        # Once per process: every load of an older run's saved config.yaml (resume, a sweep's
-        # trials, each worker) would otherwise repeat it.
-        _RENAMES_TOLD.update(found)
-        log.warning("config: %s (read as the new names here; rename them in your YAML or overrides; "
-                    "a saved config.yaml of an older run needs nothing)", "; ".join(found))
+    if found:
+        _tell_once(found, f"config: {'; '.join(found)} (read as the new names here; rename them in your YAML or "
+                          "overrides; a saved config.yaml of an older run needs nothing)")
     dist = values.get("dist")
     if isinstance(dist, dict) and any(k in dist for k in ("crash_rank", "crash_step", "crash_wait_s")):
         # dist.crash_* (test-only fault injection) became the faults section; a saved config of an
         # older run has them at their "off" values, which need no section at all.
         rank, step, wait = dist.pop("crash_rank", -1), dist.pop("crash_step", -1), dist.pop("crash_wait_s", 0.0)
-        if rank != -1 and step != -1 and "dist.crash_*" not in _RENAMES_TOLD:
-            _RENAMES_TOLD.add("dist.crash_*")
-            log.warning("config: dist.crash_* is now the faults section (read as it here; rename it)")
+        if rank != -1 and step != -1:
+            _tell_once(["dist.crash_*"], "config: dist.crash_* is now the faults section (read as it here; rename it)")
             values["faults"] = {"target": "bank" if rank == -2 else "worker", "kill_rank": max(rank, 0),
                                 "at_step": step, "wait_s": wait}
     inference = values.get("inference")
